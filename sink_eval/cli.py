@@ -32,9 +32,7 @@ def models_table() -> str:
                 todo,
             ]
         )
-    return tabulate(
-        rows, headers=["model", "architecture", "layers x heads (KV)", "installed", "cached", "to install"]
-    )
+    return tabulate(rows, headers=["model", "architecture", "layers x heads (KV)", "installed", "cached", "to install"])
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -50,9 +48,7 @@ def _cmd_models(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sink-eval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("models", help="list the model zoo: shapes, installed?, cached?").set_defaults(
-        func=_cmd_models
-    )
+    sub.add_parser("models", help="list the model zoo: shapes, installed?, cached?").set_defaults(func=_cmd_models)
     return parser
 
 

@@ -306,11 +306,7 @@ def _load_gguf_direct(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, 
 
 
 def _cache_dir(spec: ModelSpec) -> Path:
-    return (
-        cache_root()
-        / "checkpoints"
-        / f"{spec.name}-{spec.gguf.sha256[:16]}-transformers-{version('transformers')}"
-    )
+    return cache_root() / "checkpoints" / f"{spec.name}-{spec.gguf.sha256[:16]}-transformers-{version('transformers')}"
 
 
 def cache_status(spec: ModelSpec) -> str:
@@ -387,9 +383,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def ensure_cache(
-    path: Path, source_sha256: str, fill: Callable[[Path], None], valid: bool | None = None
-) -> Path:
+def ensure_cache(path: Path, source_sha256: str, fill: Callable[[Path], None], valid: bool | None = None) -> Path:
     """The cache directory `path`, verified (marker + SHA-256 of every file) unless the caller did (`valid`);
     an incomplete or corrupt one is deleted, never loaded, and `fill(tmpdir)` builds it anew atomically."""
     if valid is None:
@@ -444,9 +438,7 @@ def _files_fingerprint(directory: Path) -> str:
 def _tiny_fingerprint(model: PreTrainedModel) -> str:
     return (
         "tiny-sha256:"
-        + hashlib.sha256(
-            f"{model.config.to_json_string(use_diff=False)}seed={TINY_SEED}".encode()
-        ).hexdigest()
+        + hashlib.sha256(f"{model.config.to_json_string(use_diff=False)}seed={TINY_SEED}".encode()).hexdigest()
     )
 
 
@@ -476,9 +468,7 @@ def _hub_reachable(timeout_s: float = 5.0) -> bool:
 
     url = urlparse(constants.ENDPOINT)
     try:
-        with socket.create_connection(
-            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s
-        ):
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s):
             return True
     except OSError:
         return False
@@ -511,9 +501,7 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> LoadedModel:
                 f"(`hf download {name}`); set HF_HUB_OFFLINE=1 to skip this check."
             ) from local_err
         try:
-            snapshot = Path(
-                snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-            )
+            snapshot = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
         except (OSError, ValueError) as err:
             raise SinkEvalError(
                 f"cannot download '{name}' from the Hugging Face hub: check the id and your access token "

@@ -41,9 +41,7 @@ def test_tiny_model_is_seeded_and_leaves_global_rng_alone(name):
     assert torch.equal(torch.rand(1), before)
     second = load_model(name)
     assert first.fingerprint == second.fingerprint
-    for (key, a), (_, b) in zip(
-        first.model.state_dict().items(), second.model.state_dict().items(), strict=True
-    ):
+    for (key, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), key
 
 
@@ -72,9 +70,7 @@ def test_unknown_model_name_lists_the_known_ones():
 
 def _fake_gguf_package(root: Path, package: str, payload: bytes) -> None:
     (root / package).mkdir(parents=True)
-    (root / package / "__init__.py").write_text(
-        "raise ImportError('sink_eval must never import this package')\n"
-    )
+    (root / package / "__init__.py").write_text("raise ImportError('sink_eval must never import this package')\n")
     (root / package / "model.gguf").write_bytes(payload)
 
 

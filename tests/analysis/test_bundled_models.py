@@ -76,6 +76,4 @@ def test_smollm2_cached_load_adds_under_three_seconds_to_importing_transformers(
         assert "converting" not in stderr, "a cached load must not convert again"
         loads.append(elapsed)
     print(f"cached load {min(loads):.1f} s, import floor {min(floors):.1f} s")
-    assert min(loads) - min(floors) < 3.0, (
-        f"cached load {min(loads):.1f} s vs import floor {min(floors):.1f} s"
-    )
+    assert min(loads) - min(floors) < 3.0, f"cached load {min(loads):.1f} s vs import floor {min(floors):.1f} s"

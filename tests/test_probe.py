@@ -1,0 +1,131 @@
+"""The attention probe: its statistics equal eager attention's full matrices, and it changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+from sink_eval.errors import SinkEvalError
+from sink_eval.models import load_model
+from sink_eval.probe import probe
+
+
+def _random_model(arch: str, kv_heads: int, groups: int, head_dim: int, window: int):
+    common = dict(
+        vocab_size=64,
+        hidden_size=kv_heads * groups * head_dim,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        head_dim=head_dim,
+        num_attention_heads=kv_heads * groups,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        pad_token_id=0,
+    )
+    if arch == "llama":
+        config = LlamaConfig(**common)
+    else:
+        config = Gemma3TextConfig(
+            **common,
+            sliding_window=window,
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=head_dim,
+        )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def _eager_reference(model, ids, mask):
+    """Sink, self and previous-token scores computed from eager attention's full N x N matrices."""
+    model.set_attn_implementation("eager")
+    try:
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    attn = torch.stack(out.attentions, dim=1)  # (B, L, H, T, T)
+    refs = []
+    for b in range(ids.shape[0]):
+        first = int((mask[b] == 0).sum())
+        q = torch.arange(first + 1, ids.shape[1])
+        a = attn[b]
+        refs.append((a[:, :, q, first].mean(-1), a[:, :, q, q].mean(-1), a[:, :, q, q - 1].mean(-1), out.logits[b]))
+    return refs
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arch=st.sampled_from(["llama", "gemma3"]),
+    kv_heads=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    head_dim=st.sampled_from([8, 16]),
+    window=st.integers(2, 40),
+    lengths=st.lists(st.integers(1, 300), min_size=1, max_size=3),
+    chunk_bytes=st.sampled_from([1, 4096, 1 << 26]),
+    seed=st.integers(0, 2**16),
+)
+def test_probe_statistics_equal_eager_attention_matrices(
+    arch, kv_heads, groups, head_dim, window, lengths, chunk_bytes, seed
+):
+    model = _random_model(arch, kv_heads, groups, head_dim, window)
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(1, 64, (len(lengths), width), generator=gen)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        mask[b, width - n :] = 1
+    ids = ids * mask  # left padding with the pad id
+
+    result = probe(model, ids, mask, logits_to_keep=0, chunk_bytes=chunk_bytes)
+    for b, (sink, self_, prev, logits) in enumerate(_eager_reference(model, ids, mask)):
+        stats = result.stats[b]
+        assert stats.n_tokens == lengths[b]
+        if lengths[b] == 1:
+            assert torch.isnan(stats.sink).all(), "a one-token prompt has no defined sink score"
+            continue
+        torch.testing.assert_close(stats.sink, sink, atol=1e-5, rtol=0)
+        torch.testing.assert_close(stats.self_, self_, atol=1e-5, rtol=0)
+        torch.testing.assert_close(stats.prev, prev, atol=1e-5, rtol=0)
+        real = slice(width - lengths[b], None)
+        torch.testing.assert_close(result.logits[b, real], logits[real], atol=1e-4, rtol=0)
+        assert stats.sink_per_query.shape == (2, kv_heads * groups, lengths[b])
+        torch.testing.assert_close(stats.sink_per_query[..., 1:].mean(-1), stats.sink, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_probe_leaves_logits_of_the_plain_sdpa_forward_unchanged(name):
+    model = load_model(name).model
+    ids = torch.randint(3, 259, (1, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(probe(model, ids, logits_to_keep=0).logits, plain, atol=1e-4, rtol=0)
+    assert model.config._attn_implementation == "sdpa", "the probe must restore the attention implementation"
+
+
+def test_probe_restores_attention_implementation_after_an_error():
+    model = load_model("tiny-llama").model
+    with pytest.raises(IndexError):
+        probe(model, torch.tensor([[5, 6, 10_000]]))
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_two_token_prompt_splits_its_one_query_between_sink_and_self():
+    stats = probe(load_model("tiny-llama").model, torch.tensor([[7, 8]])).stats[0]
+    torch.testing.assert_close(stats.sink + stats.self_, torch.ones_like(stats.sink), atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats.prev, stats.sink, atol=0, rtol=0)
+    assert not torch.isnan(stats.sink).any()
+
+
+@pytest.mark.parametrize(
+    ("ids", "mask", "message"),
+    [
+        (torch.zeros((1, 0), dtype=torch.long), None, "non-empty"),
+        (torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]), "left padding"),
+        (torch.tensor([[0, 0], [5, 6]]), torch.tensor([[0, 0], [1, 1]]), "no tokens"),
+    ],
+)
+def test_probe_rejects_bad_batches_with_a_message(ids, mask, message):
+    with pytest.raises(SinkEvalError, match=message):
+        probe(load_model("tiny-llama").model, ids, mask)
