@@ -11,6 +11,16 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
+REAL_MODELS = ("smollm2-135m", "gemma3-270m")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--update-baselines",
+        action="store_true",
+        help="re-measure and rewrite baselines/ (with provenance) instead of checking; prints what changed",
+    )
+
 
 @pytest.fixture(scope="session")
 def bundled_model():
@@ -23,5 +33,25 @@ def bundled_model():
         if name not in loaded:
             loaded[name] = load_model(name)
         return loaded[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def analysis_result(bundled_model):
+    """`analysis_result(name)` -> the results JSON of the default prompt set at the default thresholds, once a
+    session per model. With --update-baselines the model's baseline file is rewritten from it first."""
+    from sink_eval.analysis import probe_prompts, results
+    from sink_eval.prompts import default_prompts, tokenize
+    from sink_eval.sinks import DEFAULT_THRESHOLDS
+
+    computed = {}
+
+    def get(name: str) -> dict:
+        if name not in computed:
+            loaded = bundled_model(name)
+            probed = probe_prompts(loaded, tokenize(loaded.tokenizer, default_prompts()), progress=False)
+            computed[name] = results(loaded, probed, DEFAULT_THRESHOLDS, command="pytest -m analysis")
+        return computed[name]
 
     return get

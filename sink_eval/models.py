@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sink_eval.errors import SinkEvalError
+from sink_eval.files import temp_prefix, write_dir_atomically
 
 # transformers is imported where it is used: its import takes ~5 s, which a cached load overlaps with checking
 # the cache and which `sink-eval models` does not need at all.
@@ -339,16 +340,11 @@ def cache_is_valid(path: Path, source_sha256: str, check_hashes: bool = True) ->
 def write_cache_atomically(final: Path, fill: Callable[[Path], None], source_sha256: str) -> None:
     """Run `fill(tmpdir)`, record every file's size and SHA-256 in a completion marker, then rename the whole
     directory into place. An interruption at any point leaves no directory under `final`'s name."""
-    final.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_builds(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
-    try:
+
+    def fill_and_mark(tmp: Path) -> None:
         fill(tmp)
-        files = {
-            p.name: {"size": p.stat().st_size, "sha256": _sha256_files([p])}
-            for p in sorted(tmp.iterdir())
-            if p.is_file()
-        }
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256_files([p])} for p in sorted(tmp.iterdir())}
         marker = {
             "source_sha256": source_sha256,
             "transformers": version("transformers"),
@@ -357,18 +353,14 @@ def write_cache_atomically(final: Path, fill: Callable[[Path], None], source_sha
             "files": files,
         }
         (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
-        tmp.chmod(0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir_atomically(final, fill_and_mark, overwrite=True)
 
 
 def _remove_abandoned_builds(final: Path) -> None:
     """Delete temp directories that earlier, killed builds of the same cache entry left behind."""
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        pid = stale.name.split(".tmp-")[1].split("-")[0]
+    for stale in final.parent.glob(f"{temp_prefix(final)}*"):
+        pid = stale.name.removeprefix(temp_prefix(final)).split("-")[0]
         if not pid.isdigit() or not _pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
 

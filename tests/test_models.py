@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers.modeling_utils  # noqa: F401  (importing the library is not part of building a tiny model)
 
 from sink_eval import models
 from sink_eval.errors import SinkEvalError
