@@ -17,7 +17,7 @@ ORIGINAL_NOTES = (
     "prompts and ~30-36 % for 10+ tokens, with first-layer agreement ~74 % for short prompts falling to ~27 % for "
     "long ones. Their 1-3-token figure counts query 0, which attends only to itself and so is a sink by "
     "construction; here query 0 is excluded and a one-token prompt is reported as trivial. Their agreement was not "
-    "set beside a base rate: the lift column below does that."
+    "set beside a base rate: the lift column of the agreement table above does that."
 )
 
 
@@ -162,7 +162,9 @@ def markdown_report(res: dict, figures: list[str]) -> str:
         "Agreement: over heads h that are sinks in layer 0, the fraction of later layers where head h is a sink. "
         "Base rate: the fraction of all later-layer heads that are sinks. Lift = agreement / base rate (1 = no "
         "better than guessing from the base rate). Recall: the fraction of later-layer sinks whose head index is a "
-        "layer-0 sink.",
+        "layer-0 sink. Read the rows of one length bin: the `all` row pools lengths, and short prompts have both "
+        "more layer-0 sinks and more sinks in every layer, so its lift mixes that length effect in (Simpson's "
+        "paradox) even where no single bin shows any lift.",
         agreement_table(res),
         "## Beside the original notes",
         ORIGINAL_NOTES,

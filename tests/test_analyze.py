@@ -1,0 +1,206 @@
+"""`sink-eval analyze` / `compare`, prompt files and baselines: the happy path on a tiny model, and every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sink_eval import baselines, cli
+from sink_eval.errors import SinkEvalError
+from sink_eval.files import write_dir_atomically
+from sink_eval.prompts import Prompt, default_prompts, find_data_dir, read_prompt_file, tokenize
+
+
+def _prompt_file(tmp_path, lines: list[str]):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    texts = ["Hi", "The cat sat on the mat.", "def f(x):\n    return x + 1\n" * 4, "A"]
+    return _prompt_file(tmp_path, [json.dumps({"text": t, "domain": "test"}) for t in texts])
+
+
+def _analyze(tmp_path, prompts_file, *extra) -> dict:
+    out = tmp_path / "out"
+    assert (
+        cli.main(["analyze", "--model", "tiny-llama", "--prompts", str(prompts_file), "--out", str(out), *extra]) == 0
+    )
+    return json.loads((out / "results.json").read_text())
+
+
+def test_analyze_writes_results_report_and_figures(tmp_path, prompts_file):
+    res = _analyze(tmp_path, prompts_file, "--threshold", "0.5")
+    assert res["schema"] == "sink_eval.results/1"
+    assert [p["id"] for p in res["prompts"]] == ["prompts-1", "prompts-2", "prompts-3", "prompts-4"]
+    assert res["model"]["fingerprint"].startswith("tiny-sha256:")
+    assert len(res["prompts"][1]["sink_score"]) == 4 and len(res["prompts"][1]["sink_score"][0]) == 4
+    assert res["settings"]["thresholds"] == [0.5]
+    out = tmp_path / "out"
+    assert {"sink_heatmap.png", "prevalence_vs_length.png", "per_layer_prevalence.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    report = (out / "report.md").read_text().splitlines()
+    assert report[0].startswith("# ") and report[2].startswith("![")
+    assert "original research notes" in (out / "report.md").read_text()
+
+
+def test_one_token_prompt_is_reported_as_trivial(tmp_path, prompts_file):
+    res = _analyze(tmp_path, prompts_file)
+    one = next(p for p in res["prompts"] if p["n_tokens"] == 1)
+    assert all(v is None for row in one["sink_score"] for v in row)
+    assert res["summary"]["tau=0.8"]["bins"]["1-3"]["n_trivial"] == 1
+
+
+def test_existing_output_directory_is_never_overwritten_silently(tmp_path, prompts_file, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert (
+        cli.main(["analyze", "--model", "tiny-llama", "--prompts", str(prompts_file), "--out", str(tmp_path / "out")])
+        == 2
+    )
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    _analyze(tmp_path, prompts_file, "--overwrite")
+    assert not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_interrupted_write_leaves_no_half_written_output(tmp_path):
+    def fill(tmp):
+        (tmp / "results.json").write_text("{")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_dir_atomically(tmp_path / "out", fill)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"text": "ok"}', "{not json"], "line 2: not valid JSON"),
+        (['{"id": "a"}'], 'line 1: each line needs a string field "text"'),
+        (['{"text": "  "}'], "line 1: the prompt text is empty"),
+        (['{"text": "a", "id": "x"}', '{"text": "b", "id": "x"}'], "line 2: duplicate id 'x'"),
+        (["", "  "], "has no prompts"),
+    ],
+)
+def test_malformed_prompt_file_error_names_the_line(tmp_path, lines, message):
+    with pytest.raises(SinkEvalError, match=message):
+        read_prompt_file(_prompt_file(tmp_path, lines))
+
+
+def test_missing_prompt_file_is_a_clear_error(tmp_path):
+    with pytest.raises(SinkEvalError, match="cannot read prompt file"):
+        read_prompt_file(tmp_path / "nope.jsonl")
+
+
+def test_empty_prompt_is_refused():
+    from sink_eval.models import load_model
+
+    with pytest.raises(SinkEvalError, match="is empty"):
+        tokenize(load_model("tiny-llama").tokenizer, [Prompt("e", "d", "")])
+
+
+def test_prompt_longer_than_max_tokens_is_an_error_unless_truncated(tmp_path, capsys):
+    from sink_eval.models import load_model
+
+    tok = load_model("tiny-llama").tokenizer
+    long = [Prompt("long", "d", "x" * 50)]
+    with pytest.raises(SinkEvalError, match="has 50 tokens, more than --max-tokens 20.*--truncate"):
+        tokenize(tok, long, max_tokens=20)
+    assert len(tokenize(tok, long, max_tokens=20, truncate=True)[0].input_ids) == 20
+
+
+def test_max_tokens_beyond_the_model_context_is_refused(tmp_path, prompts_file, capsys):
+    args = ["analyze", "--model", "tiny-llama", "--prompts", str(prompts_file), "--json", "--max-tokens", "100000"]
+    assert cli.main(args) == 2
+    assert "exceeds tiny-llama's context of 4096 tokens" in capsys.readouterr().err
+
+
+def test_missing_eval_data_says_which_files_and_how_to_point_at_them(tmp_path):
+    with pytest.raises(SinkEvalError, match="wikitext2/wiki.test.raw.*--data-dir"):
+        find_data_dir(tmp_path)
+
+
+def test_default_prompt_set_is_real_text_covering_every_domain():
+    prompts = default_prompts()
+    assert {p.domain for p in prompts} == {"code", "prose", "qa", "short"}
+    assert len({p.id for p in prompts}) == len(prompts)
+    assert any("def " in p.text for p in prompts if p.domain == "code")
+
+
+def test_compare_refuses_results_of_another_schema(tmp_path, prompts_file, capsys):
+    _analyze(tmp_path, prompts_file)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({"schema": "sink_eval.results/0"}))
+    assert cli.main(["compare", str(tmp_path / "out"), str(other), "--out", str(tmp_path / "cmp")]) == 2
+    assert "schema 'sink_eval.results/0'" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_writes_difference_table_and_figure(tmp_path, prompts_file):
+    res = _analyze(tmp_path, prompts_file)
+    assert cli.main(["compare", str(tmp_path / "out"), str(tmp_path / "out"), "--out", str(tmp_path / "cmp")]) == 0
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "+0.0" in text and (tmp_path / "cmp" / "compare_prevalence.png").is_file()
+    assert res["model"]["name"] in text
+
+
+def test_threshold_outside_zero_one_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["analyze", "--threshold", "1.5", "--json"])
+    assert "a threshold is a fraction of attention" in capsys.readouterr().err
+
+
+@pytest.fixture
+def analysis(tmp_path, prompts_file):
+    return _analyze(tmp_path, prompts_file)
+
+
+def test_baseline_round_trip_and_bands_contain_their_values(tmp_path, analysis):
+    path = tmp_path / "b.json"
+    baselines.write_baseline(path, baselines.make_baseline(analysis, "test"))
+    baseline = baselines.read_baseline(path)
+    baselines.check_comparable(analysis, baseline, path)
+    for key, measured in baselines.measured_values(analysis).items():
+        assert baselines.outside_band(measured, baseline["values"][key]) is None
+    assert baselines.diff(baseline, baseline) == "no value changed"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{oops", "not valid JSON"),
+        ('{"schema": "x"}', "is not a sink_eval.baseline/1 file"),
+        ('{"schema": "sink_eval.baseline/1", "values": {}}', "missing field"),
+    ],
+)
+def test_malformed_baseline_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "b.json"
+    path.write_text(content)
+    with pytest.raises(SinkEvalError, match=message):
+        baselines.read_baseline(path)
+
+
+def test_baseline_of_other_weights_or_prompts_is_refused(tmp_path, analysis):
+    baseline = baselines.make_baseline(analysis, "test")
+    baseline["model"]["fingerprint"] = "gguf-sha256:other"
+    with pytest.raises(SinkEvalError, match="not comparable.*--update-baselines"):
+        baselines.check_comparable(analysis, baseline, tmp_path / "b.json")
+    baseline = baselines.make_baseline(analysis, "test")
+    baseline["provenance"]["prompt_set_sha256"] = "0" * 64
+    with pytest.raises(SinkEvalError, match="another prompt set"):
+        baselines.check_comparable(analysis, baseline, tmp_path / "b.json")
+
+
+def test_value_outside_band_or_newly_undefined_is_reported():
+    expected = baselines.band(0.5, 0.01)
+    assert baselines.outside_band({"value": 0.515}, expected) is None
+    assert "outside the band" in baselines.outside_band({"value": 0.53}, expected)
+    assert "undefined" in baselines.outside_band({"value": None}, expected)
+    assert baselines.outside_band({"value": None}, baselines.band(None, None)) is None
