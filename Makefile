@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/sink-eval models
+	HF_HUB_OFFLINE=1 $(BIN)/sink-eval analyze --model smollm2-135m --out runs/smollm2-135m --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check .

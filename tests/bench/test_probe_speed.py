@@ -1,0 +1,50 @@
+"""Speed gate of the probe: a probed forward at 2048 tokens costs at most 2x a plain SDPA forward.
+
+The gate is a ratio of medians measured in one run, the two forwards interleaved round by round (machines are shared
+and noisy); the absolute medians are recorded in the benchmark's extra_info for reference only.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from sink_eval.probe import probe
+from sink_eval.prompts import default_prompts
+
+pytestmark = pytest.mark.bench
+
+TOKENS = 2048
+ROUNDS = 3
+
+
+def test_probe_forward_at_2048_tokens_costs_at_most_twice_a_plain_sdpa_forward(benchmark, bundled_model):
+    loaded = bundled_model("smollm2-135m")
+    text = "\n\n".join(p.text for p in default_prompts() if p.domain in ("prose", "code"))
+    ids = torch.tensor([loaded.tokenizer(text)["input_ids"][:TOKENS]])
+    assert ids.shape[1] == TOKENS
+
+    def plain() -> None:
+        with torch.no_grad():
+            loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    times: dict[str, list[float]] = {"sdpa": [], "probe": []}
+
+    def one_round() -> None:
+        for name, forward in (("sdpa", plain), ("probe", lambda: probe(loaded.model, ids))):
+            start = time.perf_counter()
+            forward()
+            times[name].append(time.perf_counter() - start)
+
+    one_round()  # warm-up, not counted
+    for values in times.values():
+        values.clear()
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    ratio = medians["probe"] / medians["sdpa"]
+    benchmark.extra_info.update({"tokens": TOKENS, "median_s": medians, "probe_over_sdpa": ratio})
+    print(f"\n{TOKENS} tokens: sdpa {medians['sdpa']:.2f} s, probe {medians['probe']:.2f} s, ratio {ratio:.2f}")
+    assert ratio <= 2.0
