@@ -102,47 +102,33 @@ def _byte_tokenizer(add_bos: bool) -> PreTrainedTokenizerBase:
 
 
 TINY_SEED = 0
-TINY_VOCAB = 3 + 256
+# 4 layers x 4 heads (2 KV heads) of dimension 16 over the byte tokenizer's 3 + 256 ids, ids 0/1/2 = pad/bos/eos.
+TINY_SHAPE = dict(
+    vocab_size=3 + 256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _tiny_llama_config() -> LlamaConfig:
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=True,
-    )
+    return LlamaConfig(**TINY_SHAPE, tie_word_embeddings=True)
 
 
 def _tiny_gemma3_config() -> Gemma3TextConfig:
     from transformers import Gemma3TextConfig
 
-    return Gemma3TextConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        sliding_window=8,
-        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
-        query_pre_attn_scalar=16,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    layer_types = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    return Gemma3TextConfig(**TINY_SHAPE, sliding_window=8, layer_types=layer_types, query_pre_attn_scalar=16)
 
 
 def _build_tiny(config: PretrainedConfig, add_bos: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -48,6 +48,14 @@ def test_analyze_writes_results_report_and_figures(tmp_path, prompts_file):
     assert "original research notes" in (out / "report.md").read_text()
 
 
+def test_analyze_json_prints_the_results_to_stdout_without_writing_files(tmp_path, prompts_file, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["analyze", "--model", "tiny-llama", "--prompts", str(prompts_file), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["schema"] == "sink_eval.results/1" and len(res["prompts"]) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
+
+
 def test_one_token_prompt_is_reported_as_trivial(tmp_path, prompts_file):
     res = _analyze(tmp_path, prompts_file)
     one = next(p for p in res["prompts"] if p["n_tokens"] == 1)
