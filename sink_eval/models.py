@@ -69,10 +69,6 @@ class ModelSpec:
     gguf: GgufSource | None = None
     build: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]] | None = None
 
-    @property
-    def kind(self) -> str:
-        return "gguf" if self.gguf else "tiny"
-
 
 @dataclass
 class LoadedModel:
