@@ -326,7 +326,11 @@ def write_cache_atomically(final: Path, fill: Callable[[Path], None], source_sha
 
     def fill_and_mark(tmp: Path) -> None:
         fill(tmp)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256_files([p])} for p in sorted(tmp.iterdir())}
+        files = {
+            p.name: {"size": p.stat().st_size, "sha256": _sha256_files([p])}
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
+        }
         marker = {
             "source_sha256": source_sha256,
             "transformers": version("transformers"),
