@@ -26,6 +26,7 @@ from sink_eval.prompts import LENGTH_BINS, TokenizedPrompt, length_bin, prompt_s
 from sink_eval.sinks import HEAD_CLASSES, head_classes, sink_heads, threshold_for
 
 SCHEMA = "sink_eval.results/1"
+MIN_SCORED_TOKENS = 2  # a one-token prompt has no query to average over: it is trivial
 BOOTSTRAP_RESAMPLES = 200
 TOP_HEADS = 10
 
@@ -48,6 +49,19 @@ def probe_prompts(loaded: LoadedModel, prompts: list[TokenizedPrompt], progress:
 
 def bin_key(lo: int, hi: int) -> str:
     return f"{lo}-{hi}"
+
+
+def summary_groups(summary: dict) -> list[tuple[str, dict]]:
+    """(key, group) of one threshold's summary: each length bin, then the pooled "all"."""
+    return [*summary["bins"].items(), ("all", summary["all"])]
+
+
+def summary_group(summary: dict, key: str) -> dict:
+    return summary["all"] if key == "all" else summary["bins"][key]
+
+
+def _scored(items: list[ProbedPrompt]) -> list[ProbedPrompt]:
+    return [p for p in items if p.stats.n_tokens >= MIN_SCORED_TOKENS]
 
 
 def _sink_maps(items: list[ProbedPrompt], tau: float, chance_corrected: bool) -> torch.Tensor:
@@ -78,7 +92,7 @@ def _agreement(sinks: torch.Tensor) -> float | None:
 
 
 def _group_summary(items: list[ProbedPrompt], tau: float, chance_corrected: bool) -> dict:
-    scored = [p for p in items if p.stats.n_tokens >= 2]
+    scored = _scored(items)
     summary = {"n_prompts": len(items), "n_trivial": len(items) - len(scored)}
     if not scored:
         return summary | {"prevalence": None, "first_layer_agreement": None}
@@ -107,7 +121,7 @@ def _group_summary(items: list[ProbedPrompt], tau: float, chance_corrected: bool
 
 
 def _top_heads(items: list[ProbedPrompt], tau: float, chance_corrected: bool) -> list[dict]:
-    scored = [p for p in items if p.stats.n_tokens >= 2]
+    scored = _scored(items)
     if not scored:
         return []
     cons = consistency(_sink_maps(scored, tau, chance_corrected))
@@ -129,7 +143,7 @@ def _top_heads(items: list[ProbedPrompt], tau: float, chance_corrected: bool) ->
 
 def summarize(probed: list[ProbedPrompt], thresholds: tuple[float, ...], chance_corrected: bool = False) -> dict:
     by_bin = {b: [p for p in probed if length_bin(p.stats.n_tokens) == b] for b in LENGTH_BINS}
-    scored = [p for p in probed if p.stats.n_tokens >= 2]
+    scored = _scored(probed)
     summary = {}
     for tau in thresholds:
         per_prompt = [float(s.float().mean()) for s in _sink_maps(scored, tau, chance_corrected)] if scored else []

@@ -10,6 +10,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sink_eval.analysis import summary_groups
 from sink_eval.errors import SinkEvalError
 from sink_eval.files import write_text_atomically
 
@@ -30,7 +31,7 @@ def measured_values(res: dict) -> dict[str, dict]:
     for tau, summary in res["summary"].items():
         if not tau.startswith("tau="):
             continue
-        for bin_key, group in [*summary["bins"].items(), ("all", summary["all"])]:
+        for bin_key, group in summary_groups(summary):
             for metric in METRICS:
                 out[value_key(metric, tau, bin_key)] = {"value": group.get(metric), "se": group.get(f"{metric}_se")}
     return out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from sink_eval.analysis import SCHEMA
+from sink_eval.analysis import MIN_SCORED_TOKENS, SCHEMA, summary_group, summary_groups
 from sink_eval.errors import SinkEvalError
 from sink_eval.files import write_dir_atomically
 
@@ -36,15 +36,12 @@ def thresholds(res: dict) -> list[str]:
 def prevalence_table(res: dict) -> str:
     rows = []
     taus = thresholds(res)
-    for key in list(res["summary"][taus[0]]["bins"]) + ["all"]:
+    for key, first in summary_groups(res["summary"][taus[0]]):
         cells = [key]
         for tau in taus:
-            group = res["summary"][tau]["all" if key == "all" else "bins"]
-            group = group if key == "all" else group[key]
+            group = summary_group(res["summary"][tau], key)
             se = group.get("prevalence_se")
             cells.append(_pct(group["prevalence"]) + (f" ± {100 * se:.1f}" if se else ""))
-        first = res["summary"][taus[0]]["all" if key == "all" else "bins"]
-        first = first if key == "all" else first[key]
         cells += [first["n_prompts"], first["n_trivial"]]
         rows.append(cells)
     return tabulate(rows, headers=["tokens", *taus, "prompts", "trivial"], tablefmt="github")
@@ -54,7 +51,7 @@ def agreement_table(res: dict) -> str:
     rows = []
     for tau in thresholds(res):
         summary = res["summary"][tau]
-        for key, group in [*summary["bins"].items(), ("all", summary["all"])]:
+        for key, group in summary_groups(summary):
             if group.get("prevalence") is None:
                 continue
             rows.append(
@@ -100,7 +97,7 @@ def _figures(res: dict, out: Path) -> list[str]:
     import numpy as np
 
     name = res["model"]["name"]
-    scored = [p for p in res["prompts"] if p["n_tokens"] >= 2]
+    scored = [p for p in res["prompts"] if p["n_tokens"] >= MIN_SCORED_TOKENS]
     files = []
 
     mean_scores = np.nanmean(np.array([p["sink_score"] for p in scored], dtype=float), axis=0)
@@ -219,9 +216,8 @@ def compare_report(a: dict, b: dict, label_a: str, label_b: str) -> tuple[str, C
         raise SinkEvalError(f"the two result sets share no threshold ({thresholds(a)} vs {thresholds(b)})")
     rows = []
     for tau in shared:
-        for key in [*a["summary"][tau]["bins"], "all"]:
-            ga = a["summary"][tau]["all"] if key == "all" else a["summary"][tau]["bins"][key]
-            gb = b["summary"][tau]["all"] if key == "all" else b["summary"][tau]["bins"][key]
+        for key, ga in summary_groups(a["summary"][tau]):
+            gb = summary_group(b["summary"][tau], key)
             pa, pb = ga.get("prevalence"), gb.get("prevalence")
             diff = f"{100 * (pb - pa):+.1f}" if pa is not None and pb is not None else "undefined"
             rows.append([tau, key, _pct(pa), _pct(pb), diff, _num(ga.get("lift")), _num(gb.get("lift"))])
