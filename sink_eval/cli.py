@@ -11,6 +11,8 @@ from tabulate import tabulate
 from sink_eval.errors import SinkEvalError
 from sink_eval.sinks import DEFAULT_THRESHOLDS
 
+POLICY_NAMES = ("first_layer", "calibrated", "oracle", "hybrid")  # sink_eval.policies.POLICIES, without importing torch
+
 
 def models_table() -> str:
     """The zoo as a table: name, architecture, shape, whether installed and cached, and how to install."""
@@ -94,6 +96,60 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     print(text)
 
 
+def _cmd_patch_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from sink_eval.models import load_model
+    from sink_eval.patch_eval import Policy, run
+    from sink_eval.policies import PolicyOptions, check_disjoint, check_policy, split_prompts
+    from sink_eval.prompts import default_prompts, read_prompt_file, tokenize
+    from sink_eval.report import patch_table, write_patch_eval
+
+    if args.out is None and not args.json:
+        raise SinkEvalError("say where the results go: --out DIR (results.json, report.md, figure) and/or --json")
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise SinkEvalError(f"output directory {args.out} already exists; choose another --out or pass --overwrite")
+    options = PolicyOptions(
+        threshold=args.threshold,
+        chance_corrected=args.chance_corrected,
+        consistency=args.consistency,
+        base=args.hybrid_base,
+        max_tokens=args.hybrid_max_tokens,
+        decode_steps=args.hybrid_decode_steps,
+    )
+    policies = [Policy(name, options) for name in args.policy or POLICY_NAMES]
+    for policy in policies:
+        check_policy(policy.name, policy.options)
+    if args.prompts is None and args.calibration_prompts is None:
+        calibration, evaluation = split_prompts(default_prompts(args.data_dir))
+    elif args.prompts is not None and args.calibration_prompts is not None:
+        calibration, evaluation = read_prompt_file(args.calibration_prompts), read_prompt_file(args.prompts)
+    else:
+        raise SinkEvalError("give both --prompts and --calibration-prompts, or neither (the default set's split)")
+    check_disjoint(calibration, evaluation)
+    loaded = load_model(args.model)
+    calib_t = tokenize(loaded.tokenizer, calibration, args.max_tokens, args.truncate)
+    eval_t = tokenize(loaded.tokenizer, evaluation, args.max_tokens, args.truncate)
+    longest = max(calib_t + eval_t, key=lambda tp: len(tp.input_ids))
+    speed_prompt = type(longest)(longest.prompt, longest.input_ids[: args.speed_tokens])
+    command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    res = run(
+        loaded,
+        policies,
+        calib_t,
+        eval_t,
+        speed_prompt,
+        generations=args.generations,
+        new_tokens=args.new_tokens,
+        speed_rounds=args.speed_rounds,
+        command=command,
+    )
+    if args.out is not None:
+        write_patch_eval(res, args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}/results.json, {args.out}/report.md and a figure", file=sys.stderr)
+    print(json.dumps(res) if args.json else patch_table(res))
+
+
 def _threshold(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -130,6 +186,31 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     analyze.add_argument("--json", action="store_true", help="print the results JSON to stdout")
     analyze.set_defaults(func=_cmd_analyze)
+
+    patch_eval = sub.add_parser("patch-eval", help="copy policies: heads copied, fidelity, speed-up, KV saved")
+    patch_eval.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
+    patch_eval.add_argument(
+        "--policy", action="append", choices=POLICY_NAMES, help="repeat for several (default: all of them)"
+    )
+    patch_eval.add_argument("--threshold", type=_threshold, default=0.8, help="sink threshold tau (0.8)")
+    patch_eval.add_argument("--chance-corrected", action="store_true", help="length-dependent tau(N)")
+    patch_eval.add_argument("--consistency", type=_threshold, default=0.9, help="calibrated: consistency p (0.9)")
+    patch_eval.add_argument("--hybrid-base", default="calibrated", choices=[p for p in POLICY_NAMES if p != "hybrid"])
+    patch_eval.add_argument("--hybrid-max-tokens", type=int, default=64, help="hybrid: copy while <= L tokens (64)")
+    patch_eval.add_argument("--hybrid-decode-steps", type=int, help="hybrid: copy only in the first k decode steps")
+    patch_eval.add_argument("--prompts", type=Path, help="JSONL evaluation prompts (default: half the built-in set)")
+    patch_eval.add_argument("--calibration-prompts", type=Path, help="JSONL calibration prompts (default: other half)")
+    patch_eval.add_argument("--data-dir", type=Path, help=f"eval data for the default set (default: ${DATA_ENV})")
+    patch_eval.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="longest prompt allowed")
+    patch_eval.add_argument("--truncate", action="store_true", help="cut longer prompts to --max-tokens")
+    patch_eval.add_argument("--speed-tokens", type=int, default=1024, help="length of the speed prompt (1024)")
+    patch_eval.add_argument("--speed-rounds", type=int, default=3, help="interleaved timing rounds (3)")
+    patch_eval.add_argument("--generations", type=int, default=8, help="greedy continuations compared (8)")
+    patch_eval.add_argument("--new-tokens", type=int, default=32, help="tokens per greedy continuation (32)")
+    patch_eval.add_argument("--out", type=Path, help="directory for results.json, report.md and the figure")
+    patch_eval.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    patch_eval.add_argument("--json", action="store_true", help="print the results JSON to stdout")
+    patch_eval.set_defaults(func=_cmd_patch_eval)
 
     compare = sub.add_parser("compare", help="two result sets side by side")
     compare.add_argument("first", type=Path, help="a directory written by `sink-eval analyze`")

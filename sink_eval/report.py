@@ -260,3 +260,102 @@ def compare_report(a: dict, b: dict, label_a: str, label_b: str) -> tuple[str, C
         f"{table}\n"
     )
     return text, figure
+
+
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.2f}"
+
+
+def patch_table(res: dict) -> str:
+    """One row per policy: heads copied, fidelity, speed-ups beside their ceilings, KV memory saved."""
+    rows = []
+    for row in res["policies"]:
+        speed = row["speed"]
+        rows.append(
+            [
+                row["label"],
+                _pct(row["fraction_copied"]),
+                f"{max(row['kl'], 0.0):.4f}",  # a KL below 0 is rounding error
+                _pct(row["top1"]),
+                _pct(row["greedy_agreement"]),
+                _num(row["greedy_prefix"], 1),
+                f"{speed['prefill_speedup']:.2f} ({speed['prefill_ceiling']:.2f})",
+                f"{speed['decode_speedup']:.2f} ({speed['decode_ceiling']:.2f})",
+                f"{_mib(speed['kv_bytes_saved'])} of {_mib(speed['kv_bytes_unpatched'])}",
+            ]
+        )
+    return tabulate(
+        rows,
+        headers=[
+            "policy",
+            "heads copied",
+            "KL (nats)",
+            "top-1",
+            "greedy agree",
+            "greedy prefix",
+            "prefill x (ceiling)",
+            "decode x (ceiling)",
+            "KV MiB saved",
+        ],
+        tablefmt="github",
+    )
+
+
+def _patch_figure(res: dict, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in res["policies"]:
+        speed = row["speed"]
+        x = max(row["kl"], 1e-6)
+        ax.scatter([x], [speed["prefill_speedup"]], marker="o")
+        ax.scatter([x], [speed["prefill_ceiling"]], marker="_", s=200, color="grey")
+        ax.annotate(row["label"], (x, speed["prefill_speedup"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set(
+        xscale="log",
+        xlabel="next-token KL(unpatched || patched), nats",
+        ylabel="prefill speed-up (grey: ceiling)",
+        title=f"{res['model']['name']}: speed-up vs fidelity, {res['settings']['speed_prompt']['tokens']} tokens",
+    )
+    name = _save(fig, out, "speedup_vs_fidelity.png")
+    plt.close("all")
+    return name
+
+
+def patch_report(res: dict, figure: str) -> str:
+    model, settings = res["model"], res["settings"]
+    return (
+        "\n\n".join(
+            [
+                f"# Copy-pattern patch on {model['name']}",
+                f"Model `{model['name']}` ({model['layers']} x {model['heads']} heads, {model['kv_heads']} KV heads), "
+                f"fingerprint `{model['fingerprint']}`; {len(settings['evaluation_prompts'])} evaluation prompts, "
+                f"{len(settings['calibration_prompts'])} calibration prompts (disjoint); speed on "
+                f"`{settings['speed_prompt']['id']}` ({settings['speed_prompt']['tokens']} tokens), medians of "
+                f"{settings['speed_rounds']} interleaved rounds, {settings['threads']} threads on "
+                f"{settings['device']}.",
+                "KL: mean next-token KL(unpatched || patched) over up to 32 positions per prompt; top-1: argmax "
+                "agreement there; greedy: 32-token greedy continuations of the shortest prompts, fraction of equal "
+                "tokens and mean common prefix. Speed-ups are unpatched / patched time; the ceiling 1 / (1 - f a) uses "
+                "the plan's fraction f and the measured attention share a. KV saved: bytes of the plan's cache vs the "
+                "model's own cache after the decode run.",
+                patch_table(res),
+                f"![speed-up vs fidelity]({figure})",
+            ]
+        )
+        + "\n"
+    )
+
+
+def write_patch_eval(res: dict, out: Path, overwrite: bool = False) -> None:
+    """DIR/results.json, DIR/report.md and the figure, all or nothing."""
+
+    def fill(tmp: Path) -> None:
+        (tmp / "results.json").write_text(json.dumps(res, indent=1))
+        (tmp / "report.md").write_text(patch_report(res, _patch_figure(res, tmp)))
+
+    write_dir_atomically(out, fill, overwrite)

@@ -4,38 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 from sink_eval.errors import SinkEvalError
 from sink_eval.models import load_model
 from sink_eval.probe import probe
-
-
-def _random_model(arch: str, kv_heads: int, groups: int, head_dim: int, window: int):
-    common = dict(
-        vocab_size=64,
-        hidden_size=kv_heads * groups * head_dim,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        head_dim=head_dim,
-        num_attention_heads=kv_heads * groups,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        pad_token_id=0,
-    )
-    if arch == "llama":
-        config = LlamaConfig(**common)
-    else:
-        config = Gemma3TextConfig(
-            **common,
-            sliding_window=window,
-            layer_types=["sliding_attention", "full_attention"],
-            query_pre_attn_scalar=head_dim,
-        )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 def _eager_reference(model, ids, mask):
@@ -69,7 +44,7 @@ def _eager_reference(model, ids, mask):
 def test_probe_statistics_equal_eager_attention_matrices(
     arch, kv_heads, groups, head_dim, window, lengths, chunk_bytes, seed
 ):
-    model = _random_model(arch, kv_heads, groups, head_dim, window)
+    model = random_model(arch, kv_heads, groups, head_dim, window)
     gen = torch.Generator().manual_seed(seed)
     width = max(lengths)
     ids = torch.randint(1, 64, (len(lengths), width), generator=gen)

@@ -1,0 +1,378 @@
+"""The copy-pattern patch: skip the attention of planned heads and give them the first token's value instead.
+
+A head whose attention is all on the first token outputs that token's value vector, whatever the query. The patch
+turns that into a shortcut: for the heads of a `CopyPlan`, the registered attention implementation "sink_copy"
+(transformers' `AttentionInterface`) writes V[first] (the first non-padding token's value, through the GQA mapping)
+and runs SDPA only on the other heads, one call per KV group, so a copied head computes no scores at all. A layer
+with nothing to copy runs transformers' own SDPA function: an empty plan is the unpatched model.
+
+During generation with `new_cache` (or `generate` here), each layer keeps the first token's values, and a KV group
+all of whose query heads are copied is not cached at all beyond them: its keys and values are never read again.
+That is the KV memory the plan saves (`kv_cache_bytes`). A conditional (hybrid) plan keeps the whole cache, since
+the exact attention resumes once its condition ends.
+
+This module knows no statistics: plans come from `sink_eval.policies`, or from anyone.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from sink_eval.errors import SinkEvalError
+from sink_eval.probe import attention_implementation
+
+PATCH_ATTENTION = "sink_copy"
+SUPPORTED_MODEL_TYPES = ("llama", "gemma3_text")
+
+
+@dataclass(frozen=True)
+class CopyPlan:
+    """Which query heads to copy, per layer (0-based), and when.
+
+    `max_tokens` (hybrid): copy only in forward passes whose sequence, cache included, is at most that long.
+    `decode_steps` (hybrid): copy only in the first k decode steps (the prefill is exact).
+    """
+
+    heads: Mapping[int, frozenset[int]] = field(default_factory=dict)
+    max_tokens: int | None = None
+    decode_steps: int | None = None
+
+    @classmethod
+    def of(cls, heads: Mapping[int, Iterable[int]], **conditions: int | None) -> CopyPlan:
+        return cls({layer: frozenset(h) for layer, h in sorted(heads.items()) if h}, **conditions)
+
+    @property
+    def conditional(self) -> bool:
+        return self.max_tokens is not None or self.decode_steps is not None
+
+    def n_copied(self) -> int:
+        return sum(len(h) for h in self.heads.values())
+
+    def fraction(self, layers: int, heads: int) -> float:
+        """Fraction of all (layer, head) pairs the plan copies."""
+        return self.n_copied() / (layers * heads)
+
+    def per_layer(self, layers: int) -> list[int]:
+        return [len(self.heads.get(layer, ())) for layer in range(layers)]
+
+    def to_json(self) -> dict:
+        return {
+            "heads": {str(layer): sorted(h) for layer, h in self.heads.items()},
+            "max_tokens": self.max_tokens,
+            "decode_steps": self.decode_steps,
+        }
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    heads: int
+    kv_heads: int
+    model_type: str
+
+    @property
+    def group_size(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def model_shape(model: torch.nn.Module) -> Shape:
+    config = model.config.get_text_config(decoder=True)
+    return Shape(
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        config.model_type,
+    )
+
+
+def check_plan(model: torch.nn.Module, plan: CopyPlan) -> Shape:
+    """The model's shape, after checking that the patch supports it and that the plan fits it."""
+    shape = model_shape(model)
+    if shape.model_type not in SUPPORTED_MODEL_TYPES:
+        raise SinkEvalError(
+            f"the copy patch supports {', '.join(SUPPORTED_MODEL_TYPES)} models, not {shape.model_type!r}"
+        )
+    for layer, heads in plan.heads.items():
+        if not 0 <= layer < shape.layers:
+            raise SinkEvalError(f"the plan names layer {layer}; the model has layers 0..{shape.layers - 1}")
+        bad = sorted(h for h in heads if not 0 <= h < shape.heads)
+        if bad:
+            raise SinkEvalError(
+                f"the plan names head(s) {bad} of layer {layer}; the model has heads 0..{shape.heads - 1}"
+            )
+    for name in ("max_tokens", "decode_steps"):
+        value = getattr(plan, name)
+        if value is not None and value < 1:
+            raise SinkEvalError(f"a hybrid plan's {name} must be at least 1, not {value}")
+    return shape
+
+
+@dataclass(frozen=True)
+class _LayerPlan:
+    copied: torch.Tensor  # query heads copied
+    copied_groups: torch.Tensor  # their KV groups
+    kept: tuple[tuple[int, torch.Tensor], ...]  # (KV group, its query heads that attend), groups with any
+    dropped_groups: frozenset[int]  # KV groups whose every query head is copied
+
+
+def _layer_plan(heads: frozenset[int], shape: Shape) -> _LayerPlan:
+    g = shape.group_size
+    kept = []
+    dropped = set()
+    for group in range(shape.kv_heads):
+        attend = [h for h in range(group * g, (group + 1) * g) if h not in heads]
+        if attend:
+            kept.append((group, torch.tensor(attend)))
+        else:
+            dropped.add(group)
+    copied = torch.tensor(sorted(heads))
+    return _LayerPlan(copied, copied // g, tuple(kept), frozenset(dropped))
+
+
+class _State:
+    def __init__(self, plan: CopyPlan, shape: Shape):
+        self.plan = plan
+        self.shape = shape
+        self.layers = {layer: _layer_plan(heads, shape) for layer, heads in plan.heads.items()}
+        self.first_of_mask: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        self.cache: DynamicCache | None = None
+        self.errors: dict[int, float] | None = None  # set by layer_errors()
+
+
+_ACTIVE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("sink_eval_patch", default=None)
+
+
+def _first_positions(state: _State, mask: torch.Tensor | None, batch: int, t_len: int, device) -> torch.Tensor:
+    """First non-padding position per row, read off the diagonal of a full-pass boolean mask (a token sees itself)."""
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    if state.first_of_mask is not None and state.first_of_mask[0] is mask:
+        return state.first_of_mask[1]
+    if mask.dtype != torch.bool:
+        raise SinkEvalError("the copy patch expects SDPA's boolean masks")
+    diagonal = torch.diagonal(mask[:, 0, :, mask.shape[-1] - t_len :], dim1=-2, dim2=-1)
+    first = diagonal.long().argmax(dim=-1)
+    state.first_of_mask = (mask, first)
+    return first
+
+
+def plan_applies(plan: CopyPlan, seq_len: int, decode_step: int) -> bool:
+    """Whether a (hybrid) plan copies in a forward pass over `seq_len` positions; decode step 0 is the prefill."""
+    if plan.max_tokens is not None and seq_len > plan.max_tokens:
+        return False
+    return plan.decode_steps is None or 1 <= decode_step <= plan.decode_steps
+
+
+def copy_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query (B, H, T, D), key/value (B, H_kv', S, D) -> (B, T, H, D): copied heads get V[first], others SDPA."""
+    state = _ACTIVE.get()
+    if state is None:
+        raise RuntimeError("sink_copy attention ran outside sink_eval.patch.patched(); use patched() to run it")
+    if kwargs.get("softcap") is not None:
+        raise SinkEvalError("the copy patch does not support attention logit soft-capping")
+    layer = state.layers.get(module.layer_idx)
+    cache_layer = None if state.cache is None else state.cache.layers[module.layer_idx]
+    batch, heads, t_len, dim = query.shape
+    if isinstance(cache_layer, _CopyCacheMixin):
+        seq_len, decode_step = cache_layer.seen, cache_layer.updates - 1
+    else:
+        seq_len, decode_step = key.shape[2], 0
+        if t_len != key.shape[2]:
+            raise SinkEvalError("generation with a copy plan needs the plan's cache: use sink_eval.patch.generate()")
+    if layer is None or not plan_applies(state.plan, seq_len, decode_step):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if isinstance(cache_layer, _CopyCacheMixin):
+        first_values, kv_index = cache_layer.first_values, cache_layer.kv_index
+        first = None
+    else:
+        first = _first_positions(state, attention_mask, batch, t_len, query.device)
+        first_values = value[torch.arange(batch, device=value.device), :, first]
+        kv_index = {group: group for group in range(state.shape.kv_heads)}
+
+    out = query.new_empty(batch, t_len, heads, dim)
+    out[:, :, layer.copied] = first_values[:, layer.copied_groups].unsqueeze(1).to(out.dtype)
+    is_causal = attention_mask is None and t_len > 1
+    for group, attend in layer.kept:
+        j = kv_index[group]
+        result = torch.nn.functional.scaled_dot_product_attention(
+            query[:, attend],
+            key[:, j : j + 1],
+            value[:, j : j + 1],
+            attn_mask=attention_mask,
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=is_causal,
+            enable_gqa=len(attend) > 1,
+        )
+        out[:, :, attend] = result.transpose(1, 2)
+    if state.errors is None:
+        return out, None
+    exact, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    real = torch.arange(t_len, device=query.device)[None, :] >= first[:, None]  # (B, T) non-padding queries
+    state.errors[module.layer_idx] = float(
+        torch.linalg.vector_norm((out - exact)[real].float()) / torch.linalg.vector_norm(exact[real].float())
+    )
+    return exact, None
+
+
+class _CopyCacheMixin:
+    """A cache layer that keeps V[first] of every KV group and stores only the groups some head still attends with."""
+
+    def setup(self, first: torch.Tensor, kept_groups: list[int]) -> None:
+        self.first = first
+        self.kept_groups = torch.tensor(kept_groups, dtype=torch.long)
+        self.kv_index = {group: j for j, group in enumerate(kept_groups)}
+        self.first_values: torch.Tensor | None = None
+        self.seen = 0
+        self.updates = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.first_values is None:
+            rows = torch.arange(value_states.shape[0], device=value_states.device)
+            self.first_values = value_states[rows, :, self.first.to(value_states.device)]
+        self.seen += key_states.shape[-2]
+        self.updates += 1
+        if len(self.kept_groups) != key_states.shape[1]:
+            kept = self.kept_groups.to(key_states.device)
+            key_states, value_states = key_states[:, kept], value_states[:, kept]
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+
+class CopyLayer(_CopyCacheMixin, DynamicLayer):
+    pass
+
+
+class CopySlidingLayer(_CopyCacheMixin, DynamicSlidingWindowLayer):
+    pass
+
+
+def _register() -> None:
+    AttentionInterface.register(PATCH_ATTENTION, copy_attention)
+    AttentionMaskInterface.register(PATCH_ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def patched(model: torch.nn.Module, plan: CopyPlan, cache: DynamicCache | None = None) -> Iterator[None]:
+    """Run `model` with the plan's heads copied inside the block; the previous attention is restored on exit,
+    also after an exception. `cache` is the plan's own cache (`new_cache`), needed to decode token by token."""
+    state = _State(plan, check_plan(model, plan))
+    state.cache = cache
+    _register()
+    token = _ACTIVE.set(state)
+    try:
+        with attention_implementation(model, PATCH_ATTENTION):
+            yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def first_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """First non-padding position per row of a left-padded (batch, tokens) mask."""
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise SinkEvalError("the copy patch needs left padding: set tokenizer.padding_side = 'left'")
+    return attention_mask.long().argmax(dim=-1)
+
+
+def new_cache(model: torch.nn.Module, plan: CopyPlan, attention_mask: torch.Tensor) -> DynamicCache:
+    """A KV cache for generating under `plan`: every layer keeps V[first]; an unconditional plan drops the KV groups
+    whose query heads are all copied."""
+    shape = check_plan(model, plan)
+    cache = DynamicCache(config=model.config)
+    first = first_positions(attention_mask)
+    for index, layer in enumerate(cache.layers):
+        dropped = set() if plan.conditional else _layer_plan(plan.heads.get(index, frozenset()), shape).dropped_groups
+        kept = [group for group in range(shape.kv_heads) if group not in dropped]
+        if type(layer) is DynamicSlidingWindowLayer:
+            replacement = CopySlidingLayer(sliding_window=layer.sliding_window)
+        elif type(layer) is DynamicLayer:
+            replacement = CopyLayer()
+        else:
+            raise SinkEvalError(f"the copy patch does not support {type(layer).__name__} cache layers")
+        replacement.setup(first, kept)
+        cache.layers[index] = replacement
+    return cache
+
+
+def kv_cache_bytes(cache: DynamicCache) -> int:
+    """Bytes held by a cache's keys and values (and the copy layers' first-token values)."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "first_values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    plan: CopyPlan,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+) -> tuple[torch.Tensor, DynamicCache]:
+    """Greedy generation under `plan` with the plan's KV cache: (prompt + new token ids, the cache)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    cache = new_cache(model, plan, attention_mask)
+    with patched(model, plan, cache):
+        ids = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=_pad_id(model),
+        )
+    return ids, cache
+
+
+def _pad_id(model: torch.nn.Module) -> int:
+    config = model.generation_config
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    if isinstance(pad, list):
+        pad = pad[0]
+    return 0 if pad is None else pad
+
+
+@torch.no_grad()
+def layer_errors(
+    model: torch.nn.Module, plan: CopyPlan, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> dict[int, float]:
+    """Per-layer relative error of the patched attention output against the exact one on the same input.
+
+    error(l) = ||O_patched(l) - O_exact(l)|| / ||O_exact(l)|| (Frobenius norms over heads, features and non-padding
+    queries), both computed from the exact model's hidden states: each layer's own error, not accumulated ones.
+    Layers the plan does not touch have error 0 and are left out.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    first_positions(attention_mask)
+    with patched(model, plan):
+        state = _ACTIVE.get()
+        state.errors = {}
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    return dict(sorted(state.errors.items()))
