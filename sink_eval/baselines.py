@@ -60,22 +60,27 @@ def make_baseline(res: dict, command: str) -> dict:
     }
 
 
-def read_baseline(path: Path) -> dict:
+def read_baseline(
+    path: Path,
+    schema: str = BASELINE_SCHEMA,
+    marker: str = "analysis",
+    identity: tuple[tuple[str, str], ...] = (("model", "fingerprint"), ("provenance", "prompt_set_sha256")),
+) -> dict:
     """A baseline file, checked for its schema and fields; every problem says how to make a good one."""
-    fix = "regenerate it from a measurement with `pytest -m analysis --update-baselines`"
+    fix = f"regenerate it from a measurement with `pytest -m {marker} --update-baselines`"
     try:
         baseline = json.loads(Path(path).read_text())
     except FileNotFoundError as err:
         raise SinkEvalError(f"no baseline at {path}; {fix}") from err
     except json.JSONDecodeError as err:
         raise SinkEvalError(f"baseline {path} is not valid JSON ({err.msg}, line {err.lineno}); {fix}") from err
-    if not isinstance(baseline, dict) or baseline.get("schema") != BASELINE_SCHEMA:
-        raise SinkEvalError(f"baseline {path} is not a {BASELINE_SCHEMA} file; {fix}")
+    if not isinstance(baseline, dict) or baseline.get("schema") != schema:
+        raise SinkEvalError(f"baseline {path} is not a {schema} file; {fix}")
     try:
         for entry in baseline["values"].values():
             if entry["value"] is not None and not entry["lo"] <= entry["value"] <= entry["hi"]:
                 raise SinkEvalError(f"baseline {path} has a band that does not contain its value; {fix}")
-        for section, field in (("model", "fingerprint"), ("provenance", "prompt_set_sha256")):
+        for section, field in identity:
             if not isinstance(baseline[section][field], str):
                 raise SinkEvalError(f"baseline {path} has no {section}.{field}; {fix}")
     except (KeyError, TypeError) as err:
@@ -126,3 +131,68 @@ def diff(old: dict | None, new: dict) -> str:
             fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
             lines.append(f"{key}: {fmt(before)} -> {fmt(entry['value'])}")
     return "\n".join(lines) or "no value changed"
+
+
+EVAL_BASELINE_SCHEMA = "sink_eval.eval_baseline/1"
+EVAL_IDENTITY = (("model", "fingerprint"), ("provenance", "settings_sha256"))
+EVAL_BAND_RULE = (
+    f"unpatched accuracy ± max({SE_MULTIPLE:g} x lm-eval stderr, {MIN_HALF_WIDTH:g}); a policy's change against "
+    f"unpatched ± max({SE_MULTIPLE:g} x paired stderr, {MIN_HALF_WIDTH:g})"
+)
+
+
+def eval_values(res: dict) -> dict[str, dict]:
+    """Every banded quantity of an eval result: unpatched accuracy per task, each policy's change per task."""
+    out = {}
+    for run in res["runs"]:
+        for task, t in run["tasks"].items():
+            if run["policy"] is None:
+                out[f"{task}/unpatched/acc"] = {"value": t["acc"], "se": t["acc_stderr"]}
+            else:
+                out[f"{task}/{run['label']}/change"] = {"value": t["change"], "se": t["change_se"]}
+    return out
+
+
+def eval_settings_sha256(res: dict) -> str:
+    """What an eval baseline is comparable on: tasks, limit, data file hashes and policies."""
+    import hashlib
+
+    identity = [res["settings"]["tasks"], res["settings"]["limit"], res["settings"]["data_sha256"]]
+    identity.append([[run["label"], run["options"]] for run in res["runs"]])
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def make_eval_baseline(res: dict, command: str) -> dict:
+    return {
+        "schema": EVAL_BASELINE_SCHEMA,
+        "model": {"name": res["model"]["name"], "fingerprint": res["model"]["fingerprint"]},
+        "provenance": {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": command,
+            "versions": res["versions"],
+            "settings": {k: res["settings"][k] for k in ("tasks", "limit", "splits", "data_sha256", "batch_size")},
+            "settings_sha256": eval_settings_sha256(res),
+            "wall_s": {run["label"]: run["wall_s"] for run in res["runs"]},
+        },
+        "band_rule": EVAL_BAND_RULE,
+        "values": {k: band(v["value"], v["se"]) for k, v in eval_values(res).items()},
+    }
+
+
+def read_eval_baseline(path: Path) -> dict:
+    return read_baseline(path, EVAL_BASELINE_SCHEMA, "eval", EVAL_IDENTITY)
+
+
+def check_eval_comparable(res: dict, baseline: dict, path: Path) -> None:
+    """Refuse to compare with a baseline of other weights, tasks, data, limit or policies."""
+    how = "if the change is intended, re-measure with `pytest -m eval --update-baselines` and say why in the commit"
+    if res["model"]["fingerprint"] != baseline["model"]["fingerprint"]:
+        raise SinkEvalError(
+            f"baseline {path} was measured on weights {baseline['model']['fingerprint']}, but the loaded model is "
+            f"{res['model']['fingerprint']}: the numbers are not comparable; {how}"
+        )
+    if eval_settings_sha256(res) != baseline["provenance"]["settings_sha256"]:
+        raise SinkEvalError(
+            f"baseline {path} was measured with other tasks, data, --limit or policies "
+            f"({json.dumps(baseline['provenance']['settings'])}); {how}"
+        )

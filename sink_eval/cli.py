@@ -96,19 +96,10 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     print(text)
 
 
-def _cmd_patch_eval(args: argparse.Namespace) -> None:
-    import json
+def _policies(args: argparse.Namespace, default: tuple[str, ...]) -> list:
+    from sink_eval.patch_eval import Policy
+    from sink_eval.policies import PolicyOptions, check_policy
 
-    from sink_eval.models import load_model
-    from sink_eval.patch_eval import Policy, run
-    from sink_eval.policies import PolicyOptions, check_disjoint, check_policy, split_prompts
-    from sink_eval.prompts import default_prompts, read_prompt_file, tokenize
-    from sink_eval.report import patch_table, write_patch_eval
-
-    if args.out is None and not args.json:
-        raise SinkEvalError("say where the results go: --out DIR (results.json, report.md, figure) and/or --json")
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise SinkEvalError(f"output directory {args.out} already exists; choose another --out or pass --overwrite")
     options = PolicyOptions(
         threshold=args.threshold,
         chance_corrected=args.chance_corrected,
@@ -117,9 +108,49 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
         max_tokens=args.hybrid_max_tokens,
         decode_steps=args.hybrid_decode_steps,
     )
-    policies = [Policy(name, options) for name in args.policy or POLICY_NAMES]
+    policies = [Policy(name, options) for name in args.policy or default]
     for policy in policies:
         check_policy(policy.name, policy.options)
+    return policies
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from sink_eval.evaluate import run_eval
+    from sink_eval.models import load_model
+    from sink_eval.report import eval_table, write_eval
+
+    if args.out is None and not args.json:
+        raise SinkEvalError("say where the results go: --out DIR (results.json, report.md) and/or --json")
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise SinkEvalError(f"output directory {args.out} already exists; choose another --out or pass --overwrite")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise SinkEvalError("--tasks needs at least one task name, e.g. --tasks piqa,arc_easy")
+    policies = _policies(args, default=("calibrated",))
+    command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    res = run_eval(load_model(args.model), policies, tasks, args.limit, args.data_dir, args.batch_size, command)
+    if args.out is not None:
+        write_eval(res, args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}/results.json and {args.out}/report.md", file=sys.stderr)
+    print(json.dumps(res) if args.json else eval_table(res))
+
+
+def _cmd_patch_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from sink_eval.models import load_model
+    from sink_eval.patch_eval import run
+    from sink_eval.policies import check_disjoint, split_prompts
+    from sink_eval.prompts import default_prompts, read_prompt_file, tokenize
+    from sink_eval.report import patch_table, write_patch_eval
+
+    if args.out is None and not args.json:
+        raise SinkEvalError("say where the results go: --out DIR (results.json, report.md, figure) and/or --json")
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise SinkEvalError(f"output directory {args.out} already exists; choose another --out or pass --overwrite")
+    policies = _policies(args, default=POLICY_NAMES)
     if args.prompts is None and args.calibration_prompts is None:
         calibration, evaluation = split_prompts(default_prompts(args.data_dir))
     elif args.prompts is not None and args.calibration_prompts is not None:
@@ -157,6 +188,16 @@ def _threshold(text: str) -> float:
     return value
 
 
+def _policy_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--policy", action="append", choices=POLICY_NAMES, help=f"repeat for several ({default})")
+    parser.add_argument("--threshold", type=_threshold, default=0.8, help="sink threshold tau (0.8)")
+    parser.add_argument("--chance-corrected", action="store_true", help="length-dependent tau(N)")
+    parser.add_argument("--consistency", type=_threshold, default=0.9, help="calibrated: consistency p (0.9)")
+    parser.add_argument("--hybrid-base", default="calibrated", choices=[p for p in POLICY_NAMES if p != "hybrid"])
+    parser.add_argument("--hybrid-max-tokens", type=int, default=64, help="hybrid: copy while <= L tokens (64)")
+    parser.add_argument("--hybrid-decode-steps", type=int, help="hybrid: copy only in the first k decode steps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sink_eval.models import DEFAULT_MODEL
     from sink_eval.prompts import DATA_ENV, DEFAULT_MAX_TOKENS
@@ -189,15 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     patch_eval = sub.add_parser("patch-eval", help="copy policies: heads copied, fidelity, speed-up, KV saved")
     patch_eval.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
-    patch_eval.add_argument(
-        "--policy", action="append", choices=POLICY_NAMES, help="repeat for several (default: all of them)"
-    )
-    patch_eval.add_argument("--threshold", type=_threshold, default=0.8, help="sink threshold tau (0.8)")
-    patch_eval.add_argument("--chance-corrected", action="store_true", help="length-dependent tau(N)")
-    patch_eval.add_argument("--consistency", type=_threshold, default=0.9, help="calibrated: consistency p (0.9)")
-    patch_eval.add_argument("--hybrid-base", default="calibrated", choices=[p for p in POLICY_NAMES if p != "hybrid"])
-    patch_eval.add_argument("--hybrid-max-tokens", type=int, default=64, help="hybrid: copy while <= L tokens (64)")
-    patch_eval.add_argument("--hybrid-decode-steps", type=int, help="hybrid: copy only in the first k decode steps")
+    _policy_arguments(patch_eval, "all of them")
     patch_eval.add_argument("--prompts", type=Path, help="JSONL evaluation prompts (default: half the built-in set)")
     patch_eval.add_argument("--calibration-prompts", type=Path, help="JSONL calibration prompts (default: other half)")
     patch_eval.add_argument("--data-dir", type=Path, help=f"eval data for the default set (default: ${DATA_ENV})")
@@ -211,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     patch_eval.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     patch_eval.add_argument("--json", action="store_true", help="print the results JSON to stdout")
     patch_eval.set_defaults(func=_cmd_patch_eval)
+
+    evaluate = sub.add_parser("eval", help="lm-eval accuracy, unpatched vs copy policies, from local task data")
+    evaluate.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
+    evaluate.add_argument("--tasks", required=True, help="comma-separated, e.g. piqa,arc_easy,hellaswag,sciq")
+    evaluate.add_argument("--limit", type=int, help="only the first N documents of each task")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--data-dir", type=Path, help=f"a folder holding the task files (default: ${DATA_ENV})")
+    _policy_arguments(evaluate, "calibrated")
+    evaluate.add_argument("--out", type=Path, help="directory for results.json and report.md")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    evaluate.add_argument("--json", action="store_true", help="print the results JSON to stdout")
+    evaluate.set_defaults(func=_cmd_eval)
 
     compare = sub.add_parser("compare", help="two result sets side by side")
     compare.add_argument("first", type=Path, help="a directory written by `sink-eval analyze`")

@@ -120,22 +120,18 @@ def check_plan(model: torch.nn.Module, plan: CopyPlan) -> Shape:
 class _LayerPlan:
     copied: torch.Tensor  # query heads copied
     copied_groups: torch.Tensor  # their KV groups
-    kept: tuple[tuple[int, torch.Tensor], ...]  # (KV group, its query heads that attend), groups with any
+    attending: list[int]  # query heads that still attend
+    kept_groups: list[int]  # KV groups with at least one attending head
     dropped_groups: frozenset[int]  # KV groups whose every query head is copied
 
 
 def _layer_plan(heads: frozenset[int], shape: Shape) -> _LayerPlan:
     g = shape.group_size
-    kept = []
-    dropped = set()
-    for group in range(shape.kv_heads):
-        attend = [h for h in range(group * g, (group + 1) * g) if h not in heads]
-        if attend:
-            kept.append((group, torch.tensor(attend)))
-        else:
-            dropped.add(group)
-    copied = torch.tensor(sorted(heads))
-    return _LayerPlan(copied, copied // g, tuple(kept), frozenset(dropped))
+    attending = [h for h in range(shape.heads) if h not in heads]
+    kept_groups = sorted({h // g for h in attending})
+    copied = torch.tensor(sorted(heads), dtype=torch.long)
+    dropped = frozenset(range(shape.kv_heads)) - set(kept_groups)
+    return _LayerPlan(copied, copied // g, attending, kept_groups, dropped)
 
 
 class _State:
@@ -188,6 +184,8 @@ def copy_attention(
         raise RuntimeError("sink_copy attention ran outside sink_eval.patch.patched(); use patched() to run it")
     if kwargs.get("softcap") is not None:
         raise SinkEvalError("the copy patch does not support attention logit soft-capping")
+    if module.training:
+        raise SinkEvalError("the copy patch is for inference: call model.eval() first")
     layer = state.layers.get(module.layer_idx)
     cache_layer = None if state.cache is None else state.cache.layers[module.layer_idx]
     batch, heads, t_len, dim = query.shape
@@ -208,21 +206,10 @@ def copy_attention(
         kv_index = {group: group for group in range(state.shape.kv_heads)}
 
     out = query.new_empty(batch, t_len, heads, dim)
-    out[:, :, layer.copied] = first_values[:, layer.copied_groups].unsqueeze(1).to(out.dtype)
-    is_causal = attention_mask is None and t_len > 1
-    for group, attend in layer.kept:
-        j = kv_index[group]
-        result = torch.nn.functional.scaled_dot_product_attention(
-            query[:, attend],
-            key[:, j : j + 1],
-            value[:, j : j + 1],
-            attn_mask=attention_mask,
-            dropout_p=dropout,
-            scale=scaling,
-            is_causal=is_causal,
-            enable_gqa=len(attend) > 1,
-        )
+    if layer.attending:
+        attend, result = _attend(layer, state.shape.group_size, query, key, value, attention_mask, kv_index, scaling)
         out[:, :, attend] = result.transpose(1, 2)
+    out[:, :, layer.copied] = first_values[:, layer.copied_groups].unsqueeze(1).to(out.dtype)
     if state.errors is None:
         return out, None
     exact, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -231,6 +218,45 @@ def copy_attention(
         torch.linalg.vector_norm((out - exact)[real].float()) / torch.linalg.vector_norm(exact[real].float())
     )
     return exact, None
+
+
+def _attend(
+    layer: _LayerPlan,
+    group_size: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    kv_index: dict[int, int],
+    scaling: float | None,
+) -> tuple[list[int], torch.Tensor]:
+    """SDPA for the heads that still attend, in one call: (the query heads computed, their output (B, h, T, D)).
+
+    Prefill is compute-bound: exactly the attending heads are computed, each with its KV head gathered (a copy of
+    O(S D) per head, small beside the O(T S D) attention). Decode is bound by the bytes of K/V read: every head of a
+    kept KV group is computed against that group's K/V, read once (GQA), and no K/V is copied; the copied heads'
+    rows are overwritten afterwards.
+    """
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    t_len = query.shape[2]
+    if t_len > 1:
+        kv = torch.tensor([kv_index[h // group_size] for h in layer.attending], device=key.device)
+        result = sdpa(
+            query[:, layer.attending],
+            key.index_select(1, kv),
+            value.index_select(1, kv),
+            attn_mask=mask,
+            scale=scaling,
+            is_causal=mask is None,
+        )
+        return layer.attending, result
+    heads = [group * group_size + i for group in layer.kept_groups for i in range(group_size)]
+    rows = [kv_index[group] for group in layer.kept_groups]
+    if rows != list(range(key.shape[1])):
+        index = torch.tensor(rows, device=key.device)
+        key, value = key.index_select(1, index), value.index_select(1, index)
+    result = sdpa(query[:, heads], key, value, attn_mask=mask, scale=scaling, enable_gqa=group_size > 1)
+    return heads, result
 
 
 class _CopyCacheMixin:

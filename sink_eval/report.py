@@ -359,3 +359,43 @@ def write_patch_eval(res: dict, out: Path, overwrite: bool = False) -> None:
         (tmp / "report.md").write_text(patch_report(res, _patch_figure(res, tmp)))
 
     write_dir_atomically(out, fill, overwrite)
+
+
+def eval_table(res: dict) -> str:
+    """Accuracy ± stderr per task, unpatched then each policy (with its change against unpatched ± paired SE)."""
+    tasks = res["settings"]["tasks"]
+    rows = []
+    for run in res["runs"]:
+        cells = []
+        for task in tasks:
+            t = run["tasks"][task]
+            cell = f"{100 * t['acc']:.1f} ± {100 * t['acc_stderr']:.1f}"
+            if "change" in t:
+                cell += f" ({100 * t['change']:+.1f} ± {100 * t['change_se']:.1f})"
+            cells.append(cell)
+        speedup = f"{run['speedup']:.2f}" if "speedup" in run else "1.00"
+        rows.append([run["label"], _pct(run["fraction_copied"]), *cells, f"{run['wall_s']:.0f}", speedup])
+    headers = ["policy", "heads copied", *[f"{t} acc % ({res['settings']['splits'][t]})" for t in tasks]]
+    return tabulate(rows, headers=[*headers, "wall s", "speed-up"], tablefmt="github")
+
+
+def write_eval(res: dict, out: Path, overwrite: bool = False) -> None:
+    """DIR/results.json and DIR/report.md, all or nothing."""
+    notes = "; ".join(f"{task}: {note}" for task, note in res["settings"]["split_notes"].items())
+    limit = res["settings"]["limit"]
+    text = "\n\n".join(
+        [
+            f"# Accuracy of {res['model']['name']} under copy plans (lm-evaluation-harness)",
+            f"Fingerprint `{res['model']['fingerprint']}`; "
+            + (f"the first {limit} documents of each task" if limit else "every document of each task")
+            + f". Splits: {notes or 'lm-eval defaults'}. Accuracy ± lm-eval's standard error; in brackets the "
+            "change against unpatched on the same documents ± its paired standard error (points).",
+            eval_table(res),
+        ]
+    )
+
+    def fill(tmp: Path) -> None:
+        (tmp / "results.json").write_text(json.dumps(res, indent=1))
+        (tmp / "report.md").write_text(text + "\n")
+
+    write_dir_atomically(out, fill, overwrite)

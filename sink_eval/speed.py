@@ -6,7 +6,11 @@ are kept for reference only. Definitions:
   call returning at once (the "sink_none" implementation): the time the attention computation itself takes;
 - ceiling of a plan copying a fraction f of the heads = 1 / (1 - f * a): the speed-up if copied heads cost nothing;
 - a gate passes when the patch saves at least 80 % of what the ceiling says can be saved:
-  t_unpatched - t_patched >= 0.8 * (t_unpatched - t_unpatched / ceiling).
+  t_unpatched - t_patched >= 0.8 * (t_unpatched - t_unpatched / ceiling), i.e. with the speed-up s = t_unpatched /
+  t_patched: 1 - 1/s >= 0.8 * (1 - 1/ceiling);
+- paired speed-up (`paired`): each timing of a variant is set beside a timing of the unpatched region taken just
+  before it, and the speed-up is the median of those ratios, so that a drift of a shared machine between variants
+  does not show up as a speed-up or a slow-down.
 """
 
 from __future__ import annotations
@@ -33,8 +37,47 @@ def ceiling(fraction: float, share: float) -> float:
     return 1.0 / (1.0 - fraction * share)
 
 
-def gate_passes(t_unpatched: float, t_patched: float, ceiling_: float, share: float = GATE_SHARE) -> bool:
-    return t_unpatched - t_patched >= share * (t_unpatched - t_unpatched / ceiling_)
+def gate_passes(speedup: float, ceiling_: float, share: float = GATE_SHARE) -> bool:
+    """Whether a speed-up saves at least `share` of the time the ceiling says can be saved."""
+    return 1 - 1 / speedup >= share * (1 - 1 / ceiling_)
+
+
+@dataclass
+class Paired:
+    speedup: float  # median over rounds of t_unpatched / t_variant, timed back to back
+    unpatched_s: float  # medians, for reference
+    variant_s: float
+
+
+def paired(
+    unpatched: Callable[[], float | None],
+    variants: dict[str, Callable[[], float | None]],
+    rounds: int,
+    warmup: bool = True,
+) -> dict[str, Paired]:
+    """Time each variant right after a run of `unpatched`, `rounds` times; a function may return its own timing
+    (e.g. of the decode steps only), else its wall time counts."""
+
+    def timed(fn: Callable[[], float | None]) -> float:
+        start = time.perf_counter()
+        own = fn()
+        return own if own is not None else time.perf_counter() - start
+
+    if warmup:
+        for fn in (unpatched, *variants.values()):
+            fn()
+    pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            pairs[name].append((timed(unpatched), timed(fn)))
+    return {
+        name: Paired(
+            speedup=statistics.median(u / v for u, v in p),
+            unpatched_s=statistics.median(u for u, _ in p),
+            variant_s=statistics.median(v for _, v in p),
+        )
+        for name, p in pairs.items()
+    }
 
 
 def _no_attention(module, query, key, value, attention_mask, **kwargs):

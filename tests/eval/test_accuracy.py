@@ -1,0 +1,70 @@
+"""lm-eval accuracy of the real models, unpatched and under copy policies, held to baselines/eval.
+
+What runs here is the CI-sized measurement: the first EVAL_LIMIT documents of each task. The full runs are one
+command each: `sink-eval eval --model M --tasks piqa,arc_easy,hellaswag,sciq,winogrande,lambada_openai
+--policy calibrated --policy oracle --out DIR`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REAL_MODELS
+from sink_eval import baselines
+
+pytestmark = pytest.mark.eval
+
+BASELINE_DIR = Path(__file__).resolve().parents[2] / "baselines" / "eval"
+EVAL_TASKS = ["piqa", "arc_easy", "hellaswag", "lambada_openai"]
+EVAL_LIMIT = 40
+POLICIES = ("calibrated", "oracle")
+
+
+@pytest.fixture(scope="module")
+def measured(bundled_model, pytestconfig):
+    """`measured(name)` -> (eval results, checked baseline); with --update-baselines the baseline is rewritten."""
+    from sink_eval.evaluate import run_eval
+    from sink_eval.patch_eval import Policy
+    from sink_eval.policies import PolicyOptions
+
+    done = {}
+
+    def get(name: str) -> tuple[dict, dict]:
+        if name not in done:
+            policies = [Policy(p, PolicyOptions()) for p in POLICIES]
+            res = run_eval(bundled_model(name), policies, EVAL_TASKS, EVAL_LIMIT, command="pytest -m eval")
+            path = BASELINE_DIR / f"{name}.json"
+            if pytestconfig.getoption("--update-baselines"):
+                old = baselines.read_eval_baseline(path) if path.exists() else None
+                new = baselines.make_eval_baseline(res, "pytest -m eval --update-baselines")
+                baselines.write_baseline(path, new)
+                reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+                reporter.write_line(f"\n{path}:\n{baselines.diff(old, new)}")
+            baseline = baselines.read_eval_baseline(path)
+            baselines.check_eval_comparable(res, baseline, path)
+            done[name] = (res, baseline)
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("task", EVAL_TASKS)
+@pytest.mark.parametrize("model", REAL_MODELS)
+def test_unpatched_accuracy_lies_within_two_stderr_of_its_baseline(measured, model, task):
+    res, baseline = measured(model)
+    key = f"{task}/unpatched/acc"
+    problem = baselines.outside_band(baselines.eval_values(res)[key], baseline["values"][key])
+    assert problem is None, f"{model} {key}: {problem}"
+
+
+@pytest.mark.parametrize("task", EVAL_TASKS)
+@pytest.mark.parametrize("model", REAL_MODELS)
+def test_each_policys_accuracy_change_lies_in_its_band(measured, model, task):
+    res, baseline = measured(model)
+    values = baselines.eval_values(res)
+    keys = [k for k in values if k.startswith(f"{task}/") and k.endswith("/change")]
+    assert len(keys) == len(POLICIES)
+    problems = {k: baselines.outside_band(values[k], baseline["values"][k]) for k in keys}
+    assert not any(problems.values()), f"{model}: {problems}"

