@@ -16,6 +16,7 @@ acc_policy - acc_unpatched, with the paired standard error std(d) / sqrt(n).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -128,10 +129,16 @@ def _local_source(task: str, data_dir: str | Path | None) -> dict:
     }
 
 
-def _lm_eval_yaml(task: str) -> Path:
+@functools.cache
+def _task_manager():
+    """lm-eval's task index (it reads every task YAML lm-eval ships: ~15 s here), built once per process."""
     from lm_eval.tasks import TaskManager
 
-    return Path(TaskManager().task_index[task].yaml_path)
+    return TaskManager()
+
+
+def _lm_eval_yaml(task: str) -> Path:
+    return Path(_task_manager().task_index[task].yaml_path)
 
 
 def task_config(task: str, data_dir: str | Path | None = None) -> dict:
@@ -252,7 +259,14 @@ def evaluate(
     configs = [task_config(task, data_dir) for task in tasks]
     start = time.perf_counter()
     out = simple_evaluate(
-        model=lm, tasks=configs, limit=limit, log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0
+        model=lm,
+        tasks=configs,
+        limit=limit,
+        log_samples=True,
+        task_manager=_task_manager(),
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
     )
     wall = time.perf_counter() - start
     results = {}
@@ -270,7 +284,7 @@ def evaluate(
 
 def paired_change(policy: list[float], unpatched: list[float]) -> tuple[float, float]:
     """Mean of acc_policy - acc_unpatched over the same documents, and its paired standard error."""
-    d = torch.tensor(policy) - torch.tensor(unpatched)
+    d = torch.tensor(policy, dtype=torch.float64) - torch.tensor(unpatched, dtype=torch.float64)
     return float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0
 
 

@@ -62,13 +62,13 @@ def test_paired_change_and_its_standard_error():
 def tiny_eval(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "out"
     argv = ["eval", "--model", "tiny-llama", "--tasks", "piqa,lambada_openai", "--limit", "3", "--out", str(out)]
-    assert cli.main([*argv, "--policy", "oracle", "--threshold", "0.3"]) == 0
+    assert cli.main([*argv, "--policy", "oracle", "--threshold", "0.05"]) == 0  # a random model's sinks are weak
     return json.loads((out / "results.json").read_text()), out
 
 
 def test_eval_writes_accuracy_per_task_for_unpatched_and_each_policy(tiny_eval):
     res, out = tiny_eval
-    assert [run["label"] for run in res["runs"]] == ["unpatched", "oracle tau=0.3"]
+    assert [run["label"] for run in res["runs"]] == ["unpatched", "oracle tau=0.05"]
     for run in res["runs"]:
         assert set(run["tasks"]) == {"piqa", "lambada_openai"} and run["tasks"]["piqa"]["n"] == 3
     assert "change" in res["runs"][1]["tasks"]["piqa"] and res["runs"][1]["fraction_copied"] > 0
