@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     patch_eval.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="longest prompt allowed")
     patch_eval.add_argument("--truncate", action="store_true", help="cut longer prompts to --max-tokens")
     patch_eval.add_argument("--speed-tokens", type=int, default=1024, help="length of the speed prompt (1024)")
-    patch_eval.add_argument("--speed-rounds", type=int, default=3, help="interleaved timing rounds (3)")
+    patch_eval.add_argument("--speed-rounds", type=int, default=3, help="paired timing rounds (3)")
     patch_eval.add_argument("--generations", type=int, default=8, help="greedy continuations compared (8)")
     patch_eval.add_argument("--new-tokens", type=int, default=32, help="tokens per greedy continuation (32)")
     patch_eval.add_argument("--out", type=Path, help="directory for results.json, report.md and the figure")

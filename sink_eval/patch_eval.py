@@ -167,9 +167,7 @@ def run(
                 "speed": speed.as_dict()
                 | {
                     "plan_fraction": f_speed,
-                    "prefill_speedup": speed.prefill_unpatched_s / speed.prefill_patched_s,
                     "prefill_ceiling": ceiling(f_prefill, speed.prefill_share),
-                    "decode_speedup": speed.decode_unpatched_s / speed.decode_patched_s,
                     "decode_ceiling": ceiling(f_decode, speed.decode_share),
                     "kv_bytes_saved": speed.kv_bytes_unpatched - speed.kv_bytes_patched,
                 },

@@ -336,11 +336,12 @@ def patch_report(res: dict, figure: str) -> str:
                 f"fingerprint `{model['fingerprint']}`; {len(settings['evaluation_prompts'])} evaluation prompts, "
                 f"{len(settings['calibration_prompts'])} calibration prompts (disjoint); speed on "
                 f"`{settings['speed_prompt']['id']}` ({settings['speed_prompt']['tokens']} tokens), medians of "
-                f"{settings['speed_rounds']} interleaved rounds, {settings['threads']} threads on "
+                f"{settings['speed_rounds']} paired rounds, {settings['threads']} threads on "
                 f"{settings['device']}.",
                 "KL: mean next-token KL(unpatched || patched) over up to 32 positions per prompt; top-1: argmax "
                 "agreement there; greedy: 32-token greedy continuations of the shortest prompts, fraction of equal "
-                "tokens and mean common prefix. Speed-ups are unpatched / patched time; the ceiling 1 / (1 - f a) uses "
+                "tokens and mean common prefix. Speed-ups: median of unpatched / patched times taken back to back; the "
+                "ceiling 1 / (1 - f a) uses "
                 "the plan's fraction f and the measured attention share a. KV saved: bytes of the plan's cache vs the "
                 "model's own cache after the decode run.",
                 patch_table(res),

@@ -91,29 +91,17 @@ def without_attention(model: torch.nn.Module):
     return attention_implementation(model, NO_ATTENTION)
 
 
-def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function, timed in turn within each round (so drifts of a shared machine hit all)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 @dataclass
 class SpeedResult:
     tokens: int
     prefill_unpatched_s: float
     prefill_patched_s: float
+    prefill_speedup: float  # paired (see `paired`)
     prefill_share: float
     decode_steps: int
     decode_unpatched_s: float  # per step
     decode_patched_s: float
+    decode_speedup: float
     decode_share: float
     kv_bytes_unpatched: int
     kv_bytes_patched: int
@@ -124,46 +112,52 @@ class SpeedResult:
 
 @torch.no_grad()
 def measure(model: torch.nn.Module, plan: CopyPlan, input_ids: torch.Tensor, rounds: int = 3, decode_steps: int = 8):
-    """Prefill and decode speed of `input_ids` (one row, no padding), unpatched vs patched, in one run."""
+    """Prefill and decode speed of `input_ids` (one row, no padding), unpatched vs patched, paired, in one run; the
+    KV bytes of the unpatched and the plan's cache after the decode steps."""
     mask = torch.ones_like(input_ids)
 
-    def prefill_unpatched():
-        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+    def prefill(context: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            with context():
+                model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
 
-    def prefill_patched():
-        with patched(model, plan):
-            model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+        return run
 
-    def prefill_without():
-        with without_attention(model):
-            model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-
-    prefill = interleaved(
-        {"unpatched": prefill_unpatched, "patched": prefill_patched, "without": prefill_without}, rounds
-    )
-
-    variants = {
-        "unpatched": (lambda: DynamicCache(config=model.config), lambda cache: nullcontext()),
-        "patched": (lambda: new_cache(model, plan, mask), lambda cache: patched(model, plan, cache)),
-        "without": (lambda: DynamicCache(config=model.config), lambda cache: without_attention(model)),
+    prefill_runs = {
+        "patched": prefill(lambda: patched(model, plan)),
+        "without": prefill(lambda: without_attention(model)),
     }
-    decode_times: dict[str, list[float]] = {name: [] for name in variants}
+    prefill_t = paired(prefill(nullcontext), prefill_runs, rounds)
+
     caches: dict[str, DynamicCache] = {}
-    for _ in range(rounds):
-        for name, (make_cache, context) in variants.items():
+
+    def decode(name: str, make_cache: Callable[[], DynamicCache], context) -> Callable[[], float]:
+        def run() -> float:
             caches[name] = make_cache()
             with context(caches[name]):
-                decode_times[name].append(_decode_per_step(model, input_ids, caches[name], decode_steps))
-    per_step = {name: statistics.median(t) for name, t in decode_times.items()}
+                return _decode_per_step(model, input_ids, caches[name], decode_steps)
+
+        return run
+
+    def plain() -> DynamicCache:
+        return DynamicCache(config=model.config)
+
+    decode_runs = {
+        "patched": decode("patched", lambda: new_cache(model, plan, mask), lambda cache: patched(model, plan, cache)),
+        "without": decode("without", plain, lambda cache: without_attention(model)),
+    }
+    decode_t = paired(decode("unpatched", plain, lambda cache: nullcontext()), decode_runs, rounds, warmup=False)
     return SpeedResult(
         tokens=input_ids.shape[1],
-        prefill_unpatched_s=prefill["unpatched"],
-        prefill_patched_s=prefill["patched"],
-        prefill_share=max(0.0, 1 - prefill["without"] / prefill["unpatched"]),
+        prefill_unpatched_s=prefill_t["patched"].unpatched_s,
+        prefill_patched_s=prefill_t["patched"].variant_s,
+        prefill_speedup=prefill_t["patched"].speedup,
+        prefill_share=max(0.0, 1 - 1 / prefill_t["without"].speedup),
         decode_steps=decode_steps,
-        decode_unpatched_s=per_step["unpatched"],
-        decode_patched_s=per_step["patched"],
-        decode_share=max(0.0, 1 - per_step["without"] / per_step["unpatched"]),
+        decode_unpatched_s=decode_t["patched"].unpatched_s,
+        decode_patched_s=decode_t["patched"].variant_s,
+        decode_speedup=decode_t["patched"].speedup,
+        decode_share=max(0.0, 1 - 1 / decode_t["without"].speedup),
         kv_bytes_unpatched=kv_cache_bytes(caches["unpatched"]),
         kv_bytes_patched=kv_cache_bytes(caches["patched"]),
     )
