@@ -57,10 +57,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     from sink_eval.prompts import default_prompts, read_prompt_file, tokenize
     from sink_eval.report import write_analysis
 
-    if args.out is None and not args.json:
-        raise SinkEvalError("say where the results go: --out DIR (results.json, report.md, figures) and/or --json")
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise SinkEvalError(f"output directory {args.out} already exists; choose another --out or pass --overwrite")
+    _check_output(args, "results.json, report.md, figures")
     prompts = read_prompt_file(args.prompts) if args.prompts else default_prompts(args.data_dir)
     loaded = load_model(args.model)
     context = getattr(loaded.model.config, "max_position_embeddings", None) or args.max_tokens
@@ -121,10 +118,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from sink_eval.models import load_model
     from sink_eval.report import eval_table, write_eval
 
-    if args.out is None and not args.json:
-        raise SinkEvalError("say where the results go: --out DIR (results.json, report.md) and/or --json")
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise SinkEvalError(f"output directory {args.out} already exists; choose another --out or pass --overwrite")
+    _check_output(args, "results.json, report.md")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise SinkEvalError("--tasks needs at least one task name, e.g. --tasks piqa,arc_easy")
@@ -146,10 +140,7 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
     from sink_eval.prompts import default_prompts, read_prompt_file, tokenize
     from sink_eval.report import patch_table, write_patch_eval
 
-    if args.out is None and not args.json:
-        raise SinkEvalError("say where the results go: --out DIR (results.json, report.md, figure) and/or --json")
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise SinkEvalError(f"output directory {args.out} already exists; choose another --out or pass --overwrite")
+    _check_output(args, "results.json, report.md, figure")
     policies = _policies(args, default=POLICY_NAMES)
     if args.prompts is None and args.calibration_prompts is None:
         calibration, evaluation = split_prompts(default_prompts(args.data_dir))
@@ -188,6 +179,20 @@ def _threshold(text: str) -> float:
     return value
 
 
+def _output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--out", type=Path, help=f"directory for {what}")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument("--json", action="store_true", help="print the results JSON to stdout")
+
+
+def _check_output(args: argparse.Namespace, what: str) -> None:
+    """Refuse a run whose results would go nowhere, or over an existing directory without --overwrite."""
+    if args.out is None and not args.json:
+        raise SinkEvalError(f"say where the results go: --out DIR ({what}) and/or --json")
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise SinkEvalError(f"output directory {args.out} already exists; choose another --out or pass --overwrite")
+
+
 def _policy_arguments(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--policy", action="append", choices=POLICY_NAMES, help=f"repeat for several ({default})")
     parser.add_argument("--threshold", type=_threshold, default=0.8, help="sink threshold tau (0.8)")
@@ -223,9 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="longest prompt allowed")
     analyze.add_argument("--truncate", action="store_true", help="cut longer prompts to --max-tokens")
-    analyze.add_argument("--out", type=Path, help="directory for results.json, report.md and figures")
-    analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    analyze.add_argument("--json", action="store_true", help="print the results JSON to stdout")
+    _output_arguments(analyze, "results.json, report.md and figures")
     analyze.set_defaults(func=_cmd_analyze)
 
     patch_eval = sub.add_parser("patch-eval", help="copy policies: heads copied, fidelity, speed-up, KV saved")
@@ -240,9 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     patch_eval.add_argument("--speed-rounds", type=int, default=3, help="paired timing rounds (3)")
     patch_eval.add_argument("--generations", type=int, default=8, help="greedy continuations compared (8)")
     patch_eval.add_argument("--new-tokens", type=int, default=32, help="tokens per greedy continuation (32)")
-    patch_eval.add_argument("--out", type=Path, help="directory for results.json, report.md and the figure")
-    patch_eval.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    patch_eval.add_argument("--json", action="store_true", help="print the results JSON to stdout")
+    _output_arguments(patch_eval, "results.json, report.md and the figure")
     patch_eval.set_defaults(func=_cmd_patch_eval)
 
     evaluate = sub.add_parser("eval", help="lm-eval accuracy, unpatched vs copy policies, from local task data")
@@ -252,9 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--data-dir", type=Path, help=f"a folder holding the task files (default: ${DATA_ENV})")
     _policy_arguments(evaluate, "calibrated")
-    evaluate.add_argument("--out", type=Path, help="directory for results.json and report.md")
-    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    evaluate.add_argument("--json", action="store_true", help="print the results JSON to stdout")
+    _output_arguments(evaluate, "results.json and report.md")
     evaluate.set_defaults(func=_cmd_eval)
 
     compare = sub.add_parser("compare", help="two result sets side by side")
