@@ -375,9 +375,9 @@ def eval_table(res: dict) -> str:
                 cell += f" ({100 * t['change']:+.1f} ± {100 * t['change_se']:.1f})"
             cells.append(cell)
         speedup = f"{run['speedup']:.2f}" if "speedup" in run else "1.00"
-        rows.append([run["label"], _pct(run["fraction_copied"]), *cells, f"{run['wall_s']:.0f}", speedup])
+        rows.append([run["label"], _pct(run["fraction_copied"]), *cells, f"{run['model_s']:.0f}", speedup])
     headers = ["policy", "heads copied", *[f"{t} acc % ({res['settings']['splits'][t]})" for t in tasks]]
-    return tabulate(rows, headers=[*headers, "wall s", "speed-up"], tablefmt="github")
+    return tabulate(rows, headers=[*headers, "forward s", "speed-up"], tablefmt="github")
 
 
 def write_eval(res: dict, out: Path, overwrite: bool = False) -> None:
@@ -390,7 +390,9 @@ def write_eval(res: dict, out: Path, overwrite: bool = False) -> None:
             f"Fingerprint `{res['model']['fingerprint']}`; "
             + (f"the first {limit} documents of each task" if limit else "every document of each task")
             + f". Splits: {notes or 'lm-eval defaults'}. Accuracy ± lm-eval's standard error; in brackets the "
-            "change against unpatched on the same documents ± its paired standard error (points).",
+            "change against unpatched on the same documents ± its paired standard error (points). Forward s: "
+            "seconds in the model's forward passes (per-prompt policies include their probe); speed-up = unpatched "
+            "/ policy forward s.",
             eval_table(res),
         ]
     )
