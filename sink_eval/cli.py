@@ -124,7 +124,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         raise SinkEvalError("--tasks needs at least one task name, e.g. --tasks piqa,arc_easy")
     policies = _policies(args, default=("calibrated",))
     command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
-    res = run_eval(load_model(args.model), policies, tasks, args.limit, args.data_dir, args.batch_size, command)
+    loaded = load_model(args.model, device=args.device)
+    res = run_eval(loaded, policies, tasks, args.limit, args.data_dir, args.batch_size, command)
     if args.out is not None:
         write_eval(res, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}/results.json and {args.out}/report.md", file=sys.stderr)
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", required=True, help="comma-separated, e.g. piqa,arc_easy,hellaswag,sciq")
     evaluate.add_argument("--limit", type=int, help="only the first N documents of each task")
     evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default="cpu", help="torch device to run on, e.g. cuda (cpu)")
     evaluate.add_argument("--data-dir", type=Path, help=f"a folder holding the task files (default: ${DATA_ENV})")
     _policy_arguments(evaluate, "calibrated")
     _output_arguments(evaluate, "results.json and report.md")

@@ -243,6 +243,8 @@ class SinkLM(HFLM):
         self.fractions.append(plan.fraction(self.shape.layers, self.shape.heads))
         with patched(self.model, plan):
             logits = super()._model_call(inps, attn_mask, labels)
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)  # kernels run asynchronously: time them, not their launch
         self.model_seconds += time.perf_counter() - start
         return logits
 
@@ -321,6 +323,7 @@ def run_eval(
                 "policy": None if policy is None else policy.name,
                 "options": options,
                 "fraction_copied": sum(lm.fractions) / len(lm.fractions) if lm.fractions else 0.0,
+                "plan": None if lm.static_plan is None else lm.static_plan.to_json(),
                 "wall_s": out["wall_s"],
                 "model_s": lm.model_seconds,
                 "tasks": out["tasks"],
@@ -343,6 +346,7 @@ def run_eval(
             "data_files": {task: str(locate(task, data_dir)) for task in tasks},
             "data_sha256": {task: _sha256(locate(task, data_dir)) for task in tasks},
             "batch_size": batch_size,
+            "device": _device_name(loaded.model.device),
         },
         "runs": runs,
         "versions": {name: version(name) for name in ("sink_eval", "torch", "transformers", "lm_eval")},
@@ -361,6 +365,10 @@ def _model_args(policy) -> dict:
         "max_tokens": o.max_tokens,
         "decode_steps": o.decode_steps,
     }
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _sha256(path: Path) -> str:
