@@ -1,9 +1,9 @@
 """lm-eval accuracy of the real models, unpatched and under copy policies, held to baselines/eval.
 
 What runs here is the CI-sized measurement (about 10 minutes for both models here): the first EVAL_LIMIT documents
-of each task. The full runs are one command each:
-`sink-eval eval --model M --tasks piqa,arc_easy,hellaswag,sciq,winogrande,lambada_openai
---policy calibrated --policy oracle --out DIR`.
+of each task. The full runs are one command each (results in baselines/eval/full):
+`sink-eval eval --model M --tasks piqa,arc_easy,arc_challenge,winogrande,sciq --policy calibrated --policy hybrid
+[--device cuda] --out DIR`.
 """
 
 from __future__ import annotations
