@@ -133,7 +133,7 @@ def diff(old: dict | None, new: dict) -> str:
     return "\n".join(lines) or "no value changed"
 
 
-EVAL_BASELINE_SCHEMA = "sink_eval.eval_baseline/1"
+EVAL_BASELINE_SCHEMA = "sink_eval.eval_baseline/2"
 EVAL_IDENTITY = (("model", "fingerprint"), ("provenance", "settings_sha256"))
 EVAL_BAND_RULE = (
     f"unpatched accuracy ± max({SE_MULTIPLE:g} x lm-eval stderr, {MIN_HALF_WIDTH:g}); a policy's change against "
@@ -162,6 +162,12 @@ def eval_settings_sha256(res: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def static_plans(res: dict) -> dict[str, dict]:
+    """The copy plan of each static policy (calibrated, hybrid over calibrated): the heads its accuracy was measured
+    with. Per-prompt policies (oracle, first_layer) have none: their plans are made per request."""
+    return {run["label"]: run["plan"] for run in res["runs"] if run.get("plan") is not None}
+
+
 def make_eval_baseline(res: dict, command: str) -> dict:
     return {
         "schema": EVAL_BASELINE_SCHEMA,
@@ -172,6 +178,7 @@ def make_eval_baseline(res: dict, command: str) -> dict:
             "versions": res["versions"],
             "settings": {k: res["settings"][k] for k in ("tasks", "limit", "splits", "data_sha256", "batch_size")},
             "settings_sha256": eval_settings_sha256(res),
+            "plans": static_plans(res),
             "wall_s": {run["label"]: run["wall_s"] for run in res["runs"]},
         },
         "band_rule": EVAL_BAND_RULE,
@@ -180,7 +187,13 @@ def make_eval_baseline(res: dict, command: str) -> dict:
 
 
 def read_eval_baseline(path: Path) -> dict:
-    return read_baseline(path, EVAL_BASELINE_SCHEMA, "eval", EVAL_IDENTITY)
+    baseline = read_baseline(path, EVAL_BASELINE_SCHEMA, "eval", EVAL_IDENTITY)
+    if not isinstance(baseline["provenance"].get("plans"), dict):
+        raise SinkEvalError(
+            f"baseline {path} has no provenance.plans; regenerate it from a measurement with "
+            "`pytest -m eval --update-baselines`"
+        )
+    return baseline
 
 
 def check_eval_comparable(res: dict, baseline: dict, path: Path) -> None:
@@ -196,3 +209,18 @@ def check_eval_comparable(res: dict, baseline: dict, path: Path) -> None:
             f"baseline {path} was measured with other tasks, data, --limit or policies "
             f"({json.dumps(baseline['provenance']['settings'])}); {how}"
         )
+    for label, plan in baseline["provenance"]["plans"].items():
+        now = static_plans(res).get(label)
+        if now != plan:
+            raise SinkEvalError(
+                f"baseline {path}: policy {label!r} copies other heads now ({_heads(now)}) than when it was measured "
+                f"({_heads(plan)}), so its accuracy change is not comparable. The calibration prompts differ: the "
+                f"default set reads code from this Python's standard library, which changes between Python versions "
+                f"(or --data-dir points at other data); {how}"
+            )
+
+
+def _heads(plan: dict | None) -> str:
+    if not plan or not plan["heads"]:
+        return "none"
+    return ", ".join(f"L{layer}.H{h}" for layer, heads in plan["heads"].items() for h in heads)

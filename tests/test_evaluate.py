@@ -90,6 +90,36 @@ def test_an_eval_baseline_of_other_weights_is_refused(tiny_eval, tmp_path):
         baselines.check_eval_comparable(fewer, baseline, path)
 
 
+def test_an_eval_baseline_measured_with_other_calibrated_heads_is_refused(tmp_path):
+    run = {"label": "calibrated p=0.9 tau=0.8", "policy": "calibrated", "options": {}, "wall_s": 1.0, "tasks": {}}
+    res = {
+        "model": {"name": "m", "fingerprint": "f"},
+        "settings": {"tasks": [], "limit": 3, "splits": {}, "data_sha256": {}, "batch_size": 8},
+        "versions": {},
+        "runs": [run | {"plan": {"heads": {"18": [7, 8]}, "max_tokens": None, "decode_steps": None}}],
+    }
+    path = tmp_path / "b.json"
+    baselines.write_baseline(path, baselines.make_eval_baseline(res, "test"))
+    baseline = baselines.read_eval_baseline(path)
+    assert baseline["provenance"]["plans"] == {run["label"]: res["runs"][0]["plan"]}
+    baselines.check_eval_comparable(res, baseline, path)
+    other = res | {
+        "runs": [run | {"plan": {"heads": {"17": [4], "18": [7, 8]}, "max_tokens": None, "decode_steps": None}}]
+    }
+    with pytest.raises(
+        SinkEvalError,
+        match=r"copies other heads now \(L17.H4, L18.H7, L18.H8\) than when it was measured "
+        r"\(L18.H7, L18.H8\).*standard library",
+    ):
+        baselines.check_eval_comparable(other, baseline, path)
+
+
+def test_eval_results_record_the_device_and_each_static_plan(tiny_eval):
+    res, _ = tiny_eval
+    assert res["settings"]["device"] == "cpu"
+    assert [run["plan"] for run in res["runs"]] == [None, None]  # unpatched and the per-prompt oracle have none
+
+
 @pytest.mark.parametrize("content, message", [("{", "not valid JSON"), ('{"schema": "x"}', "not a sink_eval.eval")])
 def test_a_malformed_eval_baseline_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "b.json"

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REAL_MODELS
 from sink_eval import baselines
+from sink_eval.errors import SinkEvalError
 
 pytestmark = pytest.mark.eval
 
@@ -40,7 +41,10 @@ def measured(bundled_model, pytestconfig):
             res = run_eval(bundled_model(name), policies, EVAL_TASKS, EVAL_LIMIT, command="pytest -m eval")
             path = BASELINE_DIR / f"{name}.json"
             if pytestconfig.getoption("--update-baselines"):
-                old = baselines.read_eval_baseline(path) if path.exists() else None
+                try:
+                    old = baselines.read_eval_baseline(path)
+                except SinkEvalError:  # none yet, or one of an older schema: nothing to diff against
+                    old = None
                 new = baselines.make_eval_baseline(res, "pytest -m eval --update-baselines")
                 baselines.write_baseline(path, new)
                 reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
