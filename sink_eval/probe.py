@@ -43,14 +43,19 @@ class PromptStats:
 @dataclass
 class ProbeResult:
     stats: list[PromptStats]  # one per batch row, in order
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the forward pass stopped early (`layers`)
 
 
 class _Recorder:
-    def __init__(self, first: torch.Tensor, chunk_bytes: int):
+    def __init__(self, first: torch.Tensor, chunk_bytes: int, last_layer: int | None):
         self.first = first  # (B,) first non-padding position per row
         self.chunk_bytes = chunk_bytes
+        self.last_layer = last_layer  # stop the forward pass once this layer's attention is recorded
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+class _Stop(Exception):
+    """Raised once the last layer asked for is recorded: the rest of the forward pass is not needed."""
 
 
 _ACTIVE: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar("sink_eval_probe", default=None)
@@ -116,6 +121,8 @@ def probe_attention(
         else:
             prev_q[:, :, i0:i1] = keep(torch.diagonal(probs, offset=i0 - 1, dim1=-2, dim2=-1))
     recorder.layers[module.layer_idx] = (sink_q, self_q, prev_q)
+    if module.layer_idx == recorder.last_layer:
+        raise _Stop
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -150,11 +157,13 @@ def probe(
     attention_mask: torch.Tensor | None = None,
     logits_to_keep: int = 1,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    layers: int | None = None,
 ) -> ProbeResult:
     """Run `model` on a (left-padded) batch and return each row's attention statistics and the logits.
 
     `logits_to_keep=1` keeps only the last position's logits (a 4096-token prompt would otherwise hold N x vocab
-    floats); 0 keeps all. `chunk_bytes` bounds the attention rows held at once per layer.
+    floats); 0 keeps all. `chunk_bytes` bounds the attention rows held at once per layer. `layers=k` measures only
+    layers 0..k-1 and stops the forward pass there: the other layers' statistics are NaN and there are no logits.
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise SinkEvalError("probe() needs a non-empty batch of token ids of shape (batch, tokens)")
@@ -166,21 +175,29 @@ def probe(
     if bool((attention_mask[:, -1] == 0).any()):
         raise SinkEvalError("probe() needs left padding: set tokenizer.padding_side = 'left'")
     _register()
-    recorder = _Recorder(first=input_ids.shape[1] - lengths, chunk_bytes=chunk_bytes)
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if layers is not None and not 1 <= layers <= n_layers:
+        raise SinkEvalError(f"probe(layers=...) takes 1..{n_layers} for this model, not {layers}")
+    last_layer = None if layers is None else layers - 1
+    recorder = _Recorder(first=input_ids.shape[1] - lengths, chunk_bytes=chunk_bytes, last_layer=last_layer)
     token = _ACTIVE.set(recorder)
+    logits = None
     try:
         with attention_implementation(model, PROBE_ATTENTION):
             logits = model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=logits_to_keep
             ).logits
+    except _Stop:
+        pass
     finally:
         _ACTIVE.reset(token)
-    return ProbeResult(stats=_per_prompt(recorder, lengths), logits=logits)
+    return ProbeResult(stats=_per_prompt(recorder, lengths, n_layers), logits=logits)
 
 
-def _per_prompt(recorder: _Recorder, lengths: torch.Tensor) -> list[PromptStats]:
-    layers = sorted(recorder.layers)
-    sink_q, self_q, prev_q = (torch.stack([recorder.layers[layer][k] for layer in layers], dim=1) for k in range(3))
+def _per_prompt(recorder: _Recorder, lengths: torch.Tensor, n_layers: int) -> list[PromptStats]:
+    unmeasured = torch.full_like(next(iter(recorder.layers.values()))[0], float("nan"))
+    recorded = [recorder.layers.get(layer, (unmeasured,) * 3) for layer in range(n_layers)]
+    sink_q, self_q, prev_q = (torch.stack([values[k] for values in recorded], dim=1) for k in range(3))
     stats = []
     for b, n in enumerate(lengths.tolist()):
         start = int(recorder.first[b])

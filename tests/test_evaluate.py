@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval", reason="the evals extra (lm-eval) is not installed")
 
@@ -56,6 +57,49 @@ def test_every_task_file_is_found_here():
 def test_paired_change_and_its_standard_error():
     change, se = paired_change([1, 1, 0, 1], [1, 0, 0, 1])
     assert change == pytest.approx(0.25) and se == pytest.approx(0.25)
+
+
+def _requests(lengths: list[int]) -> list[tuple]:
+    """lm-eval's loglikelihood requests ((context, continuation), context tokens, continuation tokens)."""
+    gen = torch.Generator().manual_seed(0)
+    requests = []
+    for n in lengths:
+        tokens = torch.randint(1, 200, (n,), generator=gen).tolist()
+        requests.append((("", ""), tokens[:-2], tokens[-2:]))
+    return requests
+
+
+def _scores(policy: str | None, batch_size: int, requests: list[tuple], **options) -> list[float]:
+    from sink_eval.evaluate import SinkLM
+    from sink_eval.models import load_model
+
+    lm = SinkLM(load_model("tiny-llama"), policy=policy, threshold=0.2, batch_size=batch_size, **options)
+    return [logprob for logprob, _ in lm._loglikelihood_tokens(requests, disable_tqdm=True)]
+
+
+def test_a_per_prompt_policy_scores_each_request_the_same_in_any_batch():
+    requests = _requests([5, 9, 12, 12, 17, 30])
+    alone = _scores("oracle", 1, requests)
+    assert alone != _scores(None, 1, requests)  # at tau = 0.2 the oracle copies 0-16 of the random model's 16 heads
+    assert _scores("oracle", 4, requests) == pytest.approx(alone, abs=1e-4)
+
+
+def test_a_hybrid_limit_applies_to_each_requests_own_length():
+    """In a batch padded to 30 tokens, the requests of at most L = 12 tokens are still patched."""
+    requests = _requests([5, 9, 12, 12, 17, 30])
+    hybrid = _scores("hybrid", 6, requests, hybrid_base="oracle", max_tokens=12)
+    oracle, unpatched = _scores("oracle", 1, requests), _scores(None, 1, requests)
+    short = [len(c) + len(t) - 1 <= 12 for _, c, t in requests]  # the model's input drops the last token
+    expected = [o if s else u for o, u, s in zip(oracle, unpatched, short, strict=True)]
+    assert hybrid == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_per_request_policy_refuses_an_automatic_batch_size():
+    from sink_eval.evaluate import SinkLM
+    from sink_eval.models import load_model
+
+    with pytest.raises(SinkEvalError, match="give a number as batch_size"):
+        SinkLM(load_model("tiny-llama"), policy="first_layer", batch_size="auto")
 
 
 @pytest.fixture(scope="module")

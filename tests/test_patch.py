@@ -91,6 +91,48 @@ def test_heads_attending_one_hot_to_the_first_token_are_reproduced_when_copied(s
     assert (out - exact)[real].abs().max() <= 1e-6
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=SHAPES,
+    lengths=st.lists(st.integers(1, 20), min_size=1, max_size=4),
+    padding=st.sampled_from(["left", "right"]),
+    data=st.data(),
+)
+def test_per_row_plans_give_each_row_what_it_gets_alone_under_its_plan(shape, lengths, padding, data):
+    """Right padding is lm-eval's (no mask: the causal mask keeps real tokens from seeing the pads after them)."""
+    model = random_model(*shape)
+    heads = model.config.num_attention_heads
+    head_sets = st.sets(st.integers(0, heads - 1))
+    plans = [CopyPlan.of({layer: data.draw(head_sets) for layer in range(2)}) for _ in lengths]
+    width = max(lengths)
+    gen = torch.Generator().manual_seed(width)
+    rows = [torch.randint(1, 64, (n,), generator=gen) for n in lengths]
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        span = slice(width - len(row), width) if padding == "left" else slice(0, len(row))
+        ids[b, span], mask[b, span] = row, 1
+    kwargs = {"attention_mask": mask} if padding == "left" else {}
+    with torch.no_grad(), patched(model, plans):
+        out = model(input_ids=ids, **kwargs).logits
+    for b, (row, plan) in enumerate(zip(rows, plans, strict=True)):
+        with torch.no_grad(), patched(model, plan):
+            alone = model(input_ids=row[None]).logits[0]
+        span = slice(width - len(row), width) if padding == "left" else slice(0, len(row))
+        assert (out[b, span] - alone).abs().max() <= 1e-5
+
+
+def test_per_row_plans_must_be_unconditional_and_one_per_row():
+    model = random_model("llama", 1, 2, 4, 4)
+    with (
+        pytest.raises(SinkEvalError, match="resolve a hybrid plan"),
+        patched(model, [CopyPlan.of({0: [0]}, max_tokens=4)]),
+    ):
+        pass
+    with torch.no_grad(), patched(model, [CopyPlan.of({0: [0]})]), pytest.raises(SinkEvalError, match="1 per-row"):
+        model(input_ids=torch.ones(2, 3, dtype=torch.long))
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shape=SHAPES, length=st.integers(2, 20), pads=st.lists(st.integers(0, 6), min_size=1, max_size=2), data=st.data()

@@ -104,3 +104,17 @@ def test_two_token_prompt_splits_its_one_query_between_sink_and_self():
 def test_probe_rejects_bad_batches_with_a_message(ids, mask, message):
     with pytest.raises(SinkEvalError, match=message):
         probe(load_model("tiny-llama").model, ids, mask)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_probing_the_first_layers_only_measures_them_and_stops_there(arch):
+    model = random_model(arch, 2, 2, 4, 3)
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    full = probe(model, ids).stats
+    first = probe(model, ids, layers=1)
+    assert first.logits is None
+    for whole, part in zip(full, first.stats, strict=True):
+        assert torch.equal(part.sink[0], whole.sink[0]) and torch.equal(part.prev[0], whole.prev[0])
+        assert part.sink[1:].isnan().all() and part.sink.shape == whole.sink.shape
+    with pytest.raises(SinkEvalError, match="takes 1..2"):
+        probe(model, ids, layers=3)
