@@ -223,10 +223,12 @@ class SinkLM(HFLM):
         self.request_plans: dict[tuple[int, ...], CopyPlan] = {}  # per request input, when plans differ by request
         self.fractions: list[float] = []
         self.model_seconds = 0.0  # time in forward passes (and per-request probes): what a plan can speed up
+        self.probe_layers: int | None = None  # how many layers a per-prompt policy's probe measures (None: all)
         if self.policy is not None:
             check_policy(self.policy, self.options)
             base = self.options.base if self.policy == "hybrid" else self.policy
-            self.probe_layers = 1 if base == "first_layer" else None  # first_layer reads only layer 0's attention
+            if base == "first_layer":
+                self.probe_layers = 1  # the policy reads only layer 0's attention
             if base not in PER_PROMPT:
                 self.static_plan = make_plan(self.policy, self.options, None, calibration_stats(loaded, data_dir))
         if self._plans_per_request and not str(batch_size).isdigit():
@@ -256,23 +258,21 @@ class SinkLM(HFLM):
         step 0): per-prompt policies probe the inputs, in left-padded batches; a hybrid plan copies only in inputs of
         at most L tokens, and never under a decode-step limit (the prefill is exact)."""
         start = time.perf_counter()
-        plans = {}
-        for i in tqdm(range(0, len(inputs), self.batch_size), desc="Probing requests", disable=not self._probes):
-            batch = inputs[i : i + self.batch_size]
-            if self._probes:
+        if self.static_plan is not None:
+            planned = dict.fromkeys(inputs, self.static_plan)
+        else:
+            planned = {}
+            for i in tqdm(range(0, len(inputs), self.batch_size), desc="Probing requests"):
+                batch = inputs[i : i + self.batch_size]
                 ids, mask = _left_padded(batch, self.device)
-                probed = probe(self.model, ids, mask, layers=self.probe_layers)
-                batch_plans = [make_plan(self.policy, self.options, stats) for stats in probed.stats]
-            else:
-                batch_plans = [self.static_plan] * len(batch)
-            for tokens, plan in zip(batch, batch_plans, strict=True):
-                plans[tokens] = CopyPlan(plan.heads) if plan_applies(plan, len(tokens), decode_step=0) else CopyPlan()
+                stats = probe(self.model, ids, mask, layers=self.probe_layers).stats
+                planned.update(zip(batch, (make_plan(self.policy, self.options, s) for s in stats), strict=True))
+        plans = {
+            tokens: CopyPlan(plan.heads) if plan_applies(plan, len(tokens), decode_step=0) else CopyPlan()
+            for tokens, plan in planned.items()
+        }
         self.model_seconds += time.perf_counter() - start
         return plans
-
-    @property
-    def _probes(self) -> bool:
-        return self.policy is not None and self.static_plan is None
 
     def _row_plans(self, inps: torch.Tensor) -> list[CopyPlan]:
         """Each row's plan; a row is a request input right-padded with zeros (lm-eval's batches), so its plan is that

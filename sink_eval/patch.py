@@ -140,11 +140,11 @@ def _layer_plan(heads: frozenset[int], shape: Shape) -> _LayerPlan:
 
 
 class _State:
-    def __init__(self, plan: CopyPlan, shape: Shape, rows: Sequence[CopyPlan] | None = None):
+    def __init__(self, plan: CopyPlan, shape: Shape, row_heads: dict[int, torch.Tensor] | None = None):
         self.plan = plan
         self.shape = shape
         self.layers = {layer: _layer_plan(heads, shape) for layer, heads in plan.heads.items()}
-        self.row_heads = None if rows is None else _row_heads(rows, shape)
+        self.row_heads = row_heads  # per-row plans (`_row_heads`), or None
         self.first_of_mask: tuple[torch.Tensor | None, torch.Tensor] | None = None
         self.cache: DynamicCache | None = None
         self.errors: dict[int, float] | None = None  # set by layer_errors()
@@ -153,14 +153,15 @@ class _State:
 _ACTIVE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("sink_eval_patch", default=None)
 
 
-def _row_heads(rows: Sequence[CopyPlan], shape: Shape) -> dict[int, torch.Tensor]:
-    """Per layer, a (rows, heads) boolean tensor: which query heads each row copies (layers copying none left out)."""
+def _row_heads(rows: Sequence[CopyPlan], shape: Shape, device: torch.device) -> dict[int, torch.Tensor]:
+    """Per layer, a (rows, heads) boolean tensor on `device`: which query heads each row copies (layers copying none
+    left out)."""
     heads = {}
     for layer in sorted({layer for plan in rows for layer in plan.heads}):
         mask = torch.zeros(len(rows), shape.heads, dtype=torch.bool)
         for row, plan in enumerate(rows):
             mask[row, sorted(plan.heads.get(layer, ()))] = True
-        heads[layer] = mask
+        heads[layer] = mask.to(device)
     return heads
 
 
@@ -245,13 +246,13 @@ def _copy_rows(state: _State, module, query, key, value, attention_mask, dropout
     copied = state.row_heads.get(module.layer_idx)
     if copied is None:
         return exact
-    batch, heads, t_len, _ = query.shape
+    batch, _, t_len, _ = query.shape
     if copied.shape[0] != batch:
         raise SinkEvalError(f"{copied.shape[0]} per-row plans for a batch of {batch} rows")
     first = _first_positions(state, attention_mask, batch, t_len, query.device)
     first_values = value[torch.arange(batch, device=value.device), :, first]  # (B, H_kv, D)
     first_values = first_values.repeat_interleave(state.shape.group_size, dim=1).unsqueeze(1)  # (B, 1, H, D)
-    return torch.where(copied.to(exact.device)[:, None, :, None], first_values.to(exact.dtype), exact)
+    return torch.where(copied[:, None, :, None], first_values.to(exact.dtype), exact)
 
 
 def _attend(
@@ -349,7 +350,8 @@ def patched(
                 raise SinkEvalError("per-row plans are unconditional: resolve a hybrid plan for each row first")
         if cache is not None:
             raise SinkEvalError("per-row plans score full forward passes; generate under one plan")
-        state = _State(CopyPlan(), model_shape(model), rows)
+        shape = model_shape(model)
+        state = _State(CopyPlan(), shape, _row_heads(rows, shape, next(model.parameters()).device))
     state.cache = cache
     _register()
     token = _ACTIVE.set(state)
