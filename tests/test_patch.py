@@ -138,6 +138,7 @@ def test_per_row_plans_must_be_unconditional_and_one_per_row():
     shape=SHAPES, length=st.integers(2, 20), pads=st.lists(st.integers(0, 6), min_size=1, max_size=2), data=st.data()
 )
 def test_generate_with_a_plan_equals_a_manual_step_by_step_decode(shape, length, pads, data):
+    """generate() always decodes max_new_tokens tokens, so the end-of-sequence token is never chosen before then."""
     model = random_model(*shape)
     heads = model.config.num_attention_heads
     plan = CopyPlan.of(
@@ -151,8 +152,9 @@ def test_generate_with_a_plan_equals_a_manual_step_by_step_decode(shape, length,
     manual = [ids]
     with torch.no_grad(), patched(model, plan, cache):
         for _ in range(6):
-            logits = model(input_ids=tokens, attention_mask=step_mask, past_key_values=cache).logits
-            tokens = logits[:, -1:].argmax(-1)
+            logits = model(input_ids=tokens, attention_mask=step_mask, past_key_values=cache).logits[:, -1:]
+            logits[..., model.generation_config.eos_token_id] = -torch.inf
+            tokens = logits.argmax(-1)
             manual.append(tokens)
             step_mask = torch.cat([step_mask, torch.ones_like(tokens)], dim=1)
     assert torch.equal(generated, torch.cat(manual, dim=1))
