@@ -65,6 +65,9 @@ TASKS = {
         f"sciq/none/validation/{_OLMO_FILE}", "arrow", "validation", "validation split, not lm-eval's test"
     ),
     "winogrande": TaskData(f"winogrande/winogrande_xl/validation/{_OLMO_FILE}", "arrow", "validation"),
+    "openbookqa": TaskData(
+        f"openbookqa/main/validation/{_OLMO_FILE}", "arrow", "validation", "validation split, not lm-eval's test"
+    ),
     "lambada_openai": TaskData("lambada_openai/lambada_test.jsonl", "json", "test", "OpenAI's jsonl (same texts)"),
 }
 

@@ -172,6 +172,15 @@ def test_a_malformed_eval_baseline_is_a_clear_error(tmp_path, content, message):
         baselines.read_eval_baseline(path)
 
 
+def test_the_plugin_writes_a_local_yaml_for_every_known_task_by_default(tmp_path, monkeypatch):
+    from sink_eval import lm_eval_plugin
+    from sink_eval.evaluate import TASKS
+
+    monkeypatch.setattr(lm_eval_plugin, "install", lambda: tmp_path / "hook.pth")
+    assert lm_eval_plugin.main(["--tasks-dir", str(tmp_path / "tasks")]) == 0
+    assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == sorted(f"{t}_local.yaml" for t in TASKS)
+
+
 def test_the_lm_eval_command_line_runs_sink_hf_on_a_local_task(tmp_path):
     """The .pth hook, as site-packages would run it, makes `lm_eval --model sink_hf` work, end to end, offline."""
     from sink_eval import lm_eval_plugin
