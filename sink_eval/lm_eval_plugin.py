@@ -40,15 +40,15 @@ def install(site_packages: Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sink_eval.lm_eval_plugin", description=__doc__)
     parser.add_argument("--tasks-dir", type=Path, help="also write <task>_local YAML files here")
-    parser.add_argument("--tasks", help="comma-separated (default: every task sink-eval knows)")
+    parser.add_argument("--tasks", help="comma-separated (default: every task whose data is found)")
     parser.add_argument("--data-dir", type=Path, help="a folder holding the task files")
     args = parser.parse_args(argv)
     print(f"installed {install()}: `lm_eval --model {MODEL_NAME}` now finds sink_eval's model")
     if args.tasks_dir is not None:
         from sink_eval.errors import SinkEvalError
-        from sink_eval.evaluate import TASKS, write_task_yamls
+        from sink_eval.evaluate import available_tasks, write_task_yamls
 
-        tasks = args.tasks.split(",") if args.tasks else list(TASKS)
+        tasks = args.tasks.split(",") if args.tasks else available_tasks(args.data_dir)
         try:
             names = write_task_yamls(args.tasks_dir, tasks, args.data_dir)
         except SinkEvalError as err:

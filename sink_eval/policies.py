@@ -105,13 +105,3 @@ def check_disjoint(calibration: Sequence[Prompt], evaluation: Sequence[Prompt]) 
             f"the calibration prompts overlap the evaluation prompts ({len(ids | texts)} shared, e.g. {shared[0]}); "
             "calibrate on other prompts"
         )
-
-
-def split_prompts(prompts: Sequence[Prompt]) -> tuple[list[Prompt], list[Prompt]]:
-    """A deterministic calibration / evaluation split: alternate prompts of each domain, in order of length."""
-    calibration, evaluation = [], []
-    for domain in sorted({p.domain for p in prompts}):
-        ordered = sorted((p for p in prompts if p.domain == domain), key=lambda p: (len(p.text), p.id))
-        calibration += ordered[0::2]
-        evaluation += ordered[1::2]
-    return calibration, evaluation

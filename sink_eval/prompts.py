@@ -1,8 +1,12 @@
 """Prompt sets from real text, length bins and tokenisation.
 
-A prompt file is JSONL: one object per line with `text` (required), `id` and `domain` (optional). The default set is
-cut from real text only, never from text written for this project: Python standard-library source (code), WikiText-2
-and LAMBADA (prose), ARC-Easy, PIQA and HellaSwag (qa), and the first one to three words of real sentences (short).
+A prompt file is JSONL: one object per line with `text` (required), `id` and `domain` (optional). The default set,
+`sink_eval/data/prompts.jsonl`, is committed: cut from real text only, never from text written for this project, by
+`scripts/build_prompt_set.py` (sources, licences, source-file SHA-256s and the selection rule are in
+`sink_eval/data/prompts.provenance.json`): CPython 3.11.7 standard-library source (code), WikiText-2 and LAMBADA
+(prose), ARC-Easy, PIQA, HellaSwag, TriviaQA, NQ-open and BoolQ (qa), allenai's basic_arithmetic (arithmetic), and
+the first one to three words of real sentences (short). Each record carries its split: calibration, evaluation, or
+long (passages of 4 096+ tokens for long-context work).
 Prompts are tokenised exactly as the model's tokenizer does by default (its own special tokens, no chat template).
 """
 
@@ -10,21 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sysconfig
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from sink_eval.errors import SinkEvalError
 
-DATA_ENV = "SINK_EVAL_DATA"
 LENGTH_BINS: tuple[tuple[int, int], ...] = ((1, 3), (4, 9), (10, 19), (20, 49), (50, 199), (200, 999), (1000, 4096))
 DEFAULT_MAX_TOKENS = 4096
 
-# Target length in characters of the default prompts of each bin above, and how many to cut per domain.
-_BIN_CHARS = (None, 22, 55, 130, 420, 1900, 6500)
-_PER_DOMAIN = (None, 4, 4, 4, 4, 2, 1)
-_STDLIB_MODULES = ("textwrap.py", "heapq.py", "bisect.py", "fractions.py", "statistics.py", "shlex.py", "difflib.py")
+PROMPT_FILE = "prompts.jsonl"
 
 
 @dataclass(frozen=True)
@@ -74,84 +73,27 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     return prompts
 
 
-def find_data_dir(explicit: str | Path | None = None) -> Path:
-    """The eval-data folder: `explicit` (--data-dir), else $SINK_EVAL_DATA, else ../shared/evals-data beside
-    the working directory or this checkout."""
-    candidates = [Path(explicit)] if explicit else []
-    if not candidates and os.environ.get(DATA_ENV):
-        candidates = [Path(os.environ[DATA_ENV])]
-    if not candidates:
-        here = Path(__file__).resolve().parents[1]
-        candidates = [Path.cwd().parent / "shared" / "evals-data", here.parent / "shared" / "evals-data"]
-    for candidate in candidates:
-        if (candidate / "wikitext2" / "wiki.test.raw").is_file():
-            return candidate
-    raise SinkEvalError(
-        f"no eval data found (looked in: {', '.join(str(c) for c in candidates)}). The default prompt set needs "
-        "wikitext2/wiki.test.raw, lambada_openai/lambada_test.jsonl, arc_easy/ARC-Easy-Dev.jsonl, "
-        "piqa/valid.jsonl and hellaswag/hellaswag_val.jsonl: pass --data-dir or set "
-        f"{DATA_ENV} to the folder that holds them, or give your own --prompts FILE.jsonl."
-    )
+def _records(split: str) -> list[Prompt]:
+    with resources.files("sink_eval").joinpath("data", PROMPT_FILE).open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return [Prompt(id=r["id"], domain=r["domain"], text=r["text"]) for r in rows if r["split"] == split]
 
 
-def _require(path: Path) -> Path:
-    if not path.is_file():
-        raise SinkEvalError(f"missing eval data file {path}; see `find_data_dir` for the files the default set needs")
-    return path
+def default_split() -> tuple[list[Prompt], list[Prompt]]:
+    """The default set's fixed (calibration, evaluation) halves, as frozen in the file."""
+    return _records("calibration"), _records("evaluation")
 
 
-def _jsonl(path: Path, limit: int) -> list[dict]:
-    with open(_require(path), encoding="utf-8") as f:
-        return [json.loads(line) for _, line in zip(range(limit), f, strict=False)]
+def default_prompts() -> list[Prompt]:
+    """The default prompt set: calibration then evaluation prompts (code, prose, qa and arithmetic cut to the length
+    bins, and 1-3-word sentence openings)."""
+    calibration, evaluation = default_split()
+    return calibration + evaluation
 
 
-def _source_documents(data: Path) -> dict[str, list[str]]:
-    """Real documents per domain, in a fixed order."""
-    wiki = _require(data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8").replace("\r\n", "\n")
-    paragraphs = [line.strip() for line in wiki.split("\n") if line.strip() and not line.strip().startswith("=")]
-    lambada = [r["text"] for r in _jsonl(data / "lambada_openai" / "lambada_test.jsonl", 40)]
-    arc = [
-        r["question"]["stem"] + " " + " ".join(c["text"] for c in r["question"]["choices"])
-        for r in _jsonl(data / "arc_easy" / "ARC-Easy-Dev.jsonl", 60)
-    ]
-    piqa = [r["goal"] + " " + r["sol1"] for r in _jsonl(data / "piqa" / "valid.jsonl", 60)]
-    hellaswag = [r["ctx"] for r in _jsonl(data / "hellaswag" / "hellaswag_val.jsonl", 60)]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    code = [(stdlib / name).read_text(encoding="utf-8") for name in _STDLIB_MODULES]
-    return {
-        "code": code,
-        "prose": [p for pair in zip(paragraphs[::7], lambada, strict=False) for p in pair],
-        "qa": [q for triple in zip(arc, piqa, hellaswag, strict=False) for q in triple],
-    }
-
-
-def _cut(documents: list[str], start: int, chars: int, boundary: str) -> str:
-    """The first `chars` characters (at most) of the documents from `start` on, joined by blank lines, cut at the
-    last `boundary` (a space or a newline) so that no word or line is split."""
-    text, i = "", start
-    while len(text) < chars:
-        text += ("\n\n" if text else "") + documents[i % len(documents)]
-        i += 1
-    cut = text[:chars]
-    return cut[: cut.rfind(boundary)] if boundary in cut else cut
-
-
-def default_prompts(data_dir: str | Path | None = None) -> list[Prompt]:
-    """The default prompt set: code, prose and qa cut to the length bins, and 1-3-word sentence openings."""
-    documents = _source_documents(find_data_dir(data_dir))
-    prompts = []
-    for domain, docs in documents.items():
-        boundary = "\n" if domain == "code" else " "
-        for (lo, hi), chars, count in zip(LENGTH_BINS, _BIN_CHARS, _PER_DOMAIN, strict=True):
-            for k in range(count or 0):
-                start = k * 3 if domain != "code" else k
-                text = _cut(docs, start, chars, boundary)
-                prompts.append(Prompt(id=f"{domain}-{lo}-{hi}-{k}", domain=domain, text=text))
-    openings = documents["prose"][:4]
-    for words in (1, 2, 3):
-        for k, sentence in enumerate(openings):
-            prompts.append(Prompt(id=f"short-{words}w-{k}", domain="short", text=" ".join(sentence.split()[:words])))
-    return prompts
+def long_passages() -> list[Prompt]:
+    """The long split: 4 prose passages and 4 code files of 4 096+ tokens (not part of the default set)."""
+    return _records("long")
 
 
 def prompt_set_sha256(prompts: list[Prompt]) -> str:

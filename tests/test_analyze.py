@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
 from sink_eval import baselines, cli
 from sink_eval.errors import SinkEvalError
 from sink_eval.files import write_dir_atomically
-from sink_eval.prompts import Prompt, default_prompts, find_data_dir, read_prompt_file, tokenize
+from sink_eval.policies import check_disjoint
+from sink_eval.prompts import (
+    Prompt,
+    default_prompts,
+    default_split,
+    long_passages,
+    prompt_set_sha256,
+    read_prompt_file,
+    tokenize,
+)
 
 
 def _prompt_file(tmp_path, lines: list[str]):
@@ -129,16 +140,43 @@ def test_max_tokens_beyond_the_model_context_is_refused(tmp_path, prompts_file, 
     assert "exceeds tiny-llama's context of 4096 tokens" in capsys.readouterr().err
 
 
-def test_missing_eval_data_says_which_files_and_how_to_point_at_them(tmp_path):
-    with pytest.raises(SinkEvalError, match="wikitext2/wiki.test.raw.*--data-dir"):
-        find_data_dir(tmp_path)
+# The committed default prompt set (sink_eval/data/prompts.jsonl): a change of any prompt changes every baseline.
+DEFAULT_PROMPT_SET_SHA256 = "7b195b66c57f6bf7c2932f3a6bda6418c8288ae4603f9b4d9205f5056603c6cd"
+
+
+def test_the_default_prompt_set_is_the_committed_one():
+    assert prompt_set_sha256(default_prompts()) == DEFAULT_PROMPT_SET_SHA256
+
+
+def test_the_default_prompt_set_file_matches_its_provenance_record():
+    data = Path(__file__).resolve().parents[1] / "sink_eval" / "data"
+    provenance = json.loads((data / "prompts.provenance.json").read_text())
+    assert hashlib.sha256((data / "prompts.jsonl").read_bytes()).hexdigest() == provenance["sha256"]
+    calibration, evaluation = default_split()
+    counts = {"calibration": len(calibration), "evaluation": len(evaluation), "long": len(long_passages())}
+    assert provenance["counts"] == counts
+    assert all(source["sha256"] and source["licence"] for source in provenance["sources"])
 
 
 def test_default_prompt_set_is_real_text_covering_every_domain():
     prompts = default_prompts()
-    assert {p.domain for p in prompts} == {"code", "prose", "qa", "short"}
+    assert {p.domain for p in prompts} == {"arithmetic", "code", "prose", "qa", "short"}
     assert len({p.id for p in prompts}) == len(prompts)
     assert any("def " in p.text for p in prompts if p.domain == "code")
+    assert all("=" in p.text for p in prompts if p.domain == "arithmetic")
+
+
+def test_the_default_split_is_disjoint_and_spans_every_domain():
+    calibration, evaluation = default_split()
+    check_disjoint(calibration, evaluation)
+    assert {p.domain for p in calibration} == {p.domain for p in evaluation}
+    assert not {p.id for p in long_passages()} & {p.id for p in calibration + evaluation}
+
+
+def test_the_long_passages_are_four_prose_and_four_code_of_at_least_24k_characters():
+    passages = long_passages()
+    assert sorted(p.domain for p in passages) == ["code"] * 4 + ["prose"] * 4
+    assert min(len(p.text) for p in passages) >= 24_000
 
 
 def test_compare_refuses_results_of_another_schema(tmp_path, prompts_file, capsys):

