@@ -177,14 +177,16 @@ _CALIBRATION: dict[tuple[str, str], list] = {}
 
 
 def calibration_stats(loaded: LoadedModel, data_dir: str | Path | None = None) -> list:
-    """Sink statistics of the calibration half of the default prompt set (probed once per model and process)."""
+    """Sink statistics of the calibration half of the default prompt set (probed once per model and process).
+    A calibration prompt longer than the model's context is cut to it."""
     from sink_eval.analysis import probe_prompts
-    from sink_eval.prompts import default_prompts, tokenize
+    from sink_eval.prompts import DEFAULT_MAX_TOKENS, default_prompts, model_context, tokenize
 
     key = (loaded.fingerprint, str(data_dir))
     if key not in _CALIBRATION:
         calibration, _ = split_prompts(default_prompts(data_dir))
-        probed = probe_prompts(loaded, tokenize(loaded.tokenizer, calibration), progress=False)
+        context = model_context(loaded.model) or DEFAULT_MAX_TOKENS
+        probed = probe_prompts(loaded, tokenize(loaded.tokenizer, calibration, context, truncate=True), progress=False)
         _CALIBRATION[key] = [p.stats for p in probed]
     return _CALIBRATION[key]
 
