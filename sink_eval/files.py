@@ -64,12 +64,17 @@ def write_dir_atomically(final: Path, fill: Callable[[Path], None], overwrite: b
 
 def write_text_atomically(path: Path, text: str) -> None:
     """Write `text` to a temp file beside `path` and rename it over `path`."""
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path` and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
