@@ -260,7 +260,7 @@ def _check_device(name: str) -> None:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SinkEvalError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+        raise SinkEvalError(f"--device {name}: not a torch device; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
