@@ -12,6 +12,13 @@ from sink_eval.errors import SinkEvalError
 from sink_eval.sinks import DEFAULT_THRESHOLDS
 
 POLICY_NAMES = ("first_layer", "calibrated", "oracle", "hybrid")  # sink_eval.policies.POLICIES, without importing torch
+HYBRID_DEFAULT_MAX_TOKENS = 64  # L of a hybrid policy given neither limit
+OUTPUT_KINDS = ("analyze", "patch-eval", "eval", "compare")  # commands whose --out is an output directory of its kind
+OUTPUT_WHAT = {
+    "analyze": "results.json, report.md, figures",
+    "patch-eval": "results.json, report.md, figure",
+    "eval": "results.json, report.md",
+}
 
 
 def models_table() -> str:
@@ -54,21 +61,36 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
     from sink_eval.analysis import probe_prompts, results
     from sink_eval.models import load_model
-    from sink_eval.prompts import default_prompts, read_prompt_file, tokenize
-    from sink_eval.report import write_analysis
+    from sink_eval.prompts import check_max_tokens, default_prompts, prompt_set_sha256, read_prompt_file, tokenize
+    from sink_eval.report import NO_NONTRIVIAL_PROMPT, has_scored_prompts, write_analysis
 
-    _check_output(args, "results.json, report.md, figures")
     prompts = read_prompt_file(args.prompts) if args.prompts else default_prompts()
     loaded = load_model(args.model)
-    context = getattr(loaded.model.config, "max_position_embeddings", None) or args.max_tokens
-    if args.max_tokens > context:
-        raise SinkEvalError(f"--max-tokens {args.max_tokens} exceeds {args.model}'s context of {context} tokens")
+    check_max_tokens(args.max_tokens, loaded.model, args.model)
     tokenized = tokenize(loaded.tokenizer, prompts, args.max_tokens, args.truncate)
     thresholds = tuple(args.threshold or DEFAULT_THRESHOLDS)
     command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
-    res = results(loaded, probe_prompts(loaded, tokenized), thresholds, args.chance_corrected, command)
+    if args.out is None:
+        probed = probe_prompts(loaded, tokenized)
+    else:
+        from sink_eval import resume
+
+        key = {
+            "model": loaded.fingerprint,
+            "prompt_set_sha256": prompt_set_sha256(prompts),
+            "settings": {
+                "max_tokens": args.max_tokens,
+                "truncate": args.truncate,
+                "thresholds": list(thresholds),
+                "chance_corrected": args.chance_corrected,
+            },
+        }
+        work = resume.open_work_dir(args.out, key, args.resume)
+        probed = resume.probe_resumable(loaded, tokenized, work)
+    res = results(loaded, probed, thresholds, args.chance_corrected, command)
     if args.out is not None:
         write_analysis(res, args.out, overwrite=args.overwrite)
+        resume.finish(work)
         print(f"wrote {args.out}/results.json, {args.out}/report.md and figures", file=sys.stderr)
     if args.json:
         print(json.dumps(res))
@@ -76,10 +98,14 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         from sink_eval.report import agreement_table, prevalence_table
 
         print(prevalence_table(res), agreement_table(res), sep="\n\n")
+    if args.out is not None and not has_scored_prompts(res):
+        raise SinkEvalError(
+            f"{NO_NONTRIVIAL_PROMPT}; wrote {args.out} without figures. Give prompts of at least two tokens"
+        )
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from sink_eval.files import write_dir_atomically
+    from sink_eval.files import write_output_dir
     from sink_eval.report import compare_report, read_results
 
     a, b = read_results(args.first), read_results(args.second)
@@ -89,7 +115,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         figure(tmp)
         (tmp / "compare.md").write_text(text)
 
-    write_dir_atomically(args.out, fill, overwrite=args.overwrite)
+    write_output_dir(args.out, fill, "compare", args.overwrite, inputs=_inputs(args))
     print(text)
 
 
@@ -102,13 +128,20 @@ def _policies(args: argparse.Namespace, default: tuple[str, ...]) -> list:
         chance_corrected=args.chance_corrected,
         consistency=args.consistency,
         base=args.hybrid_base,
-        max_tokens=args.hybrid_max_tokens,
+        max_tokens=_hybrid_max_tokens(args),
         decode_steps=args.hybrid_decode_steps,
     )
     policies = [Policy(name, options) for name in args.policy or default]
     for policy in policies:
         check_policy(policy.name, policy.options)
     return policies
+
+
+def _hybrid_max_tokens(args: argparse.Namespace) -> int | None:
+    """Rule: --hybrid-max-tokens if given; else none when --hybrid-decode-steps is given; else the default L."""
+    if args.hybrid_max_tokens is None and args.hybrid_decode_steps is None:
+        return HYBRID_DEFAULT_MAX_TOKENS
+    return args.hybrid_max_tokens
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -118,10 +151,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from sink_eval.models import load_model
     from sink_eval.report import eval_table, write_eval
 
-    _check_output(args, "results.json, report.md")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise SinkEvalError("--tasks needs at least one task name, e.g. --tasks piqa,arc_easy")
+    tasks = _tasks(args)
     policies = _policies(args, default=("calibrated",))
     command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
     loaded = load_model(args.model, device=args.device)
@@ -138,10 +168,9 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
     from sink_eval.models import load_model
     from sink_eval.patch_eval import run
     from sink_eval.policies import check_disjoint
-    from sink_eval.prompts import default_split, read_prompt_file, tokenize
+    from sink_eval.prompts import check_max_tokens, default_split, read_prompt_file, tokenize
     from sink_eval.report import patch_table, write_patch_eval
 
-    _check_output(args, "results.json, report.md, figure")
     policies = _policies(args, default=POLICY_NAMES)
     if args.prompts is None and args.calibration_prompts is None:
         calibration, evaluation = default_split()
@@ -151,6 +180,7 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
         raise SinkEvalError("give both --prompts and --calibration-prompts, or neither (the default set's split)")
     check_disjoint(calibration, evaluation)
     loaded = load_model(args.model)
+    check_max_tokens(args.max_tokens, loaded.model, args.model)
     calib_t = tokenize(loaded.tokenizer, calibration, args.max_tokens, args.truncate)
     eval_t = tokenize(loaded.tokenizer, evaluation, args.max_tokens, args.truncate)
     longest = max(calib_t + eval_t, key=lambda tp: len(tp.input_ids))
@@ -180,18 +210,90 @@ def _threshold(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    """The argparse type of every option that counts something: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text}")
+    return value
+
+
 def _output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--out", type=Path, help=f"directory for {what}")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out directory, only one that sink-eval wrote as this command's output",
+    )
     parser.add_argument("--json", action="store_true", help="print the results JSON to stdout")
 
 
-def _check_output(args: argparse.Namespace, what: str) -> None:
-    """Refuse a run whose results would go nowhere, or over an existing directory without --overwrite."""
-    if args.out is None and not args.json:
-        raise SinkEvalError(f"say where the results go: --out DIR ({what}) and/or --json")
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise SinkEvalError(f"output directory {args.out} already exists; choose another --out or pass --overwrite")
+def _inputs(args: argparse.Namespace) -> list[Path]:
+    """The files and directories the command reads, which its output must never replace."""
+    names = ("prompts", "calibration_prompts", "data_dir", "first", "second")
+    return [getattr(args, name) for name in names if getattr(args, name, None) is not None]
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse a run whose results would go nowhere, or whose --out breaks the `check_output_dir` rules."""
+    from sink_eval.files import check_output_dir
+
+    if args.out is None and not getattr(args, "json", False):
+        raise SinkEvalError(f"say where the results go: --out DIR ({OUTPUT_WHAT[args.command]}) and/or --json")
+    if args.out is not None:
+        check_output_dir(args.out, args.command, args.overwrite, _inputs(args))
+
+
+def _check_data_dir(args: argparse.Namespace) -> None:
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None and not data_dir.is_dir():
+        raise SinkEvalError(f"--data-dir {data_dir} is not a directory; give the folder that holds the eval data")
+
+
+def _check_device(name: str) -> None:
+    """Rule: --device is cpu, or cuda / cuda:N / mps that this torch can use."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SinkEvalError(f"--device {name}: not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise SinkEvalError(f"--device {name}: this torch sees {count} CUDA device(s); use --device cpu")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise SinkEvalError(f"--device {name}: MPS is not available to this torch; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise SinkEvalError(f"--device {name}: sink-eval runs on cpu, cuda or mps, not {device.type}")
+
+
+def _tasks(args: argparse.Namespace) -> list[str]:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise SinkEvalError("--tasks needs at least one task name, e.g. --tasks piqa,arc_easy")
+    return tasks
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Every check of the parsed arguments that needs no model, run before anything loads or is computed."""
+    _check_data_dir(args)
+    if args.command in OUTPUT_KINDS:
+        _check_output(args)
+    if args.command == "analyze" and args.out is not None and not args.resume:
+        from sink_eval.resume import check_no_interrupted_run
+
+        check_no_interrupted_run(args.out)
+    if args.command == "analyze" and args.resume and args.out is None:
+        raise SinkEvalError("--resume continues an interrupted run of the same --out DIR: give --out")
+    if args.command in ("patch-eval", "eval"):
+        _policies(args, default=POLICY_NAMES)
+    if args.command == "eval":
+        _tasks(args)
+        _check_device(args.device)
 
 
 def _policy_arguments(parser: argparse.ArgumentParser, default: str) -> None:
@@ -200,8 +302,15 @@ def _policy_arguments(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--chance-corrected", action="store_true", help="length-dependent tau(N)")
     parser.add_argument("--consistency", type=_threshold, default=0.9, help="calibrated: consistency p (0.9)")
     parser.add_argument("--hybrid-base", default="calibrated", choices=[p for p in POLICY_NAMES if p != "hybrid"])
-    parser.add_argument("--hybrid-max-tokens", type=int, default=64, help="hybrid: copy while <= L tokens (64)")
-    parser.add_argument("--hybrid-decode-steps", type=int, help="hybrid: copy only in the first k decode steps")
+    parser.add_argument(
+        "--hybrid-max-tokens",
+        type=_positive_int,
+        help=f"hybrid: copy while <= L tokens (default: {HYBRID_DEFAULT_MAX_TOKENS} when --hybrid-decode-steps is "
+        "not given either, else no length limit)",
+    )
+    parser.add_argument(
+        "--hybrid-decode-steps", type=_positive_int, help="hybrid: copy only in the first k decode steps"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,9 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="length-dependent threshold tau(N) = u(N) + tau (1 - u(N)), u = uniform first-token mass",
     )
-    analyze.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="longest prompt allowed")
+    analyze.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS, help="longest prompt allowed")
     analyze.add_argument("--truncate", action="store_true", help="cut longer prompts to --max-tokens")
     _output_arguments(analyze, "results.json, report.md and figures")
+    analyze.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run of the same --out, model, prompts and options from its saved prompts",
+    )
     analyze.set_defaults(func=_cmd_analyze)
 
     patch_eval = sub.add_parser("patch-eval", help="copy policies: heads copied, fidelity, speed-up, KV saved")
@@ -236,20 +350,28 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_arguments(patch_eval, "all of them")
     patch_eval.add_argument("--prompts", type=Path, help="JSONL evaluation prompts (default: half the built-in set)")
     patch_eval.add_argument("--calibration-prompts", type=Path, help="JSONL calibration prompts (default: other half)")
-    patch_eval.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="longest prompt allowed")
+    patch_eval.add_argument(
+        "--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS, help="longest prompt allowed"
+    )
     patch_eval.add_argument("--truncate", action="store_true", help="cut longer prompts to --max-tokens")
-    patch_eval.add_argument("--speed-tokens", type=int, default=1024, help="length of the speed prompt (1024)")
-    patch_eval.add_argument("--speed-rounds", type=int, default=3, help="paired timing rounds (3)")
-    patch_eval.add_argument("--generations", type=int, default=8, help="greedy continuations compared (8)")
-    patch_eval.add_argument("--new-tokens", type=int, default=32, help="tokens per greedy continuation (32)")
+    patch_eval.add_argument(
+        "--speed-tokens", type=_positive_int, default=1024, help="length of the speed prompt (1024)"
+    )
+    patch_eval.add_argument("--speed-rounds", type=_positive_int, default=3, help="paired timing rounds (3)")
+    patch_eval.add_argument("--generations", type=_positive_int, default=8, help="greedy continuations compared (8)")
+    patch_eval.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens per greedy continuation (32)")
     _output_arguments(patch_eval, "results.json, report.md and the figure")
     patch_eval.set_defaults(func=_cmd_patch_eval)
 
-    evaluate = sub.add_parser("eval", help="lm-eval accuracy, unpatched vs copy policies, from local task data")
+    evaluate = sub.add_parser(
+        "eval",
+        help="lm-eval accuracy, unpatched vs copy policies, from local task data",
+        description="Calibration prompts longer than the model's context are cut to it.",
+    )
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
     evaluate.add_argument("--tasks", required=True, help="comma-separated, e.g. piqa,arc_easy,hellaswag,sciq")
-    evaluate.add_argument("--limit", type=int, help="only the first N documents of each task")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--limit", type=_positive_int, help="only the first N documents of each task")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=8)
     evaluate.add_argument("--device", default="cpu", help="torch device to run on, e.g. cuda (cpu)")
     evaluate.add_argument(
         "--data-dir",
@@ -265,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("first", type=Path, help="a directory written by `sink-eval analyze`")
     compare.add_argument("second", type=Path)
     compare.add_argument("--out", type=Path, required=True, help="directory for compare.md and its figure")
-    compare.add_argument("--overwrite", action="store_true")
+    compare.add_argument(
+        "--overwrite", action="store_true", help="replace an --out directory that sink-eval compare wrote"
+    )
     compare.set_defaults(func=_cmd_compare)
     return parser
 
@@ -273,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        validate(args)
         args.func(args)
     except SinkEvalError as err:
         print(f"sink-eval: error: {err}", file=sys.stderr)

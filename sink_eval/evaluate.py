@@ -186,13 +186,15 @@ _CALIBRATION: dict[str, list] = {}
 
 
 def calibration_stats(loaded: LoadedModel) -> list:
-    """Sink statistics of the calibration half of the default prompt set (probed once per model and process)."""
+    """Sink statistics of the calibration half of the default prompt set (probed once per model and process).
+    A calibration prompt longer than the model's context is cut to it."""
     from sink_eval.analysis import probe_prompts
-    from sink_eval.prompts import default_split, tokenize
+    from sink_eval.prompts import DEFAULT_MAX_TOKENS, default_split, model_context, tokenize
 
     if loaded.fingerprint not in _CALIBRATION:
         calibration, _ = default_split()
-        probed = probe_prompts(loaded, tokenize(loaded.tokenizer, calibration), progress=False)
+        context = model_context(loaded.model) or DEFAULT_MAX_TOKENS
+        probed = probe_prompts(loaded, tokenize(loaded.tokenizer, calibration, context, truncate=True), progress=False)
         _CALIBRATION[loaded.fingerprint] = [p.stats for p in probed]
     return _CALIBRATION[loaded.fingerprint]
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sink_eval.errors import SinkEvalError
-from sink_eval.files import temp_prefix, write_dir_atomically
+from sink_eval.files import check_writable, write_dir_atomically
 
 # transformers is imported where it is used: its import takes ~5 s, which a cached load overlaps with checking
 # the cache and which `sink-eval models` does not need at all.
@@ -84,7 +84,8 @@ def _byte_tokenizer(add_bos: bool) -> PreTrainedTokenizerBase:
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<bos>", "<eos>"]
-    vocab = {tok: i for i, tok in enumerate(specials + pre_tokenizers.ByteLevel.alphabet())}
+    # alphabet() comes in a different order on every call: sorted, the ids are the same in every load.
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -321,8 +322,8 @@ def cache_is_valid(path: Path, source_sha256: str, check_hashes: bool = True) ->
 
 def write_cache_atomically(final: Path, fill: Callable[[Path], None], source_sha256: str) -> None:
     """Run `fill(tmpdir)`, record every file's size and SHA-256 in a completion marker, then rename the whole
-    directory into place. An interruption at any point leaves no directory under `final`'s name."""
-    _remove_abandoned_builds(final)
+    directory into place. An interruption at any point leaves no directory under `final`'s name (and the temp
+    directories of killed builds are removed by the next one)."""
 
     def fill_and_mark(tmp: Path) -> None:
         fill(tmp)
@@ -343,30 +344,13 @@ def write_cache_atomically(final: Path, fill: Callable[[Path], None], source_sha
     write_dir_atomically(final, fill_and_mark, overwrite=True)
 
 
-def _remove_abandoned_builds(final: Path) -> None:
-    """Delete temp directories that earlier, killed builds of the same cache entry left behind."""
-    for stale in final.parent.glob(f"{temp_prefix(final)}*"):
-        pid = stale.name.removeprefix(temp_prefix(final)).split("-")[0]
-        if not pid.isdigit() or not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def ensure_cache(path: Path, source_sha256: str, fill: Callable[[Path], None], valid: bool | None = None) -> Path:
     """The cache directory `path`, verified (marker + SHA-256 of every file) unless the caller did (`valid`);
     an incomplete or corrupt one is deleted, never loaded, and `fill(tmpdir)` builds it anew atomically."""
     if valid is None:
         valid = cache_is_valid(path, source_sha256)
     if not valid:
+        check_writable(path, fix=f"set {CACHE_ENV} to a writable directory")
         if path.exists():
             print(f"sink_eval: cache {path} is incomplete or corrupt; rebuilding it", file=sys.stderr)
             shutil.rmtree(path)
@@ -456,6 +440,11 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> LoadedModel:
     """A local checkpoint directory, or a hub id: local cache first, the hub only if reachable."""
     local = Path(name).expanduser()
     if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise SinkEvalError(
+                f"{name} is not a checkpoint directory (it has no config.json); give a directory written by "
+                "save_pretrained, a zoo name or a hub id"
+            )
         model, tokenizer = _from_pretrained(local, dtype)
         return LoadedModel(model, tokenizer, _spec_from_config(name, model.config), _files_fingerprint(local))
     from huggingface_hub import snapshot_download

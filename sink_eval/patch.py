@@ -51,9 +51,15 @@ class CopyPlan:
     max_tokens: int | None = None
     decode_steps: int | None = None
 
+    def __post_init__(self) -> None:
+        _check_indices(self.heads.items())
+
     @classmethod
     def of(cls, heads: Mapping[int, Iterable[int]], **conditions: int | None) -> CopyPlan:
-        return cls({layer: frozenset(h) for layer, h in sorted(heads.items()) if h}, **conditions)
+        """A plan from layer -> heads; layers without heads are left out. Layers and heads must be ints."""
+        items = [(layer, _head_set(layer, h)) for layer, h in heads.items()]
+        _check_indices(items)
+        return cls({layer: h for layer, h in sorted(items) if h}, **conditions)
 
     @property
     def conditional(self) -> bool:
@@ -75,6 +81,27 @@ class CopyPlan:
             "max_tokens": self.max_tokens,
             "decode_steps": self.decode_steps,
         }
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _head_set(layer: object, heads: Iterable[int]) -> frozenset:
+    if isinstance(heads, str | bytes) or not isinstance(heads, Iterable):
+        raise SinkEvalError(f"a copy plan maps each layer to a collection of head ints; layer {layer} has {heads!r}")
+    return frozenset(heads)
+
+
+def _check_indices(items: Iterable[tuple[object, Iterable[object]]]) -> None:
+    """Rule: a plan's layers and heads are ints (not bools, floats or strings), so that it copies what it counts."""
+    for layer, heads in items:
+        if not _is_index(layer):
+            raise SinkEvalError(f"a copy plan's layers are ints, not {layer!r} ({type(layer).__name__})")
+        bad = [h for h in heads if not _is_index(h)]
+        if bad:
+            kind = type(bad[0]).__name__
+            raise SinkEvalError(f"a copy plan's heads are ints; layer {layer} names {bad[0]!r} ({kind})")
 
 
 @dataclass(frozen=True)
@@ -408,7 +435,10 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 32,
 ) -> tuple[torch.Tensor, DynamicCache]:
-    """Greedy generation under `plan` with the plan's KV cache: (prompt + new token ids, the cache)."""
+    """Greedy generation under `plan` with the plan's KV cache: (prompt + new token ids, the cache).
+    `max_new_tokens` is at least 1."""
+    if not _is_index(max_new_tokens) or max_new_tokens < 1:
+        raise SinkEvalError(f"max_new_tokens is the number of tokens to generate, at least 1, not {max_new_tokens!r}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     cache = new_cache(model, plan, attention_mask)

@@ -96,12 +96,13 @@ def make_plan(
 
 
 def check_disjoint(calibration: Sequence[Prompt], evaluation: Sequence[Prompt]) -> None:
-    """Refuse a calibration set that shares a prompt (by id or by text) with the evaluation set."""
-    ids = {p.id for p in calibration} & {p.id for p in evaluation}
-    texts = {p.text for p in calibration} & {p.text for p in evaluation}
-    if ids or texts:
-        shared = sorted(ids) or [f"text {t[:40]!r}" for t in sorted(texts)]
+    """Refuse a calibration set that shares a prompt (by id or by text) with the evaluation set; the message counts
+    the evaluation prompts that share either, each once."""
+    ids, texts = {p.id for p in calibration}, {p.text for p in calibration}
+    shared = [p for p in evaluation if p.id in ids or p.text in texts]
+    if shared:
+        example = shared[0].id if shared[0].id in ids else f"text {shared[0].text[:40]!r}"
         raise SinkEvalError(
-            f"the calibration prompts overlap the evaluation prompts ({len(ids | texts)} shared, e.g. {shared[0]}); "
-            "calibrate on other prompts"
+            f"the calibration prompts overlap the evaluation prompts ({len(shared)} evaluation prompt(s) shared, "
+            f"e.g. {example}); calibrate on other prompts"
         )

@@ -44,12 +44,10 @@ def length_bin(n_tokens: int, bins: tuple[tuple[int, int], ...] = LENGTH_BINS) -
 
 
 def read_prompt_file(path: str | Path) -> list[Prompt]:
-    """Read a JSONL prompt file; a malformed line is an error that names its line number."""
+    """Read a JSONL prompt file; a malformed line (bytes that are not UTF-8 included) is an error that names its line
+    number."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise SinkEvalError(f"cannot read prompt file {path}: {err.strerror}") from err
+    lines = _utf8_text(path).splitlines()
     prompts, seen = [], set()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -57,8 +55,9 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
         where = f"{path}, line {number}"
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SinkEvalError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object") from err
+        except (ValueError, RecursionError) as err:
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err) or type(err).__name__
+            raise SinkEvalError(f"{where}: not valid JSON ({reason}); each line must be one JSON object") from err
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise SinkEvalError(f'{where}: each line needs a string field "text", e.g. {{"text": "Once upon"}}')
         if not record["text"].strip():
@@ -77,6 +76,21 @@ def _records(split: str) -> list[Prompt]:
     with resources.files("sink_eval").joinpath("data", PROMPT_FILE).open(encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     return [Prompt(id=r["id"], domain=r["domain"], text=r["text"]) for r in rows if r["split"] == split]
+
+
+def _utf8_text(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are an error naming their line and byte offset."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SinkEvalError(f"cannot read prompt file {path}: {err.strerror}") from err
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise SinkEvalError(
+            f"{path}, line {line} (byte offset {err.start}): not UTF-8 ({err.reason}); save the file as UTF-8"
+        ) from err
 
 
 def default_split() -> tuple[list[Prompt], list[Prompt]]:
@@ -123,3 +137,18 @@ def tokenize(
             ids = ids[:max_tokens]
         out.append(TokenizedPrompt(prompt=prompt, input_ids=ids))
     return out
+
+
+def model_context(model) -> int | None:
+    """The longest sequence the model's position embeddings cover (None if its config does not say)."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def check_max_tokens(max_tokens: int, model, name: str) -> None:
+    """Rule for every command that tokenizes prompts: --max-tokens must fit the model's context."""
+    context = model_context(model)
+    if context is not None and max_tokens > context:
+        raise SinkEvalError(
+            f"--max-tokens {max_tokens} exceeds {name}'s context of {context} tokens; pass --max-tokens {context} "
+            "or less (with --truncate to cut longer prompts)"
+        )

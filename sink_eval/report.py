@@ -10,7 +10,7 @@ from tabulate import tabulate
 
 from sink_eval.analysis import MIN_SCORED_TOKENS, SCHEMA, summary_group, summary_groups
 from sink_eval.errors import SinkEvalError
-from sink_eval.files import write_dir_atomically
+from sink_eval.files import write_output_dir
 
 ORIGINAL_NOTES = (
     "The original research notes (Llama-3.2-1B, tau = 0.8) report ~35 % sink heads overall, ~71 % for 1-3-token "
@@ -179,14 +179,28 @@ def markdown_report(res: dict, figures: list[str]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+NO_NONTRIVIAL_PROMPT = "no non-trivial prompt: every prompt has one token, so no sink score is defined"
+
+
+def _trivial_report(res: dict) -> str:
+    """The report of a prompt set with no prompt of two or more tokens: its tables, no figures."""
+    return f"# Attention sinks of {res['model']['name']}\n\n{NO_NONTRIVIAL_PROMPT}.\n\n{prevalence_table(res)}\n"
+
+
+def has_scored_prompts(res: dict) -> bool:
+    return any(p["n_tokens"] >= MIN_SCORED_TOKENS for p in res["prompts"])
+
+
 def write_analysis(res: dict, out: Path, overwrite: bool = False) -> None:
-    """DIR/results.json, DIR/report.md and the PNG figures, all or nothing."""
+    """DIR/results.json, DIR/report.md and the PNG figures, all or nothing; without a non-trivial prompt, the
+    report says so and has no figures."""
 
     def fill(tmp: Path) -> None:
         (tmp / "results.json").write_text(json.dumps(res, indent=1))
-        (tmp / "report.md").write_text(markdown_report(res, _figures(res, tmp)))
+        report = markdown_report(res, _figures(res, tmp)) if has_scored_prompts(res) else _trivial_report(res)
+        (tmp / "report.md").write_text(report)
 
-    write_dir_atomically(out, fill, overwrite)
+    write_output_dir(out, fill, "analyze", overwrite)
 
 
 def read_results(path: Path) -> dict:
@@ -359,7 +373,7 @@ def write_patch_eval(res: dict, out: Path, overwrite: bool = False) -> None:
         (tmp / "results.json").write_text(json.dumps(res, indent=1))
         (tmp / "report.md").write_text(patch_report(res, _patch_figure(res, tmp)))
 
-    write_dir_atomically(out, fill, overwrite)
+    write_output_dir(out, fill, "patch-eval", overwrite)
 
 
 def eval_table(res: dict) -> str:
@@ -401,4 +415,4 @@ def write_eval(res: dict, out: Path, overwrite: bool = False) -> None:
         (tmp / "results.json").write_text(json.dumps(res, indent=1))
         (tmp / "report.md").write_text(text + "\n")
 
-    write_dir_atomically(out, fill, overwrite)
+    write_output_dir(out, fill, "eval", overwrite)

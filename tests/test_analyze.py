@@ -83,8 +83,11 @@ def test_existing_output_directory_is_never_overwritten_silently(tmp_path, promp
     )
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    (tmp_path / "out" / "keep.txt").unlink()
     _analyze(tmp_path, prompts_file, "--overwrite")
-    assert not (tmp_path / "out" / "keep.txt").exists()
+    (tmp_path / "out" / "report.md").write_text("old")
+    _analyze(tmp_path, prompts_file, "--overwrite")
+    assert (tmp_path / "out" / "report.md").read_text() != "old"
 
 
 def test_interrupted_write_leaves_no_half_written_output(tmp_path):

@@ -1,0 +1,107 @@
+"""Resumable `sink-eval analyze`: per-prompt partial results in a hidden work directory beside --out.
+
+The work directory `.<out>.analyze-work` holds `key.json` (model fingerprint, prompt-set SHA-256 and settings) and
+one `prompt-NNNNN.pt` per probed prompt, each written atomically as soon as it is probed. `--resume` continues from
+them when the key is the same (another model, prompt set or setting is refused); the finished results equal an
+uninterrupted run's. The directory is removed once the results are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sink_eval.analysis import ProbedPrompt, probe_prompts
+from sink_eval.errors import SinkEvalError
+from sink_eval.files import write_bytes_atomically, write_text_atomically
+from sink_eval.models import LoadedModel
+from sink_eval.probe import PromptStats
+from sink_eval.prompts import TokenizedPrompt
+
+KEY_FILE = "key.json"
+
+
+def work_dir(out: Path) -> Path:
+    return Path(out).parent / f".{Path(out).name}.analyze-work"
+
+
+def check_no_interrupted_run(out: Path) -> None:
+    """Refuse to start afresh over the partial results of an interrupted run (they would be lost silently)."""
+    work = work_dir(out)
+    if work.exists():
+        raise SinkEvalError(
+            f"{work} holds the partial results of an interrupted run for --out {out}; pass --resume to continue "
+            f"it, or delete {work} to start over"
+        )
+
+
+def open_work_dir(out: Path, key: dict, resume: bool) -> Path:
+    """The work directory for `out`, created with `key`; with `resume`, an existing one whose key is `key`."""
+    work = work_dir(out)
+    if work.exists():
+        if not resume:
+            check_no_interrupted_run(out)
+        _check_key(work, key)
+        return work
+    work.mkdir(parents=True)
+    write_text_atomically(work / KEY_FILE, json.dumps(key, indent=1, sort_keys=True))
+    return work
+
+
+def _check_key(work: Path, key: dict) -> None:
+    try:
+        found = json.loads((work / KEY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SinkEvalError(f"{work / KEY_FILE} is unreadable; delete {work} to start over") from err
+    differ = sorted(k for k in key.keys() | found.keys() if key.get(k) != found.get(k))
+    if differ:
+        raise SinkEvalError(
+            f"--resume refused: the interrupted run in {work} had another {', '.join(differ)}; rerun it with the "
+            f"same model, prompts and options, or delete {work} to start over"
+        )
+
+
+def _prompt_file(work: Path, index: int) -> Path:
+    return work / f"prompt-{index:05d}.pt"
+
+
+def _save(work: Path, index: int, probed: ProbedPrompt) -> None:
+    stats = {f.name: getattr(probed.stats, f.name) for f in dataclasses.fields(PromptStats)}
+    buffer = io.BytesIO()
+    torch.save({"id": probed.prompt.prompt.id, "stats": stats}, buffer)
+    write_bytes_atomically(_prompt_file(work, index), buffer.getvalue())
+
+
+def _load(work: Path, index: int, tp: TokenizedPrompt) -> ProbedPrompt | None:
+    """The saved probe of prompt `index`, or None if it was not probed yet."""
+    path = _prompt_file(work, index)
+    if not path.exists():
+        return None
+    saved = torch.load(path, weights_only=True)
+    if saved["id"] != tp.prompt.id:
+        raise SinkEvalError(f"{path} is of prompt {saved['id']!r}, not {tp.prompt.id!r}; delete {work} to start over")
+    return ProbedPrompt(tp, PromptStats(**saved["stats"]))
+
+
+def probe_resumable(loaded: LoadedModel, prompts: list[TokenizedPrompt], work: Path) -> list[ProbedPrompt]:
+    """`probe_prompts`, saving each prompt's statistics in `work` and reusing those saved by an earlier run."""
+    out = [_load(work, i, tp) for i, tp in enumerate(prompts)]
+    todo = [i for i, p in enumerate(out) if p is None]
+    done = len(prompts) - len(todo)
+    desc = f"probing {loaded.spec.name}"
+    for i in tqdm(todo, desc=desc, unit="prompt", initial=done, total=len(prompts), file=sys.stderr):
+        out[i] = probe_prompts(loaded, [prompts[i]], progress=False)[0]
+        _save(work, i, out[i])
+    return out
+
+
+def finish(work: Path) -> None:
+    """Remove the work directory once the results are written."""
+    shutil.rmtree(work)
