@@ -94,8 +94,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _policies(args: argparse.Namespace, default: tuple[str, ...]) -> list:
-    from sink_eval.patch_eval import Policy
-    from sink_eval.policies import PolicyOptions, check_policy
+    from sink_eval.policies import Policy, PolicyOptions, check_policy
 
     options = PolicyOptions(
         threshold=args.threshold,

