@@ -32,6 +32,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from sink_eval.errors import SinkEvalError
+from sink_eval.files import sha256_files
 from sink_eval.models import LoadedModel, load_model
 from sink_eval.patch import CopyPlan, patched, plan_applies
 from sink_eval.policies import (
@@ -418,7 +419,7 @@ def run_eval(
             "splits": {task: TASKS[task].split for task in tasks},
             "split_notes": {task: TASKS[task].note for task in tasks if TASKS[task].note},
             "data_files": {task: str(locate(task, data_dir)) for task in tasks},
-            "data_sha256": {task: _sha256(locate(task, data_dir)) for task in tasks},
+            "data_sha256": {task: sha256_files([locate(task, data_dir)]) for task in tasks},
             "batch_size": batch_size,
             "device": _device_name(loaded.model.device),
         },
@@ -443,13 +444,3 @@ def _model_args(policy: Policy) -> dict:
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()

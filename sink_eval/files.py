@@ -1,7 +1,9 @@
-"""Atomic writes: a reader sees the whole new file or directory, or the old one, never a half-written one."""
+"""Files: atomic writes (a reader sees the whole new file or directory, or the old one, never a half-written one)
+and their SHA-256."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -48,3 +50,13 @@ def write_text_atomically(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """SHA-256 of the files' bytes, concatenated in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
