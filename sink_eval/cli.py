@@ -40,7 +40,7 @@ def models_table() -> str:
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
-    from sink_eval.models import CACHE_ENV, cache_root
+    from sink_eval.cache import CACHE_ENV, cache_root
 
     print(models_table())
     print(
