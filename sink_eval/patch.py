@@ -169,7 +169,7 @@ def _active_state(module: torch.nn.Module, kwargs: dict) -> _State:
     """The running patch's state, after checking that the attention call is one the patch supports."""
     state = _ACTIVE.get()
     if state is None:
-        raise RuntimeError("sink_copy attention ran outside sink_eval.patch.patched(); use patched() to run it")
+        raise RuntimeError("the copy patch's attention ran outside sink_eval.patch.patched() or layer_errors()")
     if kwargs.get("softcap") is not None:
         raise SinkEvalError("the copy patch does not support attention logit soft-capping")
     if module.training:
