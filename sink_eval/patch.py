@@ -27,15 +27,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import sdpa_mask
 
+from sink_eval import attention
 from sink_eval.errors import SinkEvalError
-from sink_eval.probe import attention_implementation
+from sink_eval.shape import Shape, model_shape
 
 PATCH_ATTENTION = "sink_copy"
+ERROR_ATTENTION = "sink_copy_error"  # layer_errors(): the exact attention, recording the patch's error per layer
 SUPPORTED_MODEL_TYPES = ("llama", "gemma3_text")
 
 
@@ -104,28 +105,6 @@ def _check_indices(items: Iterable[tuple[object, Iterable[object]]]) -> None:
             raise SinkEvalError(f"a copy plan's heads are ints; layer {layer} names {bad[0]!r} ({kind})")
 
 
-@dataclass(frozen=True)
-class Shape:
-    layers: int
-    heads: int
-    kv_heads: int
-    model_type: str
-
-    @property
-    def group_size(self) -> int:
-        return self.heads // self.kv_heads
-
-
-def model_shape(model: torch.nn.Module) -> Shape:
-    config = model.config.get_text_config(decoder=True)
-    return Shape(
-        config.num_hidden_layers,
-        config.num_attention_heads,
-        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        config.model_type,
-    )
-
-
 def check_plan(model: torch.nn.Module, plan: CopyPlan) -> Shape:
     """The model's shape, after checking that the patch supports it and that the plan fits it."""
     shape = model_shape(model)
@@ -174,7 +153,7 @@ class _State:
         self.row_heads = row_heads  # per-row plans (`_row_heads`), or None
         self.first_of_mask: tuple[torch.Tensor | None, torch.Tensor] | None = None
         self.cache: DynamicCache | None = None
-        self.errors: dict[int, float] | None = None  # set by layer_errors()
+        self.errors: dict[int, float] = {}  # per layer, filled by error_attention (layer_errors)
 
 
 _ACTIVE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("sink_eval_patch", default=None)
@@ -213,6 +192,18 @@ def plan_applies(plan: CopyPlan, seq_len: int, decode_step: int) -> bool:
     return plan.decode_steps is None or 1 <= decode_step <= plan.decode_steps
 
 
+def _active_state(module: torch.nn.Module, kwargs: dict) -> _State:
+    """The running patch's state, after checking that the attention call is one the patch supports."""
+    state = _ACTIVE.get()
+    if state is None:
+        raise RuntimeError("the copy patch's attention ran outside sink_eval.patch.patched() or layer_errors()")
+    if kwargs.get("softcap") is not None:
+        raise SinkEvalError("the copy patch does not support attention logit soft-capping")
+    if module.training:
+        raise SinkEvalError("the copy patch is for inference: call model.eval() first")
+    return state
+
+
 def copy_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -224,15 +215,51 @@ def copy_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query (B, H, T, D), key/value (B, H_kv', S, D) -> (B, T, H, D): copied heads get V[first], others SDPA."""
-    state = _ACTIVE.get()
-    if state is None:
-        raise RuntimeError("sink_copy attention ran outside sink_eval.patch.patched(); use patched() to run it")
-    if kwargs.get("softcap") is not None:
-        raise SinkEvalError("the copy patch does not support attention logit soft-capping")
-    if module.training:
-        raise SinkEvalError("the copy patch is for inference: call model.eval() first")
+    state = _active_state(module, kwargs)
     if state.row_heads is not None:
         return _copy_rows(state, module, query, key, value, attention_mask, dropout, scaling, **kwargs), None
+    out = _planned_output(state, module, query, key, value, attention_mask, scaling)
+    if out is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    return out, None
+
+
+def error_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`layer_errors`' attention: records the relative error of the patched output (B, T, H, D) against the exact
+    one, and returns the exact one, so that every layer sees the exact model's hidden states."""
+    state = _active_state(module, kwargs)
+    out = _planned_output(state, module, query, key, value, attention_mask, scaling)
+    exact, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if out is not None:
+        batch, _, t_len, _ = query.shape
+        first = _first_positions(state, attention_mask, batch, t_len, query.device)
+        real = torch.arange(t_len, device=query.device)[None, :] >= first[:, None]  # (B, T) non-padding queries
+        state.errors[module.layer_idx] = float(
+            torch.linalg.vector_norm((out - exact)[real].float()) / torch.linalg.vector_norm(exact[real].float())
+        )
+    return exact, None
+
+
+def _planned_output(
+    state: _State,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+) -> torch.Tensor | None:
+    """The patched attention output (B, T, H, D) of one layer under the state's single plan; None where the plan
+    copies nothing in this layer and forward pass (the exact attention applies)."""
     layer = state.layers.get(module.layer_idx)
     cache_layer = None if state.cache is None else state.cache.layers[module.layer_idx]
     batch, heads, t_len, dim = query.shape
@@ -243,13 +270,12 @@ def copy_attention(
         if t_len != key.shape[2]:
             raise SinkEvalError("generation with a copy plan needs the plan's cache: use sink_eval.patch.generate()")
     if layer is None or not plan_applies(state.plan, seq_len, decode_step):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return None
     if isinstance(cache_layer, _CopyCacheMixin):
         first_values, kv_index = cache_layer.first_values, cache_layer.kv_index
-        first = None
     else:
         first = _first_positions(state, attention_mask, batch, t_len, query.device)
-        first_values = value[torch.arange(batch, device=value.device), :, first]
+        first_values = value[torch.arange(batch, device=value.device), :, first]  # (B, H_kv, D)
         kv_index = {group: group for group in range(state.shape.kv_heads)}
 
     out = query.new_empty(batch, t_len, heads, dim)
@@ -257,14 +283,7 @@ def copy_attention(
         attend, result = _attend(layer, state.shape.group_size, query, key, value, attention_mask, kv_index, scaling)
         out[:, :, attend] = result.transpose(1, 2)
     out[:, :, layer.copied] = first_values[:, layer.copied_groups].unsqueeze(1).to(out.dtype)
-    if state.errors is None:
-        return out, None
-    exact, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    real = torch.arange(t_len, device=query.device)[None, :] >= first[:, None]  # (B, T) non-padding queries
-    state.errors[module.layer_idx] = float(
-        torch.linalg.vector_norm((out - exact)[real].float()) / torch.linalg.vector_norm(exact[real].float())
-    )
-    return exact, None
+    return out
 
 
 def _copy_rows(state: _State, module, query, key, value, attention_mask, dropout, scaling, **kwargs) -> torch.Tensor:
@@ -355,11 +374,6 @@ class CopySlidingLayer(_CopyCacheMixin, DynamicSlidingWindowLayer):
     pass
 
 
-def _register() -> None:
-    AttentionInterface.register(PATCH_ATTENTION, copy_attention)
-    AttentionMaskInterface.register(PATCH_ATTENTION, sdpa_mask)
-
-
 @contextmanager
 def patched(
     model: torch.nn.Module, plan: CopyPlan | Sequence[CopyPlan], cache: DynamicCache | None = None
@@ -380,10 +394,16 @@ def patched(
         shape = model_shape(model)
         state = _State(CopyPlan(), shape, _row_heads(rows, shape, next(model.parameters()).device))
     state.cache = cache
-    _register()
+    with _running(model, state, PATCH_ATTENTION, copy_attention):
+        yield
+
+
+@contextmanager
+def _running(model: torch.nn.Module, state: _State, name: str, function) -> Iterator[None]:
+    """Run `model` with attention `function` (registered as `name`, SDPA's masks) reading `state`."""
     token = _ACTIVE.set(state)
     try:
-        with attention_implementation(model, PATCH_ATTENTION):
+        with attention.use(model, name, function, sdpa_mask):
             yield
     finally:
         _ACTIVE.reset(token)
@@ -476,8 +496,7 @@ def layer_errors(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     first_positions(attention_mask)
-    with patched(model, plan):
-        state = _ACTIVE.get()
-        state.errors = {}
+    state = _State(plan, check_plan(model, plan))
+    with _running(model, state, ERROR_ATTENTION, error_attention):
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
     return dict(sorted(state.errors.items()))

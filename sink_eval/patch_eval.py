@@ -15,7 +15,7 @@ Speed (`sink_eval.speed.measure`) on one real prompt of `speed_tokens` tokens, w
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib.metadata import version
 
@@ -24,37 +24,15 @@ from tqdm import tqdm
 
 from sink_eval.analysis import bootstrap_se
 from sink_eval.models import LoadedModel
-from sink_eval.patch import CopyPlan, generate, layer_errors, model_shape, patched, plan_applies
-from sink_eval.policies import PER_PROMPT, PolicyOptions, make_plan
+from sink_eval.patch import CopyPlan, generate, layer_errors, patched, plan_applies
+from sink_eval.policies import Policy, make_plan
 from sink_eval.probe import PromptStats, probe
 from sink_eval.prompts import TokenizedPrompt, prompt_set_sha256
+from sink_eval.shape import model_shape
 from sink_eval.speed import ceiling, measure
 
 SCHEMA = "sink_eval.patch_eval/1"
 KL_POSITIONS = 32
-
-
-@dataclass(frozen=True)
-class Policy:
-    name: str
-    options: PolicyOptions
-
-    @property
-    def label(self) -> str:
-        o = self.options
-        tau = f"tau={o.threshold:g}" + ("(N)" if o.chance_corrected else "")
-        if self.name == "calibrated":
-            return f"calibrated p={o.consistency:g} {tau}"
-        if self.name == "hybrid":
-            limits = [f"L={o.max_tokens}"] * (o.max_tokens is not None) + [f"k={o.decode_steps}"] * (
-                o.decode_steps is not None
-            )
-            base = Policy(o.base, o).label
-            return f"hybrid({base}, {', '.join(limits)})"
-        return f"{self.name} {tau}"
-
-    def per_prompt(self) -> bool:
-        return (self.options.base if self.name == "hybrid" else self.name) in PER_PROMPT
 
 
 def positions(n_tokens: int, k: int = KL_POSITIONS) -> torch.Tensor:

@@ -39,6 +39,36 @@ class PolicyOptions:
     decode_steps: int | None = None  # hybrid: k
 
 
+def base_policy(name: str, options: PolicyOptions) -> str:
+    """The policy that chooses a plan's heads: a hybrid's base policy, else the policy itself."""
+    return options.base if name == "hybrid" else name
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A policy by name with its options, as the commands run it."""
+
+    name: str
+    options: PolicyOptions
+
+    @property
+    def label(self) -> str:
+        o = self.options
+        tau = f"tau={o.threshold:g}" + ("(N)" if o.chance_corrected else "")
+        if self.name == "calibrated":
+            return f"calibrated p={o.consistency:g} {tau}"
+        if self.name == "hybrid":
+            limits = [f"L={o.max_tokens}"] * (o.max_tokens is not None) + [f"k={o.decode_steps}"] * (
+                o.decode_steps is not None
+            )
+            base = Policy(o.base, o).label
+            return f"hybrid({base}, {', '.join(limits)})"
+        return f"{self.name} {tau}"
+
+    def per_prompt(self) -> bool:
+        return base_policy(self.name, self.options) in PER_PROMPT
+
+
 def check_policy(name: str, options: PolicyOptions) -> None:
     if name not in POLICIES:
         raise SinkEvalError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
@@ -81,7 +111,7 @@ def make_plan(
 ) -> CopyPlan:
     """The plan of policy `name` for one prompt (`prompt` = its statistics, needed by per-prompt policies)."""
     check_policy(name, options)
-    base = options.base if name == "hybrid" else name
+    base = base_policy(name, options)
     if base in PER_PROMPT and prompt is None:
         raise SinkEvalError(f"the {base} policy needs the prompt's own attention statistics")
     if base == "first_layer":

@@ -17,12 +17,11 @@ token has no query to average: its scores are NaN ("trivial"), never 1.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from sink_eval import attention
 from sink_eval.errors import SinkEvalError
 
 PROBE_ATTENTION = "sink_probe"
@@ -31,13 +30,12 @@ DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 @dataclass
 class PromptStats:
-    """Attention statistics of one prompt: arrays of shape (layers, heads), per-query sink mass (layers, heads, N)."""
+    """Attention statistics of one prompt: arrays of shape (layers, heads)."""
 
     n_tokens: int
     sink: torch.Tensor
     self_: torch.Tensor
     prev: torch.Tensor
-    sink_per_query: torch.Tensor  # A[i, 0] for i = 0..N-1 (i = 0 is 1 by construction and never averaged)
 
 
 @dataclass
@@ -131,25 +129,6 @@ def _blocked(mask: torch.Tensor) -> bool:
     return mask.numel() == 0 or bool((mask <= torch.finfo(mask.dtype).min).all())
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(PROBE_ATTENTION, probe_attention)
-    AttentionMaskInterface.register(PROBE_ATTENTION, eager_mask)
-
-
-@contextmanager
-def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
-    """Switch `model` to the registered attention implementation `name`, restoring the previous one on exit."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
 @torch.no_grad()
 def probe(
     model: torch.nn.Module,
@@ -174,7 +153,8 @@ def probe(
         raise SinkEvalError("a prompt in the batch has no tokens; empty prompts cannot be probed")
     if bool((attention_mask[:, -1] == 0).any()):
         raise SinkEvalError("probe() needs left padding: set tokenizer.padding_side = 'left'")
-    _register()
+    from transformers.masking_utils import eager_mask
+
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     if layers is not None and not 1 <= layers <= n_layers:
         raise SinkEvalError(f"probe(layers=...) takes 1..{n_layers} for this model, not {layers}")
@@ -183,7 +163,7 @@ def probe(
     token = _ACTIVE.set(recorder)
     logits = None
     try:
-        with attention_implementation(model, PROBE_ATTENTION):
+        with attention.use(model, PROBE_ATTENTION, probe_attention, eager_mask):
             logits = model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=logits_to_keep
             ).logits
@@ -208,7 +188,6 @@ def _per_prompt(recorder: _Recorder, lengths: torch.Tensor, n_layers: int) -> li
                 sink=sink_q[b, :, :, queries].mean(-1),
                 self_=self_q[b, :, :, queries].mean(-1),
                 prev=prev_q[b, :, :, queries].mean(-1),
-                sink_per_query=sink_q[b, :, :, start:].clone(),
             )
         )
     return stats

@@ -10,7 +10,9 @@ are kept for reference only. Definitions:
   t_patched: 1 - 1/s >= 0.8 * (1 - 1/ceiling);
 - paired speed-up (`paired`): each timing of a variant is set beside a timing of the unpatched region taken just
   before it, and the speed-up is the median of those ratios, so that a drift of a shared machine between variants
-  does not show up as a speed-up or a slow-down.
+  does not show up as a speed-up or a slow-down;
+- every clock read waits for the device first (`clock`): on an accelerator kernels run asynchronously, and an
+  unsynchronised read would time their launch, not their work.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import DynamicCache
+from transformers.masking_utils import sdpa_mask
 
+from sink_eval import attention
 from sink_eval.patch import CopyPlan, kv_cache_bytes, new_cache, patched
-from sink_eval.probe import attention_implementation
 
 NO_ATTENTION = "sink_none"
 GATE_SHARE = 0.8
+CPU = torch.device("cpu")
 
 
 def ceiling(fraction: float, share: float) -> float:
@@ -42,11 +45,42 @@ def gate_passes(speedup: float, ceiling_: float, share: float = GATE_SHARE) -> b
     return 1 - 1 / speedup >= share * (1 - 1 / ceiling_)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until the work queued on `device` is done (a no-op on the CPU, whose work is done when a call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device: torch.device) -> float:
+    """`time.perf_counter()` once `device` has finished its queued work."""
+    synchronize(device)
+    return time.perf_counter()
+
+
 @dataclass
 class Paired:
     speedup: float  # median over rounds of t_unpatched / t_variant, timed back to back
     unpatched_s: float  # medians, for reference
     variant_s: float
+    ratios: list[float]  # t_unpatched / t_variant of each round, in order
+
+    @property
+    def lower_quartile(self) -> float:
+        """The 25th percentile of the paired ratios (the median itself with one round)."""
+        return _quartiles(self.ratios)[0]
+
+    @property
+    def iqr(self) -> float:
+        """Interquartile range of the paired ratios: their spread (0 with one round)."""
+        low, high = _quartiles(self.ratios)
+        return high - low
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, high
 
 
 def paired(
@@ -54,14 +88,15 @@ def paired(
     variants: dict[str, Callable[[], float | None]],
     rounds: int,
     warmup: bool = True,
+    device: torch.device = CPU,
 ) -> dict[str, Paired]:
     """Time each variant right after a run of `unpatched`, `rounds` times; a function may return its own timing
-    (e.g. of the decode steps only), else its wall time counts."""
+    (e.g. of the decode steps only), else its wall time counts. `device` is the one the functions run on."""
 
     def timed(fn: Callable[[], float | None]) -> float:
-        start = time.perf_counter()
+        start = clock(device)
         own = fn()
-        return own if own is not None else time.perf_counter() - start
+        return own if own is not None else clock(device) - start
 
     if warmup:
         for fn in (unpatched, *variants.values()):
@@ -75,6 +110,7 @@ def paired(
             speedup=statistics.median(u / v for u, v in p),
             unpatched_s=statistics.median(u for u, _ in p),
             variant_s=statistics.median(v for _, v in p),
+            ratios=[u / v for u, v in p],
         )
         for name, p in pairs.items()
     }
@@ -86,9 +122,7 @@ def _no_attention(module, query, key, value, attention_mask, **kwargs):
 
 def without_attention(model: torch.nn.Module):
     """Context manager: every attention call of `model` returns at once (for the attention share only)."""
-    AttentionInterface.register(NO_ATTENTION, _no_attention)
-    AttentionMaskInterface.register(NO_ATTENTION, sdpa_mask)
-    return attention_implementation(model, NO_ATTENTION)
+    return attention.use(model, NO_ATTENTION, _no_attention, sdpa_mask)
 
 
 @dataclass
@@ -115,6 +149,7 @@ def measure(model: torch.nn.Module, plan: CopyPlan, input_ids: torch.Tensor, rou
     """Prefill and decode speed of `input_ids` (one row, no padding), unpatched vs patched, paired, in one run; the
     KV bytes of the unpatched and the plan's cache after the decode steps."""
     mask = torch.ones_like(input_ids)
+    device = input_ids.device
 
     def prefill(context: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
@@ -127,7 +162,7 @@ def measure(model: torch.nn.Module, plan: CopyPlan, input_ids: torch.Tensor, rou
         "patched": prefill(lambda: patched(model, plan)),
         "without": prefill(lambda: without_attention(model)),
     }
-    prefill_t = paired(prefill(nullcontext), prefill_runs, rounds)
+    prefill_t = paired(prefill(nullcontext), prefill_runs, rounds, device=device)
 
     caches: dict[str, DynamicCache] = {}
 
@@ -146,7 +181,8 @@ def measure(model: torch.nn.Module, plan: CopyPlan, input_ids: torch.Tensor, rou
         "patched": decode("patched", lambda: new_cache(model, plan, mask), lambda cache: patched(model, plan, cache)),
         "without": decode("without", plain, lambda cache: without_attention(model)),
     }
-    decode_t = paired(decode("unpatched", plain, lambda cache: nullcontext()), decode_runs, rounds, warmup=False)
+    unpatched_decode = decode("unpatched", plain, lambda cache: nullcontext())
+    decode_t = paired(unpatched_decode, decode_runs, rounds, warmup=False, device=device)
     return SpeedResult(
         tokens=input_ids.shape[1],
         prefill_unpatched_s=prefill_t["patched"].unpatched_s,
@@ -166,7 +202,7 @@ def measure(model: torch.nn.Module, plan: CopyPlan, input_ids: torch.Tensor, rou
 def _decode_per_step(model: torch.nn.Module, input_ids: torch.Tensor, cache: DynamicCache, steps: int) -> float:
     """Prefill `input_ids` into `cache`, then the mean seconds of one greedy decode step over `steps` steps."""
     token = model(input_ids=input_ids, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
-    start = time.perf_counter()
+    start = clock(input_ids.device)
     for _ in range(steps):
         token = model(input_ids=token, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
-    return (time.perf_counter() - start) / steps
+    return (clock(input_ids.device) - start) / steps

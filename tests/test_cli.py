@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from sink_eval import cli, models
+from sink_eval import cache, cli, models
 
 
 def test_models_table_lists_every_zoo_model_with_shape_and_install_state(monkeypatch, tmp_path):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
     table = cli.models_table()
     for spec in models.ZOO.values():
         assert spec.name in table
@@ -17,7 +17,7 @@ def test_models_table_lists_every_zoo_model_with_shape_and_install_state(monkeyp
 def test_models_table_gives_the_install_command_for_a_missing_package(monkeypatch, tmp_path):
     import dataclasses
 
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
     spec = models.ZOO["gemma3-270m"]
     missing = dataclasses.replace(spec, gguf=dataclasses.replace(spec.gguf, chunks=(("no_such_pkg", "x"),)))
     monkeypatch.setitem(models.ZOO, spec.name, missing)

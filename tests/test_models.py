@@ -14,9 +14,10 @@ import pytest
 import torch
 import transformers.modeling_utils  # noqa: F401  (importing the library is not part of building a tiny model)
 
-from sink_eval import models
+from sink_eval import cache, models
+from sink_eval.cache import cache_is_valid, ensure_cache
 from sink_eval.errors import SinkEvalError
-from sink_eval.models import ZOO, cache_is_valid, ensure_cache, load_model, verify_gguf
+from sink_eval.models import ZOO, load_model, verify_gguf
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
@@ -81,7 +82,7 @@ def _spec_with_chunks(chunks, sha256: str) -> models.ModelSpec:
 
 
 def test_missing_model_package_says_which_pip_command_installs_it(monkeypatch, tmp_path):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
     spec = _spec_with_chunks((("sink_eval_no_such_package", "model.gguf"),), "0" * 64)
     monkeypatch.setitem(ZOO, spec.name, spec)
     with pytest.raises(SinkEvalError) as err:
@@ -157,7 +158,7 @@ def test_cache_is_written_with_a_marker_and_validates(tmp_path):
     path = ensure_cache(tmp_path / "entry", "abc", _save_tiny)
     assert cache_is_valid(path, "abc")
     assert not cache_is_valid(path, "another-source")
-    assert (path / models.CACHE_MARKER).is_file()
+    assert (path / cache.CACHE_MARKER).is_file()
     assert list(tmp_path.iterdir()) == [path]
 
 
@@ -169,7 +170,7 @@ def _fill_then_get_killed(tmp: Path) -> None:
 def test_conversion_killed_half_way_leaves_no_loadable_cache(tmp_path):
     final = tmp_path / "entry"
     child = multiprocessing.get_context("fork").Process(
-        target=models.write_cache_atomically, args=(final, _fill_then_get_killed, "abc")
+        target=cache.write_cache_atomically, args=(final, _fill_then_get_killed, "abc")
     )
     child.start()
     child.join(60)
@@ -195,7 +196,7 @@ def test_corrupt_cache_is_rebuilt_never_loaded(tmp_path, damage, capsys):
     elif damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:100])
     elif damage == "delete_marker":
-        (path / models.CACHE_MARKER).unlink()
+        (path / cache.CACHE_MARKER).unlink()
     else:
         weights.unlink()
     assert not cache_is_valid(path, "abc")

@@ -52,15 +52,26 @@ def _run(tmp_path, prompt_files, *extra) -> int:
 
 
 def test_patch_eval_writes_a_row_per_policy_with_fidelity_speed_and_kv(tmp_path, prompt_files):
+    """The ceilings follow from the reported fraction f and share a: 1 / (1 - f a), and are exactly 1 where the plan
+    copies nothing (the hybrid plan, limited to L = 16 tokens, never copies on the 32-token speed prompt). tau = 0.1
+    makes the other plans copy heads of the random tiny model."""
     out = tmp_path / "out"
-    assert _run(tmp_path, prompt_files, "--out", str(out)) == 0
+    assert _run(tmp_path, prompt_files, "--threshold", "0.1", "--hybrid-max-tokens", "16", "--out", str(out)) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["schema"] == "sink_eval.patch_eval/1"
     assert [row["policy"] for row in res["policies"]] == ["first_layer", "calibrated", "oracle", "hybrid"]
     for row in res["policies"]:
         assert 0 <= row["fraction_copied"] <= 1 and len(row["per_layer_fraction"]) == 4
         assert 0 <= row["top1"] <= 1 and row["kl"] > -1e-6 and len(row["layer_error"]) == 4
-        assert row["speed"]["prefill_ceiling"] >= 1 and row["speed"]["kv_bytes_unpatched"] > 0
+        speed = row["speed"]
+        assert speed["kv_bytes_unpatched"] > 0
+        if row["policy"] == "hybrid":
+            assert speed["prefill_ceiling"] == speed["decode_ceiling"] == 1.0
+            continue
+        f = speed["plan_fraction"]
+        assert speed["prefill_ceiling"] == pytest.approx(1 / (1 - f * speed["prefill_share"]), rel=1e-12)
+        assert speed["decode_ceiling"] == pytest.approx(1 / (1 - f * speed["decode_share"]), rel=1e-12)
+    assert any(row["speed"]["prefill_ceiling"] > 1 for row in res["policies"]), "no plan copied a head"
     assert set(res["settings"]["calibration_prompts"]).isdisjoint(res["settings"]["evaluation_prompts"])
     assert (out / "speedup_vs_fidelity.png").exists()
     assert "| policy" in (out / "report.md").read_text()

@@ -19,7 +19,7 @@ from sink_eval.prompts import Prompt
 
 def _stats(sink: list[list[float]], n_tokens: int = 100) -> PromptStats:
     scores = torch.tensor(sink)
-    return PromptStats(n_tokens, scores, torch.zeros_like(scores), torch.zeros_like(scores), torch.zeros(0))
+    return PromptStats(n_tokens, scores, torch.zeros_like(scores), torch.zeros_like(scores))
 
 
 SINK = [[0.9, 0.1, 0.85], [0.95, 0.2, 0.5], [0.1, 0.9, 0.9]]

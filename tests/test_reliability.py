@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sink_eval import cli, models
+from sink_eval import cache, cli, models
 from sink_eval.errors import SinkEvalError
 from sink_eval.files import temp_prefix, write_dir_atomically
 from sink_eval.patch import CopyPlan, generate
@@ -163,14 +163,14 @@ def test_model_dir_that_is_not_a_checkpoint_is_refused(tmp_path, prompts_file, c
 def test_cache_root_that_is_a_file_is_refused_before_converting(tmp_path, monkeypatch, kind):
     file = tmp_path / "cache"
     file.write_text("x")
-    monkeypatch.setenv(models.CACHE_ENV, str(file if kind == "a file" else file / "sub"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(file if kind == "a file" else file / "sub"))
     spec = models.ZOO["smollm2-135m"]
 
     def fill(tmp):
         raise AssertionError("conversion started")
 
-    with pytest.raises(SinkEvalError, match=f"is a file, not a directory; set {models.CACHE_ENV}"):
-        models.ensure_cache(models._cache_dir(spec), spec.gguf.sha256, fill)
+    with pytest.raises(SinkEvalError, match=f"is a file, not a directory; set {cache.CACHE_ENV}"):
+        cache.ensure_cache(models._cache_dir(spec), spec.gguf.sha256, fill)
 
 
 @pytest.mark.parametrize(

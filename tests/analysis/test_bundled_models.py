@@ -9,11 +9,10 @@ import time
 import pytest
 import torch
 
+from conftest import REAL_MODELS
 from sink_eval.models import ZOO, load_model
 
 pytestmark = pytest.mark.analysis
-
-REAL_MODELS = ["smollm2-135m", "gemma3-270m"]
 
 
 def _greedy(loaded, prompt: str, new_tokens: int = 16) -> list[int]:

@@ -1,5 +1,5 @@
 """The copy patch on the real models: exact when empty, consistent between prefill and cached decoding, and its
-calibrated plan (the most consistent sink heads) barely moves the next-token distribution."""
+plan of the most consistent sink heads (measured in the same session) barely moves the next-token distribution."""
 
 from __future__ import annotations
 
@@ -13,8 +13,17 @@ from sink_eval.patch_eval import kl_and_top1
 pytestmark = pytest.mark.analysis
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Once upon a time, in a small village by the sea,"]
-# The two most consistent sink heads of each model at tau = 0.8 (baselines/analysis): a plan worth testing.
-CONSISTENT = {"smollm2-135m": {18: [7, 8]}, "gemma3-270m": {5: [1, 2], 1: [1]}}
+
+
+def most_consistent_plan(analysis_result, name: str, k: int = 2) -> CopyPlan:
+    """A plan worth testing: the k most consistent sink heads at tau = 0.8, as this session measures them on the
+    default prompt set (the analysis result's `top_consistent_heads`)."""
+    top = analysis_result(name)["summary"]["tau=0.8"]["top_consistent_heads"][:k]
+    assert len(top) == k, f"{name}: the analysis result lists {len(top)} consistent heads, fewer than {k}"
+    heads: dict[int, list[int]] = {}
+    for entry in top:
+        heads.setdefault(entry["layer"], []).append(entry["head"])
+    return CopyPlan.of(heads)
 
 
 def _batch(loaded):
@@ -37,11 +46,11 @@ def test_an_empty_plan_leaves_a_real_model_exactly_unchanged(bundled_model, name
 
 
 @pytest.mark.parametrize("name", REAL_MODELS)
-def test_cached_generation_under_a_plan_matches_its_full_forward(bundled_model, name):
+def test_cached_generation_under_a_plan_matches_its_full_forward(bundled_model, analysis_result, name):
     """Greedy tokens from the plan's KV cache (copied KV groups dropped) are the argmax of a full patched forward."""
     loaded = bundled_model(name)
     batch = _batch(loaded)
-    plan = CopyPlan.of(CONSISTENT[name])
+    plan = most_consistent_plan(analysis_result, name)
     ids, cache = generate(loaded.model, plan, batch["input_ids"], batch["attention_mask"], max_new_tokens=8)
     mask = torch.cat([batch["attention_mask"], torch.ones(len(PROMPTS), 8, dtype=torch.long)], dim=1)
     with torch.no_grad(), patched(loaded.model, plan):
@@ -52,12 +61,13 @@ def test_cached_generation_under_a_plan_matches_its_full_forward(bundled_model, 
 
 
 @pytest.mark.parametrize("name", REAL_MODELS)
-def test_copying_the_most_consistent_sink_heads_barely_changes_the_next_token(bundled_model, name):
+def test_copying_the_most_consistent_sink_heads_barely_changes_the_next_token(bundled_model, analysis_result, name):
     loaded = bundled_model(name)
     batch = _batch(loaded)
+    plan = most_consistent_plan(analysis_result, name)
     with torch.no_grad():
         reference = loaded.model(**batch).logits[:, -1:]
-        with patched(loaded.model, CopyPlan.of(CONSISTENT[name])):
+        with patched(loaded.model, plan):
             out = loaded.model(**batch).logits[:, -1:]
         with patched(loaded.model, CopyPlan.of({layer: range(4) for layer in range(4)})):
             damaged = loaded.model(**batch).logits[:, -1:]

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import REAL_MODELS
 from sink_eval import baselines
-from sink_eval.analysis import bin_key
-from sink_eval.prompts import LENGTH_BINS
+from sink_eval.analysis import bin_key, probe_prompts, results
+from sink_eval.prompts import LENGTH_BINS, Prompt, TokenizedPrompt
 from sink_eval.sinks import DEFAULT_THRESHOLDS
 
 pytestmark = pytest.mark.analysis
@@ -52,10 +52,25 @@ def test_measured_value_lies_in_its_baseline_band(baseline_for, model, tau, grou
     assert problem is None, f"{model} {key}: {problem}"
 
 
+def _all_none(scores: list[list[float | None]]) -> bool:
+    return all(v is None for row in scores for v in row)
+
+
 @pytest.mark.parametrize("model", REAL_MODELS)
-def test_one_token_prompts_are_trivial_never_counted_as_sinks(analysis_result, model):
-    res = analysis_result(model)
-    one_token = [p for p in res["prompts"] if p["n_tokens"] == 1]
-    assert all(all(v is None for row in p["sink_score"] for v in row) for p in one_token)
-    trivial = res["summary"]["tau=0.8"]["bins"]["1-3"]["n_trivial"]
-    assert trivial == len(one_token)
+def test_one_token_prompts_are_trivial_never_counted_as_sinks(bundled_model, analysis_result, model):
+    """A hand-built one-token prompt, probed and summarised through the same path as the prompt set, has NaN scores
+    (None in the JSON) and is counted trivial, while a two-token prompt beside it is scored; the prompt set's own
+    one-token prompts, if it has any, have no scores either."""
+    loaded = bundled_model(model)
+    ids = loaded.tokenizer("The capital of France")["input_ids"]
+    built = [TokenizedPrompt(Prompt(f"{n}-token", "test", "The capital of France"), ids[:n]) for n in (1, 2)]
+    res = results(loaded, probe_prompts(loaded, built, progress=False), DEFAULT_THRESHOLDS)
+    one, two = res["prompts"]
+    assert (one["n_tokens"], two["n_tokens"]) == (1, 2)
+    assert _all_none(one["sink_score"]) and _all_none(one["self_score"]) and _all_none(one["prev_score"])
+    assert all(v is not None for row in two["sink_score"] for v in row)
+    for tau in DEFAULT_THRESHOLDS:
+        summary = res["summary"][f"tau={tau:g}"]
+        assert (summary["bins"]["1-3"]["n_prompts"], summary["bins"]["1-3"]["n_trivial"]) == (2, 1)
+        assert summary["all"]["n_trivial"] == 1
+    assert all(_all_none(p["sink_score"]) for p in analysis_result(model)["prompts"] if p["n_tokens"] == 1)

@@ -1,23 +1,24 @@
 """Speed gates of the copy patch on smollm2-135m: forced plans copying a fraction f of the heads.
 
 Each test times, round by round, each variant right after the unpatched region (`sink_eval.speed.paired`: the
-speed-up is the median of those back-to-back ratios): the region patched with each plan, and the region with
-attention returning at once (for the attention share a). The gate of a plan copying a fraction f:
+speed-up is the median of those back-to-back ratios, their spread the IQR): the region patched with each plan, and
+the region with attention returning at once (for the attention share a). The gate of a plan copying a fraction f:
 the patch saves at least 80 % of the time that the ceiling 1 / (1 - f a) says can be saved
-(`sink_eval.speed.gate_passes`). Absolute medians go to the benchmark's extra_info, for reference only;
-`--benchmark-json baselines/bench/<file>.json` keeps a run.
+(`sink_eval.speed.gate_passes`), judged on the lower quartile of the paired ratios, so that a gate passes only when
+three rounds in four clear it, not when the median happens to. Speed-ups, their IQR and the absolute medians (for
+reference only) go to the benchmark's extra_info; `--benchmark-json baselines/bench/<file>.json` keeps a run.
 
 - attention layers: the attention modules (projections, RoPE, attention, output) of layers 0-3, each fed the same
-  real hidden states; f is exact over their 36 heads. Gated at 2048 and 8192 tokens for f >= 0.25, and f = 0.5 must
-  be at least 1.6x faster at 8192 tokens.
+  real hidden states; f is exact over their 36 heads. Gated at 2048 and 8192 tokens for f >= 0.25.
 - whole model: prefill (512, 2048; 8192 with f = 0.5 only, one round without warm-up: about 100 s a forward here)
   and decode steps over a KV cache of 512 / 2048 / 8192 tokens (random K/V: only its size matters for speed).
-  Reported with their ceilings, not gated.
+  Not gated on speed (the attention share of a whole model is too small here for the gate to rise above the
+  noise): a speed-up must stay within its ceiling plus `NOISE` (more would mean the share or the timing is wrong),
+  and the plan's decode cache must hold exactly the KV bytes the plan keeps.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -25,16 +26,18 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from sink_eval.patch import CopyPlan, new_cache, patched
+from sink_eval.patch import CopyPlan, kv_cache_bytes, new_cache, patched
 from sink_eval.prompts import default_prompts
-from sink_eval.speed import Paired, ceiling, gate_passes, paired, without_attention
+from sink_eval.speed import Paired, ceiling, clock, gate_passes, paired, without_attention
 
 pytestmark = pytest.mark.bench
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 ATTENTION_LAYERS = 4
 ROUNDS = 3
+GATED_ROUNDS = 7  # the attention-layer gate's lower quartile needs more than three rounds
 DECODE_STEPS = 8
+NOISE = 0.15  # how far a measured speed-up may exceed its ceiling before the measurement is called wrong
 
 
 def forced_plan(layers: list[int], heads: int, fraction: float) -> CopyPlan:
@@ -64,18 +67,32 @@ def report(benchmark, what: str, tokens: int, fractions: dict[float, float], tim
         row = {
             "fraction": f,
             "speedup": t.speedup,
+            "speedup_lower_quartile": t.lower_quartile,
+            "speedup_iqr": t.iqr,
             "ceiling": c,
-            "gate": gate_passes(t.speedup, c),
+            "gate": gate_passes(t.lower_quartile, c),
             "unpatched_s": t.unpatched_s,
             "patched_s": t.variant_s,
         }
         rows[f"f={label:g}"] = row
         print(
             f"{what} {tokens:>5} tokens f={f:.3f}: {t.unpatched_s:.4f} s -> {t.variant_s:.4f} s, paired speed-up "
-            f"{t.speedup:.2f} (ceiling {c:.2f}, a={share:.3f}) gate {'pass' if row['gate'] else 'FAIL'}"
+            f"{t.speedup:.2f} (IQR {t.iqr:.2f}, lower quartile {t.lower_quartile:.2f}; ceiling {c:.2f}, "
+            f"a={share:.3f}) gate {'pass' if row['gate'] else 'FAIL'}"
         )
-    benchmark.extra_info.update({"what": what, "tokens": tokens, "attention_share": share, "plans": rows})
+    benchmark.extra_info.update(
+        {"what": what, "tokens": tokens, "attention_share": share, "share_iqr": timings["without"].iqr, "plans": rows}
+    )
     return rows
+
+
+def assert_within_ceilings(rows: dict) -> None:
+    above = {
+        label: (row["speedup"], row["ceiling"])
+        for label, row in rows.items()
+        if row["speedup"] > row["ceiling"] * (1 + NOISE)
+    }
+    assert not above, f"speed-ups above their ceiling + {NOISE:.0%} (speed-up, ceiling): {above}"
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +124,14 @@ def test_attention_layer_speedup_saves_80_percent_of_its_ceiling(benchmark, smol
     for f, plan in plans.items():
         variants[f"f={f:g}"] = attention_layers(lambda plan=plan: patched(model, plan))
     unpatched = attention_layers(nullcontext)
-    timings = benchmark.pedantic(lambda: paired(unpatched, variants, ROUNDS), rounds=1, iterations=1)
+    timings = benchmark.pedantic(
+        lambda: paired(unpatched, variants, GATED_ROUNDS, device=model.device), rounds=1, iterations=1
+    )
     fractions = {f: plan.n_copied() / (len(layers) * heads) for f, plan in plans.items()}
     rows = report(benchmark, "attention layers", tokens, fractions, timings)
     if tokens >= 2048:
         failed = [label for label, row in rows.items() if row["fraction"] >= 0.25 and not row["gate"]]
-        assert not failed, f"gates failed at {tokens} tokens: {failed}"
-    if tokens == 8192:
-        assert rows["f=0.5"]["speedup"] >= 1.6
+        assert not failed, f"gates failed at {tokens} tokens (on the lower quartile of the paired ratios): {failed}"
 
 
 @pytest.mark.parametrize(
@@ -139,8 +156,11 @@ def test_whole_model_prefill_speedup_with_its_ceiling(benchmark, smollm, tokens,
     for f, plan in plans.items():
         variants[f"f={f:g}"] = prefill(lambda plan=plan: patched(model, plan))
     unpatched = prefill(nullcontext)
-    timings = benchmark.pedantic(lambda: paired(unpatched, variants, rounds, warmup), rounds=1, iterations=1)
-    report(benchmark, "prefill", tokens, {f: p.n_copied() / (len(layers) * heads) for f, p in plans.items()}, timings)
+    timings = benchmark.pedantic(
+        lambda: paired(unpatched, variants, rounds, warmup, device=model.device), rounds=1, iterations=1
+    )
+    fractions = {f: p.n_copied() / (len(layers) * heads) for f, p in plans.items()}
+    assert_within_ceilings(report(benchmark, "prefill", tokens, fractions, timings))
 
 
 def _filled(cache: DynamicCache, model, tokens: int) -> DynamicCache:
@@ -153,22 +173,37 @@ def _filled(cache: DynamicCache, model, tokens: int) -> DynamicCache:
     return cache
 
 
+def planned_kv_bytes(model, plan: CopyPlan, positions: int) -> int:
+    """The KV bytes a plan's cache holds after `positions` positions, from the plan alone: per layer, K and V of
+    every KV group that some head still attends with, plus the first token's value of every KV group."""
+    config = model.config
+    group = config.num_attention_heads // config.num_key_value_heads
+    row = config.head_dim * torch.finfo(model.dtype).bits // 8  # bytes of one head's vector at one position
+    total = 0
+    for layer in range(config.num_hidden_layers):
+        copied = plan.heads.get(layer, frozenset())
+        kept = {h // group for h in range(config.num_attention_heads) if h not in copied}
+        total += 2 * len(kept) * positions * row + config.num_key_value_heads * row
+    return total
+
+
 @pytest.mark.parametrize("tokens", [512, 2048, 8192])
 def test_whole_model_decode_speedup_with_its_ceiling(benchmark, smollm, tokens):
     model = smollm.model
     layers = list(range(model.config.num_hidden_layers))
     heads = model.config.num_attention_heads
     mask = torch.ones(1, tokens, dtype=torch.long)
+    caches: dict[str, DynamicCache] = {}
 
-    def decode(make_cache, context) -> Callable[[], float]:
+    def decode(name: str, make_cache, context) -> Callable[[], float]:
         def run() -> float:
-            cache = _filled(make_cache(), model, tokens)
+            cache = caches[name] = _filled(make_cache(), model, tokens)
             token = torch.tensor([[1]])
             with torch.no_grad(), context(cache):
-                start = time.perf_counter()
+                start = clock(model.device)
                 for _ in range(DECODE_STEPS):
                     token = model(input_ids=token, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
-                return (time.perf_counter() - start) / DECODE_STEPS
+                return (clock(model.device) - start) / DECODE_STEPS
 
         return run
 
@@ -176,11 +211,20 @@ def test_whole_model_decode_speedup_with_its_ceiling(benchmark, smollm, tokens):
         return DynamicCache(config=model.config)
 
     plans = {f: forced_plan(layers, heads, f) for f in FRACTIONS}
-    variants = {"without": decode(plain, lambda cache: without_attention(model))}
+    variants = {"without": decode("without", plain, lambda cache: without_attention(model))}
     for f, plan in plans.items():
         variants[f"f={f:g}"] = decode(
-            lambda plan=plan: new_cache(model, plan, mask), lambda cache, plan=plan: patched(model, plan, cache)
+            f"f={f:g}",
+            lambda plan=plan: new_cache(model, plan, mask),
+            lambda cache, plan=plan: patched(model, plan, cache),
         )
-    unpatched = decode(plain, lambda cache: nullcontext())
-    timings = benchmark.pedantic(lambda: paired(unpatched, variants, ROUNDS), rounds=1, iterations=1)
-    report(benchmark, "decode", tokens, {f: p.n_copied() / (len(layers) * heads) for f, p in plans.items()}, timings)
+    unpatched = decode("unpatched", plain, lambda cache: nullcontext())
+    timings = benchmark.pedantic(
+        lambda: paired(unpatched, variants, ROUNDS, device=model.device), rounds=1, iterations=1
+    )
+    fractions = {f: p.n_copied() / (len(layers) * heads) for f, p in plans.items()}
+    assert_within_ceilings(report(benchmark, "decode", tokens, fractions, timings))
+    kv_bytes = {f"f={f:g}": kv_cache_bytes(caches[f"f={f:g}"]) for f in plans}
+    benchmark.extra_info["kv_bytes"] = kv_bytes | {"unpatched": kv_cache_bytes(caches["unpatched"])}
+    positions = tokens + DECODE_STEPS
+    assert kv_bytes == {f"f={f:g}": planned_kv_bytes(model, plan, positions) for f, plan in plans.items()}

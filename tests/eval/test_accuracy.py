@@ -30,8 +30,7 @@ POLICIES = (("calibrated", 0.8), ("calibrated", 0.3))
 def measured(bundled_model, pytestconfig):
     """`measured(name)` -> (eval results, checked baseline); with --update-baselines the baseline is rewritten."""
     from sink_eval.evaluate import run_eval
-    from sink_eval.patch_eval import Policy
-    from sink_eval.policies import PolicyOptions
+    from sink_eval.policies import Policy, PolicyOptions
 
     done = {}
 
