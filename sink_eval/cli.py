@@ -66,12 +66,12 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     tokenized = tokenize(loaded.tokenizer, prompts, args.max_tokens, args.truncate)
     thresholds = tuple(args.threshold or DEFAULT_THRESHOLDS)
     command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
-    res = results(loaded, probe_prompts(loaded, tokenized), thresholds, args.chance_corrected, command)
+    res = results(loaded, probe_prompts(loaded, tokenized), thresholds, args.chance_corrected, command, args.max_tokens)
     if args.out is not None:
         write_analysis(res, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}/results.json, {args.out}/report.md and figures", file=sys.stderr)
     if args.json:
-        print(json.dumps(res))
+        print(json.dumps(res.to_json()))
     else:
         from sink_eval.report import agreement_table, prevalence_table
 
@@ -79,18 +79,11 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from sink_eval.files import write_dir_atomically
-    from sink_eval.report import compare_report, read_results
+    from sink_eval.report import read_results, write_compare
 
     a, b = read_results(args.first), read_results(args.second)
-    text, figure = compare_report(a, b, args.first.name or "first", args.second.name or "second")
-
-    def fill(tmp: Path) -> None:
-        figure(tmp)
-        (tmp / "compare.md").write_text(text)
-
-    write_dir_atomically(args.out, fill, overwrite=args.overwrite)
-    print(text)
+    labels = args.first.name or "first", args.second.name or "second"
+    print(write_compare(a, b, *labels, args.out, overwrite=args.overwrite))
 
 
 def _policies(args: argparse.Namespace, default: tuple[str, ...]) -> list:
@@ -129,7 +122,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.out is not None:
         write_eval(res, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}/results.json and {args.out}/report.md", file=sys.stderr)
-    print(json.dumps(res) if args.json else eval_table(res))
+    print(json.dumps(res.to_json()) if args.json else eval_table(res))
 
 
 def _cmd_patch_eval(args: argparse.Namespace) -> None:
@@ -170,7 +163,7 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
     if args.out is not None:
         write_patch_eval(res, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}/results.json, {args.out}/report.md and a figure", file=sys.stderr)
-    print(json.dumps(res) if args.json else patch_table(res))
+    print(json.dumps(res.to_json()) if args.json else patch_table(res))
 
 
 def _threshold(text: str) -> float:
