@@ -96,9 +96,12 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def _read(tp: Any, value: Any, source: str, where: str) -> Any:
+def _read(tp: Any, value: Any, source: str, where: str, expected: str | None = None) -> Any:
+    """`value` read as `tp`; `expected` describes the type in errors (default: `tp`'s description)."""
+
     def mistyped() -> SinkEvalError:
-        return SinkEvalError(f"{source}: {where or 'the file'} should be {_describe(tp)}, not {_json_type(value)}")
+        what = expected or _describe(tp)
+        return SinkEvalError(f"{source}: {where or 'the file'} should be {what}, not {_json_type(value)}")
 
     if tp is Any:
         return value
@@ -122,7 +125,7 @@ def _read(tp: Any, value: Any, source: str, where: str) -> Any:
             raise TypeError(f"from_json reads X | None, not {tp}")
         if value is None:
             raise mistyped()
-        return _read(options[0], value, source, where)
+        return _read(options[0], value, source, where, expected or _describe(tp))
     if origin is list:
         if not isinstance(value, list):
             raise mistyped()
