@@ -286,7 +286,7 @@ def test_the_committed_analysis_baselines_are_readable():
     from pathlib import Path
 
     for path in sorted((Path(__file__).parents[1] / "baselines" / "analysis").glob("*.json")):
-        assert len(baselines.read_baseline(path).values) == 32
+        assert baselines.read_baseline(path).values
 
 
 def _copied_baseline(tmp_path, analysis, edit) -> object:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sink_eval import cli
-from sink_eval.patch_eval import kl_and_top1
+from sink_eval.patch_eval import PatchEvalResult, kl_and_top1
 
 
 def _jsonl(path, texts: list[str], prefix: str):
@@ -54,16 +54,20 @@ def _run(tmp_path, prompt_files, *extra) -> int:
 def test_patch_eval_writes_a_row_per_policy_with_fidelity_speed_and_kv(tmp_path, prompt_files):
     out = tmp_path / "out"
     assert _run(tmp_path, prompt_files, "--out", str(out)) == 0
-    res = json.loads((out / "results.json").read_text())
-    assert res["schema"] == "sink_eval.patch_eval/1"
-    assert [row["policy"] for row in res["policies"]] == ["first_layer", "calibrated", "oracle", "hybrid"]
-    for row in res["policies"]:
-        assert 0 <= row["fraction_copied"] <= 1 and len(row["per_layer_fraction"]) == 4
-        assert 0 <= row["top1"] <= 1 and row["kl"] > -1e-6 and len(row["layer_error"]) == 4
-        assert row["speed"]["prefill_ceiling"] >= 1 and row["speed"]["kv_bytes_unpatched"] > 0
-    assert set(res["settings"]["calibration_prompts"]).isdisjoint(res["settings"]["evaluation_prompts"])
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema"] == "sink_eval.patch_eval/2"
+    res = PatchEvalResult.from_json(data, out / "results.json")
+    assert [row.policy for row in res.policies] == ["first_layer", "calibrated", "oracle", "hybrid"]
+    for row in res.policies:
+        f = row.fidelity
+        assert 0 <= f.fraction_copied <= 1 and len(f.per_layer_fraction) == 4
+        assert 0 <= f.top1 <= 1 and f.kl > -1e-6 and len(f.layer_error) == 4
+        assert row.ceilings.prefill >= 1 and row.kv.unpatched_bytes > 0
+        assert row.kv.saved_bytes == row.kv.unpatched_bytes - row.kv.patched_bytes
+    assert set(res.settings.calibration_prompts).isdisjoint(res.settings.evaluation_prompts)
     assert (out / "speedup_vs_fidelity.png").exists()
     assert "| policy" in (out / "report.md").read_text()
+    assert PatchEvalResult.from_json(res.to_json(), "x") == res and res.to_json() == data
 
 
 def test_patch_eval_refuses_overlapping_calibration_prompts(tmp_path, prompt_files, capsys):
