@@ -297,14 +297,16 @@ def run(
     speed_stats = probe(model, speed_ids).stats[0] if any(p.per_prompt() for p in policies) else None
     rows = []
     for policy in policies:
+        measured_fidelity = fidelity(ctx, policy, progress)
+        greedy = greedy_generations(ctx, policy, unpatched, new_tokens)
         measured, ceilings = speed(ctx, policy, speed_ids, speed_stats, speed_rounds)
         rows.append(
             PolicyRow(
                 policy=policy.name,
                 label=policy.label,
                 options=asdict(policy.options),
-                fidelity=fidelity(ctx, policy, progress),
-                greedy=greedy_generations(ctx, policy, unpatched, new_tokens),
+                fidelity=measured_fidelity,
+                greedy=greedy,
                 speed=measured,
                 ceilings=ceilings,
                 kv=kv_memory(measured),
