@@ -39,7 +39,7 @@ def bundled_model():
 
 @pytest.fixture(scope="session")
 def analysis_result(bundled_model):
-    """`analysis_result(name)` -> the results JSON of the default prompt set at the default thresholds, once a
+    """`analysis_result(name)` -> the `AnalysisResult` of the default prompt set at the default thresholds, once a
     session per model. With --update-baselines the model's baseline file is rewritten from it first."""
     from sink_eval.analysis import probe_prompts, results
     from sink_eval.prompts import default_prompts, tokenize

@@ -1,4 +1,4 @@
-"""Probe a prompt set and summarise it: the results JSON of `sink-eval analyze` (schema in DESIGN.md).
+"""Probe a prompt set and summarise it: the `AnalysisResult` of `sink-eval analyze` (its results.json).
 
 Summary statistics, per length bin and threshold, over the prompts with at least two tokens (a one-token prompt has
 no query to average: it is counted as trivial, never as 100 % sinks):
@@ -10,11 +10,13 @@ no query to average: it is counted as trivial, never as 100 % sinks):
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from importlib.metadata import version
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm import tqdm
@@ -22,10 +24,11 @@ from tqdm import tqdm
 from sink_eval.correlation import consistency, first_layer_agreement, layer_correlation, spearman
 from sink_eval.models import LoadedModel
 from sink_eval.probe import PromptStats, probe
-from sink_eval.prompts import LENGTH_BINS, TokenizedPrompt, length_bin, prompt_set_sha256
+from sink_eval.prompts import DEFAULT_MAX_TOKENS, LENGTH_BINS, Prompt, TokenizedPrompt, length_bin, prompt_set_sha256
+from sink_eval.results import ModelInfo, Provenance, from_json, provenance, with_schema, without_schema
 from sink_eval.sinks import HEAD_CLASSES, head_classes, sink_heads, threshold_for
 
-SCHEMA = "sink_eval.results/1"
+SCHEMA = "sink_eval.results/2"
 MIN_SCORED_TOKENS = 2  # a one-token prompt has no query to average over: it is trivial
 BOOTSTRAP_RESAMPLES = 200
 TOP_HEADS = 10
@@ -51,13 +54,99 @@ def bin_key(lo: int, hi: int) -> str:
     return f"{lo}-{hi}"
 
 
-def summary_groups(summary: dict) -> list[tuple[str, dict]]:
-    """(key, group) of one threshold's summary: each length bin, then the pooled "all"."""
-    return [*summary["bins"].items(), ("all", summary["all"])]
+@dataclass
+class TruncatedPrompt:
+    id: str
+    original_tokens: int  # its length before `--truncate` cut it to `max_tokens`
 
 
-def summary_group(summary: dict, key: str) -> dict:
-    return summary["all"] if key == "all" else summary["bins"][key]
+@dataclass
+class Settings:
+    thresholds: list[float]
+    chance_corrected_threshold: bool
+    exclude_first_query: bool
+    length_bins: list[list[int]]
+    prompt_set_sha256: str
+    max_tokens: int
+    truncated: list[TruncatedPrompt]
+
+
+@dataclass
+class PromptRecord:
+    """One probed prompt: its (layers, heads) scores, null for a trivial one-token prompt."""
+
+    id: str
+    domain: str
+    text_sha256: str
+    n_tokens: int
+    sink_score: list[list[float | None]]
+    self_score: list[list[float | None]]
+    prev_score: list[list[float | None]]
+
+
+@dataclass
+class GroupSummary:
+    """The statistics of one length bin (`tokens` "4-9") or of all prompts pooled (`tokens` "all"); every statistic
+    is None when the group has no non-trivial prompt."""
+
+    tokens: str
+    n_prompts: int
+    n_trivial: int
+    prevalence: float | None
+    prevalence_se: float | None
+    per_layer_prevalence: list[float]
+    first_layer_agreement: float | None
+    first_layer_agreement_se: float | None
+    base_rate: float | None
+    lift: float | None
+    recall: float | None
+    prompts_with_layer0_sink: int | None
+    head_classes: dict[str, float]
+
+
+@dataclass
+class ConsistentHead:
+    layer: int
+    head: int
+    consistency: float
+    mean_sink_score: float
+
+
+@dataclass
+class ThresholdSummary:
+    threshold: float
+    bins: list[GroupSummary]
+    all: GroupSummary
+    spearman_length_vs_prevalence: float | None
+    top_consistent_heads: list[ConsistentHead]
+
+    def groups(self) -> list[GroupSummary]:
+        """Each length bin, then the pooled "all"."""
+        return [*self.bins, self.all]
+
+    def group(self, tokens: str) -> GroupSummary:
+        return next(g for g in self.groups() if g.tokens == tokens)
+
+
+@dataclass
+class AnalysisResult:
+    SCHEMA: ClassVar[str] = SCHEMA
+    model: ModelInfo
+    settings: Settings
+    prompts: list[PromptRecord]
+    summary: list[ThresholdSummary]
+    layer_correlation: list[list[float]] | None  # between layers' sink scores, over prompts and heads
+    provenance: Provenance
+
+    def at(self, threshold: float) -> ThresholdSummary:
+        return next(s for s in self.summary if s.threshold == threshold)
+
+    def to_json(self) -> dict:
+        return with_schema(SCHEMA, self)
+
+    @classmethod
+    def from_json(cls, data: dict, source: str | Path) -> AnalysisResult:
+        return from_json(cls, without_schema(data, SCHEMA, source), source)
 
 
 def _scored(items: list[ProbedPrompt]) -> list[ProbedPrompt]:
@@ -91,11 +180,15 @@ def _agreement(sinks: torch.Tensor) -> float | None:
     return first_layer_agreement(sinks).agreement
 
 
-def _group_summary(items: list[ProbedPrompt], tau: float, chance_corrected: bool) -> dict:
+def _group_summary(tokens: str, items: list[ProbedPrompt], tau: float, chance_corrected: bool) -> GroupSummary:
     scored = _scored(items)
-    summary = {"n_prompts": len(items), "n_trivial": len(items) - len(scored)}
+    counts = {"tokens": tokens, "n_prompts": len(items), "n_trivial": len(items) - len(scored)}
     if not scored:
-        return summary | {"prevalence": None, "first_layer_agreement": None}
+        undefined = dict.fromkeys(
+            ["prevalence", "prevalence_se", "first_layer_agreement", "first_layer_agreement_se", "base_rate"]
+            + ["lift", "recall", "prompts_with_layer0_sink"]
+        )
+        return GroupSummary(**counts, **undefined, per_layer_prevalence=[], head_classes={})
     sinks = _sink_maps(scored, tau, chance_corrected)
     fla = first_layer_agreement(sinks)
     classes = torch.stack(
@@ -106,21 +199,22 @@ def _group_summary(items: list[ProbedPrompt], tau: float, chance_corrected: bool
             for p in scored
         ]
     )
-    return summary | {
-        "prevalence": _prevalence(sinks),
-        "prevalence_se": bootstrap_se(sinks, _prevalence),
-        "per_layer_prevalence": sinks.float().mean(dim=(0, 2)).tolist(),
-        "first_layer_agreement": fla.agreement,
-        "first_layer_agreement_se": bootstrap_se(sinks, _agreement) if fla.agreement is not None else None,
-        "base_rate": fla.base_rate,
-        "lift": fla.lift,
-        "recall": fla.recall,
-        "prompts_with_layer0_sink": fla.prompts_with_layer0_sink,
-        "head_classes": {name: float((classes == i).float().mean()) for i, name in enumerate(HEAD_CLASSES)},
-    }
+    return GroupSummary(
+        **counts,
+        prevalence=_prevalence(sinks),
+        prevalence_se=bootstrap_se(sinks, _prevalence),
+        per_layer_prevalence=sinks.float().mean(dim=(0, 2)).tolist(),
+        first_layer_agreement=fla.agreement,
+        first_layer_agreement_se=bootstrap_se(sinks, _agreement) if fla.agreement is not None else None,
+        base_rate=fla.base_rate,
+        lift=fla.lift,
+        recall=fla.recall,
+        prompts_with_layer0_sink=fla.prompts_with_layer0_sink,
+        head_classes={name: float((classes == i).float().mean()) for i, name in enumerate(HEAD_CLASSES)},
+    )
 
 
-def _top_heads(items: list[ProbedPrompt], tau: float, chance_corrected: bool) -> list[dict]:
+def _top_heads(items: list[ProbedPrompt], tau: float, chance_corrected: bool) -> list[ConsistentHead]:
     scored = _scored(items)
     if not scored:
         return []
@@ -131,40 +225,50 @@ def _top_heads(items: list[ProbedPrompt], tau: float, chance_corrected: bool) ->
         key=lambda lh: (-float(cons[lh]), -float(mean_score[lh]), lh),
     )
     return [
-        {
-            "layer": layer,
-            "head": head,
-            "consistency": float(cons[layer, head]),
-            "mean_sink_score": float(mean_score[layer, head]),
-        }
+        ConsistentHead(layer, head, float(cons[layer, head]), float(mean_score[layer, head]))
         for layer, head in order[:TOP_HEADS]
     ]
 
 
-def summarize(probed: list[ProbedPrompt], thresholds: tuple[float, ...], chance_corrected: bool = False) -> dict:
+def summarize(
+    probed: list[ProbedPrompt], thresholds: tuple[float, ...], chance_corrected: bool = False
+) -> list[ThresholdSummary]:
+    """The summary at each threshold: per length bin, pooled, the length correlation and the top heads."""
     by_bin = {b: [p for p in probed if length_bin(p.stats.n_tokens) == b] for b in LENGTH_BINS}
     scored = _scored(probed)
-    summary = {}
+    lengths = torch.tensor([float(p.stats.n_tokens) for p in scored])
+    summary = []
     for tau in thresholds:
         per_prompt = [float(s.float().mean()) for s in _sink_maps(scored, tau, chance_corrected)] if scored else []
-        summary[f"tau={tau:g}"] = {
-            "bins": {bin_key(*b): _group_summary(items, tau, chance_corrected) for b, items in by_bin.items()},
-            "all": _group_summary(probed, tau, chance_corrected),
-            "spearman_length_vs_prevalence": spearman(
-                torch.tensor([float(p.stats.n_tokens) for p in scored]), torch.tensor(per_prompt)
+        summary.append(
+            ThresholdSummary(
+                threshold=tau,
+                bins=[_group_summary(bin_key(*b), items, tau, chance_corrected) for b, items in by_bin.items()],
+                all=_group_summary("all", probed, tau, chance_corrected),
+                spearman_length_vs_prevalence=spearman(lengths, torch.tensor(per_prompt)) if scored else None,
+                top_consistent_heads=_top_heads(probed, tau, chance_corrected),
             )
-            if scored
-            else None,
-            "top_consistent_heads": _top_heads(probed, tau, chance_corrected),
-        }
-    if scored:
-        scores = torch.stack([p.stats.sink for p in scored])
-        summary["layer_correlation"] = torch.nan_to_num(layer_correlation(scores), nan=0.0).tolist()
+        )
     return summary
+
+
+def _layer_correlation(probed: list[ProbedPrompt]) -> list[list[float]] | None:
+    scored = _scored(probed)
+    if not scored:
+        return None
+    return torch.nan_to_num(layer_correlation(torch.stack([p.stats.sink for p in scored])), nan=0.0).tolist()
 
 
 def _round(t: torch.Tensor) -> list:
     return [[None if v != v else round(v, 6) for v in row] for row in t.tolist()]
+
+
+def _tensor(scores: list[list[float | None]]) -> torch.Tensor:
+    return torch.tensor([[float("nan") if v is None else v for v in row] for row in scores])
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def results(
@@ -173,39 +277,66 @@ def results(
     thresholds: tuple[float, ...],
     chance_corrected: bool = False,
     command: str = "",
-) -> dict:
-    """The results JSON: model, settings, per-prompt scores, summary, versions and provenance."""
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> AnalysisResult:
+    """The analysis result: model, settings (truncated prompts included), per-prompt scores, summary, provenance."""
     config = loaded.model.config
     prompts = [p.prompt.prompt for p in probed]
-    return {
-        "schema": SCHEMA,
-        "model": {
-            "name": loaded.spec.name,
-            "fingerprint": loaded.fingerprint,
-            "layers": config.num_hidden_layers,
-            "heads": config.num_attention_heads,
-            "kv_heads": config.num_key_value_heads,
-            "dtype": str(loaded.model.dtype).removeprefix("torch."),
-        },
-        "settings": {
-            "thresholds": list(thresholds),
-            "chance_corrected_threshold": chance_corrected,
-            "exclude_first_query": True,
-            "length_bins": [list(b) for b in LENGTH_BINS],
-            "prompt_set_sha256": prompt_set_sha256(prompts),
-        },
-        "prompts": [
-            {
-                "id": p.prompt.prompt.id,
-                "domain": p.prompt.prompt.domain,
-                "n_tokens": p.stats.n_tokens,
-                "sink_score": _round(p.stats.sink),
-                "self_score": _round(p.stats.self_),
-                "prev_score": _round(p.stats.prev),
-            }
+    return AnalysisResult(
+        model=ModelInfo(
+            name=loaded.spec.name,
+            fingerprint=loaded.fingerprint,
+            layers=config.num_hidden_layers,
+            heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads,
+            dtype=str(loaded.model.dtype).removeprefix("torch."),
+        ),
+        settings=Settings(
+            thresholds=list(thresholds),
+            chance_corrected_threshold=chance_corrected,
+            exclude_first_query=True,
+            length_bins=[list(b) for b in LENGTH_BINS],
+            prompt_set_sha256=prompt_set_sha256(prompts),
+            max_tokens=max_tokens,
+            truncated=[
+                TruncatedPrompt(p.prompt.prompt.id, p.prompt.truncated_from)
+                for p in probed
+                if p.prompt.truncated_from is not None
+            ],
+        ),
+        prompts=[
+            PromptRecord(
+                id=p.prompt.prompt.id,
+                domain=p.prompt.prompt.domain,
+                text_sha256=text_sha256(p.prompt.prompt.text),
+                n_tokens=p.stats.n_tokens,
+                sink_score=_round(p.stats.sink),
+                self_score=_round(p.stats.self_),
+                prev_score=_round(p.stats.prev),
+            )
             for p in probed
         ],
-        "summary": summarize(probed, thresholds, chance_corrected),
-        "versions": {name: version(name) for name in ("sink_eval", "torch", "transformers")},
-        "provenance": {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": command},
-    }
+        summary=summarize(probed, thresholds, chance_corrected),
+        layer_correlation=_layer_correlation(probed),
+        provenance=provenance(command),
+    )
+
+
+def restricted(res: AnalysisResult, keep: set[tuple[str, str]]) -> AnalysisResult:
+    """`res` over only the prompts whose (id, text_sha256) is in `keep`, summarised again from their stored
+    (rounded) scores."""
+    records = [p for p in res.prompts if (p.id, p.text_sha256) in keep]
+    probed = [
+        ProbedPrompt(
+            TokenizedPrompt(Prompt(r.id, r.domain, ""), []),
+            PromptStats(r.n_tokens, _tensor(r.sink_score), _tensor(r.self_score), _tensor(r.prev_score)),
+        )
+        for r in records
+    ]
+    thresholds = tuple(res.settings.thresholds)
+    return dataclasses.replace(
+        res,
+        prompts=records,
+        summary=summarize(probed, thresholds, res.settings.chance_corrected_threshold),
+        layer_correlation=_layer_correlation(probed),
+    )

@@ -1,226 +1,369 @@
 """Committed baselines: measured values with bands and provenance; read, write (atomically), compare, diff.
 
-A band is measured, never chosen to make a test pass: value ± max(2 x bootstrap standard error over prompts, 0.01).
-The bootstrap (`sink_eval.analysis`) is seeded, so the same measurement gives the same band.
+A band is measured, never chosen to make a test pass: value ± max(2 x standard error, 0.01) (the bootstrap standard
+error over prompts for the analysis, lm-eval's or the paired one for accuracy). The bootstrap
+(`sink_eval.analysis`) is seeded, so the same measurement gives the same band. A band is re-derived from the stored
+value, standard error and band rule whenever a baseline is read: one that differs from what the rule gives, or a
+value outside its metric's range ([0, 1] for a fraction or an accuracy, [-1, 1] for a change of accuracy), was edited
+by hand and is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from sink_eval.analysis import summary_groups
 from sink_eval.errors import SinkEvalError
 from sink_eval.files import write_text_atomically
+from sink_eval.results import ModelId, from_json, read_json_file, with_schema, without_schema
 
-BASELINE_SCHEMA = "sink_eval.baseline/1"
+if TYPE_CHECKING:
+    from sink_eval.analysis import AnalysisResult
+    from sink_eval.evaluate import EvalResult
+
 SE_MULTIPLE = 2.0
 MIN_HALF_WIDTH = 0.01
-BAND_RULE = f"value ± max({SE_MULTIPLE:g} x bootstrap standard error over prompts, {MIN_HALF_WIDTH:g})"
 METRICS = ("prevalence", "first_layer_agreement")
 
 
-def value_key(metric: str, tau: str, bin_key: str) -> str:
-    return f"{metric}/{tau}/{bin_key}"
+@dataclass
+class Measurement:
+    value: float | None  # None: undefined (e.g. no prompt of that length bin has a layer-0 sink)
+    se: float | None
 
 
-def measured_values(res: dict) -> dict[str, dict]:
-    """Every banded quantity of an analysis result: {key: {"value": v or None, "se": s or None}}."""
-    out = {}
-    for tau, summary in res["summary"].items():
-        if not tau.startswith("tau="):
-            continue
-        for bin_key, group in summary_groups(summary):
-            for metric in METRICS:
-                out[value_key(metric, tau, bin_key)] = {"value": group.get(metric), "se": group.get(f"{metric}_se")}
-    return out
+@dataclass
+class Band:
+    value: float | None
+    se: float | None
+    lo: float | None
+    hi: float | None
 
 
-def band(value: float | None, se: float | None) -> dict:
+def band(value: float | None, se: float | None) -> Band:
+    """value ± max(SE_MULTIPLE x se, MIN_HALF_WIDTH); all None for an undefined value."""
     if value is None:
-        return {"value": None, "se": None, "lo": None, "hi": None}
+        return Band(None, None, None, None)
     half = max(SE_MULTIPLE * (se or 0.0), MIN_HALF_WIDTH)
-    return {"value": value, "se": se, "lo": value - half, "hi": value + half}
+    return Band(value, se, value - half, value + half)
 
 
-def make_baseline(res: dict, command: str) -> dict:
-    return {
-        "schema": BASELINE_SCHEMA,
-        "model": {"name": res["model"]["name"], "fingerprint": res["model"]["fingerprint"]},
-        "provenance": {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": command,
-            "versions": res["versions"],
-            "prompt_set_sha256": res["settings"]["prompt_set_sha256"],
-            "n_prompts": len(res["prompts"]),
-        },
-        "band_rule": BAND_RULE,
-        "values": {k: band(v["value"], v["se"]) for k, v in measured_values(res).items()},
-    }
+@dataclass
+class AnalysisProvenance:
+    date: str
+    command: str
+    versions: dict[str, str]
+    prompt_set_sha256: str
+    n_prompts: int
 
 
-def read_baseline(
-    path: Path,
-    schema: str = BASELINE_SCHEMA,
-    marker: str = "analysis",
-    identity: tuple[tuple[str, str], ...] = (("model", "fingerprint"), ("provenance", "prompt_set_sha256")),
-) -> dict:
-    """A baseline file, checked for its schema and fields; every problem says how to make a good one."""
-    fix = f"regenerate it from a measurement with `pytest -m {marker} --update-baselines`"
-    try:
-        baseline = json.loads(Path(path).read_text())
-    except FileNotFoundError as err:
-        raise SinkEvalError(f"no baseline at {path}; {fix}") from err
-    except json.JSONDecodeError as err:
-        raise SinkEvalError(f"baseline {path} is not valid JSON ({err.msg}, line {err.lineno}); {fix}") from err
-    if not isinstance(baseline, dict) or baseline.get("schema") != schema:
-        raise SinkEvalError(f"baseline {path} is not a {schema} file; {fix}")
-    try:
-        for entry in baseline["values"].values():
-            if entry["value"] is not None and not entry["lo"] <= entry["value"] <= entry["hi"]:
-                raise SinkEvalError(f"baseline {path} has a band that does not contain its value; {fix}")
-        for section, field in identity:
-            if not isinstance(baseline[section][field], str):
-                raise SinkEvalError(f"baseline {path} has no {section}.{field}; {fix}")
-    except (KeyError, TypeError) as err:
-        raise SinkEvalError(f"baseline {path} is missing field {err}; {fix}") from err
-    return baseline
+@dataclass
+class AnalysisBaseline:
+    SCHEMA: ClassVar[str] = "sink_eval.baseline/1"
+    model: ModelId
+    provenance: AnalysisProvenance
+    band_rule: str
+    values: dict[str, Band]
 
 
-def check_comparable(res: dict, baseline: dict, path: Path) -> None:
-    """Refuse to compare a result with a baseline of other weights or another prompt set."""
-    how = "if the change is intended, re-measure with `pytest -m analysis --update-baselines` and say why in the commit"
-    if res["model"]["fingerprint"] != baseline["model"]["fingerprint"]:
-        raise SinkEvalError(
-            f"baseline {path} was measured on weights {baseline['model']['fingerprint']}, but the loaded model is "
-            f"{res['model']['fingerprint']}: the numbers are not comparable; {how}"
+@dataclass
+class EvalProvenance:
+    date: str
+    command: str
+    versions: dict[str, str]
+    settings: dict[str, Any]  # tasks, limit, splits, data_sha256, batch_size
+    settings_sha256: str
+    plans: dict[str, dict[str, Any]]  # label -> the static copy plan its accuracy was measured with
+    wall_s: dict[str, float]
+
+
+@dataclass
+class EvalBaseline:
+    SCHEMA: ClassVar[str] = "sink_eval.eval_baseline/2"
+    model: ModelId
+    provenance: EvalProvenance
+    band_rule: str
+    values: dict[str, Band]
+
+
+Baseline = AnalysisBaseline | EvalBaseline
+
+
+@dataclass(frozen=True)
+class IdentityKey:
+    """A field (dotted attribute path) that must be equal in a baseline and a measurement for them to compare, and
+    why they do not compare when it differs: `explain(stored, measured)`."""
+
+    field: str
+    explain: Callable[[Any, Any], str]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of baseline file: its class, the suite that re-measures it, its band rule, what makes two of them
+    comparable, and the range a value of each key lies in."""
+
+    cls: type
+    marker: str
+    band_rule: str
+    identity: tuple[IdentityKey, ...]
+    value_range: Callable[[str], tuple[float, float]]
+
+    @property
+    def fix(self) -> str:
+        return f"regenerate it from a measurement with `pytest -m {self.marker} --update-baselines`"
+
+    @property
+    def how(self) -> str:
+        return (
+            f"if the change is intended, re-measure with `pytest -m {self.marker} --update-baselines` and say why "
+            "in the commit"
         )
-    if res["settings"]["prompt_set_sha256"] != baseline["provenance"]["prompt_set_sha256"]:
-        raise SinkEvalError(
-            f"baseline {path} was measured on another prompt set (sha256 "
-            f"{baseline['provenance']['prompt_set_sha256'][:12]}, now {res['settings']['prompt_set_sha256'][:12]}: "
-            f"the eval data or the Python standard library differ); {how}"
-        )
-
-
-def outside_band(measured: dict, expected: dict) -> str | None:
-    """Why a measured {"value"} lies outside the expected band, or None when it is inside."""
-    value, lo, hi = measured["value"], expected["lo"], expected["hi"]
-    if expected["value"] is None or value is None:
-        if (expected["value"] is None) != (value is None):
-            return f"expected {expected['value']}, measured {value} (one of them is undefined)"
-        return None
-    if not lo <= value <= hi:
-        return f"measured {value:.4f}, outside the band [{lo:.4f}, {hi:.4f}] around {expected['value']:.4f}"
-    return None
-
-
-def write_baseline(path: Path, baseline: dict) -> None:
-    write_text_atomically(Path(path), json.dumps(baseline, indent=1) + "\n")
-
-
-def diff(old: dict | None, new: dict) -> str:
-    """What changed between two baselines, one line a value."""
-    if old is None:
-        return f"new baseline with {len(new['values'])} values"
-    lines = []
-    for key, entry in new["values"].items():
-        before = old["values"].get(key, {}).get("value")
-        if before != entry["value"]:
-            fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
-            lines.append(f"{key}: {fmt(before)} -> {fmt(entry['value'])}")
-    return "\n".join(lines) or "no value changed"
-
-
-EVAL_BASELINE_SCHEMA = "sink_eval.eval_baseline/2"
-EVAL_IDENTITY = (("model", "fingerprint"), ("provenance", "settings_sha256"))
-EVAL_BAND_RULE = (
-    f"unpatched accuracy ± max({SE_MULTIPLE:g} x lm-eval stderr, {MIN_HALF_WIDTH:g}); a policy's change against "
-    f"unpatched ± max({SE_MULTIPLE:g} x paired stderr, {MIN_HALF_WIDTH:g})"
-)
-
-
-def eval_values(res: dict) -> dict[str, dict]:
-    """Every banded quantity of an eval result: unpatched accuracy per task, each policy's change per task."""
-    out = {}
-    for run in res["runs"]:
-        for task, t in run["tasks"].items():
-            if run["policy"] is None:
-                out[f"{task}/unpatched/acc"] = {"value": t["acc"], "se": t["acc_stderr"]}
-            else:
-                out[f"{task}/{run['label']}/change"] = {"value": t["change"], "se": t["change_se"]}
-    return out
-
-
-def eval_settings_sha256(res: dict) -> str:
-    """What an eval baseline is comparable on: tasks, limit, data file hashes and policies."""
-    import hashlib
-
-    identity = [res["settings"]["tasks"], res["settings"]["limit"], res["settings"]["data_sha256"]]
-    identity.append([[run["label"], run["options"]] for run in res["runs"]])
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def static_plans(res: dict) -> dict[str, dict]:
-    """The copy plan of each static policy (calibrated, hybrid over calibrated): the heads its accuracy was measured
-    with. Per-prompt policies (oracle, first_layer) have none: their plans are made per request."""
-    return {run["label"]: run["plan"] for run in res["runs"] if run.get("plan") is not None}
-
-
-def make_eval_baseline(res: dict, command: str) -> dict:
-    return {
-        "schema": EVAL_BASELINE_SCHEMA,
-        "model": {"name": res["model"]["name"], "fingerprint": res["model"]["fingerprint"]},
-        "provenance": {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": command,
-            "versions": res["versions"],
-            "settings": {k: res["settings"][k] for k in ("tasks", "limit", "splits", "data_sha256", "batch_size")},
-            "settings_sha256": eval_settings_sha256(res),
-            "plans": static_plans(res),
-            "wall_s": {run["label"]: run["wall_s"] for run in res["runs"]},
-        },
-        "band_rule": EVAL_BAND_RULE,
-        "values": {k: band(v["value"], v["se"]) for k, v in eval_values(res).items()},
-    }
-
-
-def read_eval_baseline(path: Path) -> dict:
-    baseline = read_baseline(path, EVAL_BASELINE_SCHEMA, "eval", EVAL_IDENTITY)
-    if not isinstance(baseline["provenance"].get("plans"), dict):
-        raise SinkEvalError(
-            f"baseline {path} has no provenance.plans; regenerate it from a measurement with "
-            "`pytest -m eval --update-baselines`"
-        )
-    return baseline
-
-
-def check_eval_comparable(res: dict, baseline: dict, path: Path) -> None:
-    """Refuse to compare with a baseline of other weights, tasks, data, limit or policies."""
-    how = "if the change is intended, re-measure with `pytest -m eval --update-baselines` and say why in the commit"
-    if res["model"]["fingerprint"] != baseline["model"]["fingerprint"]:
-        raise SinkEvalError(
-            f"baseline {path} was measured on weights {baseline['model']['fingerprint']}, but the loaded model is "
-            f"{res['model']['fingerprint']}: the numbers are not comparable; {how}"
-        )
-    if eval_settings_sha256(res) != baseline["provenance"]["settings_sha256"]:
-        raise SinkEvalError(
-            f"baseline {path} was measured with other tasks, data, --limit or policies "
-            f"({json.dumps(baseline['provenance']['settings'])}); {how}"
-        )
-    for label, plan in baseline["provenance"]["plans"].items():
-        now = static_plans(res).get(label)
-        if now != plan:
-            raise SinkEvalError(
-                f"baseline {path}: policy {label!r} copies other heads now ({_heads(now)}) than when it was measured "
-                f"({_heads(plan)}), so its accuracy change is not comparable. The calibration prompts differ: the "
-                f"default set reads code from this Python's standard library, which changes between Python versions "
-                f"(or --data-dir points at other data); {how}"
-            )
 
 
 def _heads(plan: dict | None) -> str:
     if not plan or not plan["heads"]:
         return "none"
     return ", ".join(f"L{layer}.H{h}" for layer, heads in plan["heads"].items() for h in heads)
+
+
+def _other_weights(stored: str, measured: str) -> str:
+    return f"was measured on weights {stored}, but the loaded model is {measured}: the numbers are not comparable"
+
+
+def _other_prompts(stored: str, measured: str) -> str:
+    return (
+        f"was measured on another prompt set (sha256 {stored[:12]}, now {measured[:12]}: the eval data or the Python "
+        "standard library differ)"
+    )
+
+
+def _other_eval_settings(stored: str, measured: str) -> str:
+    return "was measured with other tasks, data, --limit or policies"
+
+
+def _other_plans(stored: dict, measured: dict) -> str:
+    label = next(label for label in sorted(set(stored) | set(measured)) if stored.get(label) != measured.get(label))
+    return (
+        f"policy {label!r} copies other heads now ({_heads(measured.get(label))}) than when it was measured "
+        f"({_heads(stored.get(label))}), so its accuracy change is not comparable. The calibration prompts differ: "
+        "the default set reads code from this Python's standard library, which changes between Python versions "
+        "(or --data-dir points at other data)"
+    )
+
+
+def _analysis_range(key: str) -> tuple[float, float]:
+    return (0.0, 1.0)
+
+
+def _eval_range(key: str) -> tuple[float, float]:
+    return (-1.0, 1.0) if key.endswith("/change") else (0.0, 1.0)
+
+
+ANALYSIS = Kind(
+    cls=AnalysisBaseline,
+    marker="analysis",
+    band_rule=f"value ± max({SE_MULTIPLE:g} x bootstrap standard error over prompts, {MIN_HALF_WIDTH:g})",
+    identity=(
+        IdentityKey("model.fingerprint", _other_weights),
+        IdentityKey("provenance.prompt_set_sha256", _other_prompts),
+    ),
+    value_range=_analysis_range,
+)
+EVAL = Kind(
+    cls=EvalBaseline,
+    marker="eval",
+    band_rule=(
+        f"unpatched accuracy ± max({SE_MULTIPLE:g} x lm-eval stderr, {MIN_HALF_WIDTH:g}); a policy's change against "
+        f"unpatched ± max({SE_MULTIPLE:g} x paired stderr, {MIN_HALF_WIDTH:g})"
+    ),
+    identity=(
+        IdentityKey("model.fingerprint", _other_weights),
+        IdentityKey("provenance.settings_sha256", _other_eval_settings),
+        IdentityKey("provenance.plans", _other_plans),
+    ),
+    value_range=_eval_range,
+)
+KINDS = (ANALYSIS, EVAL)
+
+
+def _kind(baseline: Baseline) -> Kind:
+    return next(k for k in KINDS if isinstance(baseline, k.cls))
+
+
+def value_key(metric: str, threshold: float, tokens: str) -> str:
+    return f"{metric}/tau={threshold:g}/{tokens}"
+
+
+def measured_values(res: AnalysisResult) -> dict[str, Measurement]:
+    """Every banded quantity of an analysis result, by `value_key`."""
+    return {
+        value_key(metric, summary.threshold, group.tokens): Measurement(
+            getattr(group, metric), getattr(group, f"{metric}_se")
+        )
+        for summary in res.summary
+        for group in summary.groups()
+        for metric in METRICS
+    }
+
+
+def make_baseline(res: AnalysisResult, command: str) -> AnalysisBaseline:
+    return AnalysisBaseline(
+        model=ModelId(res.model.name, res.model.fingerprint),
+        provenance=AnalysisProvenance(
+            date=datetime.now(UTC).isoformat(timespec="seconds"),
+            command=command,
+            versions=res.provenance.versions,
+            prompt_set_sha256=res.settings.prompt_set_sha256,
+            n_prompts=len(res.prompts),
+        ),
+        band_rule=ANALYSIS.band_rule,
+        values={k: band(m.value, m.se) for k, m in measured_values(res).items()},
+    )
+
+
+def eval_values(res: EvalResult) -> dict[str, Measurement]:
+    """Every banded quantity of an eval result: unpatched accuracy per task, each policy's change per task."""
+    out = {}
+    for run in res.runs:
+        for task, t in run.tasks.items():
+            if run.policy is None:
+                out[f"{task}/unpatched/acc"] = Measurement(t.acc, t.acc_stderr)
+            else:
+                out[f"{task}/{run.label}/change"] = Measurement(t.change, t.change_se)
+    return out
+
+
+def eval_settings_sha256(res: EvalResult) -> str:
+    """What an eval baseline is comparable on: tasks, limit, data file hashes and policies."""
+    identity = [res.settings.tasks, res.settings.limit, res.settings.data_sha256]
+    identity.append([[run.label, run.options] for run in res.runs])
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def static_plans(res: EvalResult) -> dict[str, dict]:
+    """The copy plan of each static policy (calibrated, hybrid over calibrated): the heads its accuracy was measured
+    with. Per-prompt policies (oracle, first_layer) have none: their plans are made per request."""
+    return {run.label: run.plan for run in res.runs if run.plan is not None}
+
+
+def make_eval_baseline(res: EvalResult, command: str) -> EvalBaseline:
+    s = res.settings
+    return EvalBaseline(
+        model=ModelId(res.model.name, res.model.fingerprint),
+        provenance=EvalProvenance(
+            date=datetime.now(UTC).isoformat(timespec="seconds"),
+            command=command,
+            versions=res.provenance.versions,
+            settings={
+                "tasks": s.tasks,
+                "limit": s.limit,
+                "splits": s.splits,
+                "data_sha256": s.data_sha256,
+                "batch_size": s.batch_size,
+            },
+            settings_sha256=eval_settings_sha256(res),
+            plans=static_plans(res),
+            wall_s={run.label: run.wall_s for run in res.runs},
+        ),
+        band_rule=EVAL.band_rule,
+        values={k: band(m.value, m.se) for k, m in eval_values(res).items()},
+    )
+
+
+def _check_bands(baseline: Baseline, path: Path, kind: Kind) -> None:
+    """Refuse a band that is not what the stored rule gives for the stored value and standard error."""
+    if baseline.band_rule != kind.band_rule:
+        raise SinkEvalError(
+            f"baseline {path}: band_rule is {baseline.band_rule!r}, this sink_eval derives bands by "
+            f"{kind.band_rule!r}; {kind.fix}"
+        )
+    for key, stored in baseline.values.items():
+        lowest, highest = kind.value_range(key)
+        if stored.value is not None and not lowest <= stored.value <= highest:
+            raise SinkEvalError(
+                f"baseline {path}: values[{key!r}].value {stored.value} lies outside [{lowest:g}, {highest:g}]: "
+                f"edited by hand; {kind.fix}"
+            )
+        if stored.se is not None and not stored.se >= 0:
+            raise SinkEvalError(
+                f"baseline {path}: values[{key!r}].se {stored.se} is negative: edited by hand; {kind.fix}"
+            )
+        derived = band(stored.value, stored.se)
+        same = [
+            a == b if a is None or b is None else math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+            for a, b in ((derived.lo, stored.lo), (derived.hi, stored.hi))
+        ]
+        if not all(same):
+            raise SinkEvalError(
+                f"baseline {path}: values[{key!r}] has the band [{stored.lo}, {stored.hi}], but its rule gives "
+                f"[{derived.lo}, {derived.hi}] for value {stored.value} and se {stored.se}: edited by hand; {kind.fix}"
+            )
+
+
+def read_baseline(path: Path, kind: Kind = ANALYSIS) -> Baseline:
+    """A baseline file, every field checked and every band re-derived; every problem says how to make a good one."""
+    data = read_json_file(Path(path), kind.cls.SCHEMA, kind.fix)
+    try:
+        baseline = from_json(kind.cls, without_schema(data, kind.cls.SCHEMA, path), path)
+    except SinkEvalError as err:
+        raise SinkEvalError(f"{err}; {kind.fix}") from err
+    _check_bands(baseline, Path(path), kind)
+    return baseline
+
+
+def read_eval_baseline(path: Path) -> EvalBaseline:
+    return read_baseline(path, EVAL)
+
+
+def _field(obj: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def check_comparable(measured: Baseline, stored: Baseline, path: Path, identity: tuple[IdentityKey, ...]) -> None:
+    """Refuse to compare a measurement (as a baseline: `make_baseline`, `make_eval_baseline`) with a stored baseline
+    that differs in any of the `identity` fields (e.g. other weights, another prompt set)."""
+    for key in identity:
+        before, now = _field(stored, key.field), _field(measured, key.field)
+        if before != now:
+            raise SinkEvalError(f"baseline {path} {key.explain(before, now)}; {_kind(stored).how}")
+
+
+def outside_band(measured: Measurement, expected: Band) -> str | None:
+    """Why a measured value lies outside the expected band, or None when it is inside."""
+    value, lo, hi = measured.value, expected.lo, expected.hi
+    if expected.value is None or value is None:
+        if (expected.value is None) != (value is None):
+            return f"expected {expected.value}, measured {value} (one of them is undefined)"
+        return None
+    if not lo <= value <= hi:
+        return f"measured {value:.4f}, outside the band [{lo:.4f}, {hi:.4f}] around {expected.value:.4f}"
+    return None
+
+
+def write_baseline(path: Path, baseline: Baseline) -> None:
+    write_text_atomically(Path(path), json.dumps(with_schema(baseline.SCHEMA, baseline), indent=1) + "\n")
+
+
+def diff(old: Baseline | None, new: Baseline) -> str:
+    """What changed between two baselines, one line a value."""
+    if old is None:
+        return f"new baseline with {len(new.values)} values"
+
+    def fmt(v: float | None) -> str:
+        return "undefined" if v is None else f"{v:.4f}"
+
+    lines = []
+    for key, entry in new.values.items():
+        before = old.values[key].value if key in old.values else None
+        if before != entry.value:
+            lines.append(f"{key}: {fmt(before)} -> {fmt(entry.value)}")
+    return "\n".join(lines) or "no value changed"

@@ -87,13 +87,13 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         }
         work = resume.open_work_dir(args.out, key, args.resume)
         probed = resume.probe_resumable(loaded, tokenized, work)
-    res = results(loaded, probed, thresholds, args.chance_corrected, command)
+    res = results(loaded, probed, thresholds, args.chance_corrected, command, args.max_tokens)
     if args.out is not None:
         write_analysis(res, args.out, overwrite=args.overwrite)
         resume.finish(work)
         print(f"wrote {args.out}/results.json, {args.out}/report.md and figures", file=sys.stderr)
     if args.json:
-        print(json.dumps(res))
+        print(json.dumps(res.to_json()))
     else:
         from sink_eval.report import agreement_table, prevalence_table
 
@@ -105,18 +105,11 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from sink_eval.files import write_output_dir
-    from sink_eval.report import compare_report, read_results
+    from sink_eval.report import read_results, write_compare
 
     a, b = read_results(args.first), read_results(args.second)
-    text, figure = compare_report(a, b, args.first.name or "first", args.second.name or "second")
-
-    def fill(tmp: Path) -> None:
-        figure(tmp)
-        (tmp / "compare.md").write_text(text)
-
-    write_output_dir(args.out, fill, "compare", args.overwrite, inputs=_inputs(args))
-    print(text)
+    labels = args.first.name or "first", args.second.name or "second"
+    print(write_compare(a, b, labels, args.out, overwrite=args.overwrite, inputs=_inputs(args)))
 
 
 def _policies(args: argparse.Namespace, default: tuple[str, ...]) -> list:
@@ -158,7 +151,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.out is not None:
         write_eval(res, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}/results.json and {args.out}/report.md", file=sys.stderr)
-    print(json.dumps(res) if args.json else eval_table(res))
+    print(json.dumps(res.to_json()) if args.json else eval_table(res))
 
 
 def _cmd_patch_eval(args: argparse.Namespace) -> None:
@@ -199,7 +192,7 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
     if args.out is not None:
         write_patch_eval(res, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}/results.json, {args.out}/report.md and a figure", file=sys.stderr)
-    print(json.dumps(res) if args.json else patch_table(res))
+    print(json.dumps(res.to_json()) if args.json else patch_table(res))
 
 
 def _threshold(text: str) -> float:

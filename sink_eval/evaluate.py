@@ -26,6 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from lm_eval.api.registry import register_model
@@ -45,6 +46,7 @@ from sink_eval.policies import (
     make_plan,
 )
 from sink_eval.probe import probe
+from sink_eval.results import ModelId, Provenance, from_json, provenance, with_schema, without_schema
 from sink_eval.shape import model_shape
 
 DATA_ENV = "SINK_EVAL_DATA"
@@ -378,7 +380,58 @@ def paired_change(policy: list[float], unpatched: list[float]) -> tuple[float, f
     return float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0
 
 
-EVAL_SCHEMA = "sink_eval.eval/1"
+EVAL_SCHEMA = "sink_eval.eval/2"
+
+
+@dataclass
+class TaskScore:
+    acc: float
+    acc_stderr: float
+    n: int
+    per_doc: list[float]
+    change: float | None  # against unpatched on the same documents (None for unpatched)
+    change_se: float | None
+
+
+@dataclass
+class EvalRun:
+    label: str
+    policy: str | None  # None: unpatched
+    options: dict[str, Any]
+    fraction_copied: float
+    plan: dict[str, Any] | None  # a static policy's copy plan (`CopyPlan.to_json`)
+    wall_s: float
+    model_s: float
+    speedup: float | None  # unpatched model_s / this run's (None for unpatched)
+    tasks: dict[str, TaskScore]
+
+
+@dataclass
+class EvalSettings:
+    tasks: list[str]
+    limit: int | None
+    splits: dict[str, str]
+    split_notes: dict[str, str]
+    data_files: dict[str, str]
+    data_sha256: dict[str, str]
+    batch_size: int
+    device: str
+
+
+@dataclass
+class EvalResult:
+    SCHEMA: ClassVar[str] = EVAL_SCHEMA
+    model: ModelId
+    settings: EvalSettings
+    runs: list[EvalRun]
+    provenance: Provenance
+
+    def to_json(self) -> dict:
+        return with_schema(EVAL_SCHEMA, self)
+
+    @classmethod
+    def from_json(cls, data: dict, source: str | Path) -> EvalResult:
+        return from_json(cls, without_schema(data, EVAL_SCHEMA, source), source)
 
 
 def run_eval(
@@ -389,11 +442,8 @@ def run_eval(
     data_dir: str | Path | None = None,
     batch_size: int = 8,
     command: str = "",
-) -> dict:
-    """The eval results JSON: the unpatched model, then each policy, on `tasks`."""
-    from datetime import UTC, datetime
-    from importlib.metadata import version
-
+) -> EvalResult:
+    """The unpatched model, then each policy (`sink_eval.patch_eval.Policy`), on `tasks`."""
     for task in tasks:
         locate(task, data_dir)
     runs = []
@@ -402,40 +452,39 @@ def run_eval(
         lm = SinkLM(loaded, data_dir=data_dir, batch_size=batch_size, **options)
         out = evaluate(lm, tasks, limit, data_dir)
         runs.append(
-            {
-                "label": "unpatched" if policy is None else policy.label,
-                "policy": None if policy is None else policy.name,
-                "options": options,
-                "fraction_copied": sum(lm.fractions) / len(lm.fractions) if lm.fractions else 0.0,
-                "plan": None if lm.static_plan is None else lm.static_plan.to_json(),
-                "wall_s": out["wall_s"],
-                "model_s": lm.model_seconds,
-                "tasks": out["tasks"],
-            }
+            EvalRun(
+                label="unpatched" if policy is None else policy.label,
+                policy=None if policy is None else policy.name,
+                options=options,
+                fraction_copied=sum(lm.fractions) / len(lm.fractions) if lm.fractions else 0.0,
+                plan=None if lm.static_plan is None else lm.static_plan.to_json(),
+                wall_s=out["wall_s"],
+                model_s=lm.model_seconds,
+                speedup=None,
+                tasks={task: TaskScore(**t, change=None, change_se=None) for task, t in out["tasks"].items()},
+            )
         )
     base = runs[0]
     for run in runs[1:]:
-        run["speedup"] = base["model_s"] / run["model_s"]
+        run.speedup = base.model_s / run.model_s
         for task in tasks:
-            delta, se = paired_change(run["tasks"][task]["per_doc"], base["tasks"][task]["per_doc"])
-            run["tasks"][task] |= {"change": delta, "change_se": se}
-    return {
-        "schema": EVAL_SCHEMA,
-        "model": {"name": loaded.spec.name, "fingerprint": loaded.fingerprint},
-        "settings": {
-            "tasks": tasks,
-            "limit": limit,
-            "splits": {task: TASKS[task].split for task in tasks},
-            "split_notes": {task: TASKS[task].note for task in tasks if TASKS[task].note},
-            "data_files": {task: str(locate(task, data_dir)) for task in tasks},
-            "data_sha256": {task: sha256_files([locate(task, data_dir)]) for task in tasks},
-            "batch_size": batch_size,
-            "device": _device_name(loaded.model.device),
-        },
-        "runs": runs,
-        "versions": {name: version(name) for name in ("sink_eval", "torch", "transformers", "lm_eval")},
-        "provenance": {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": command},
-    }
+            score = run.tasks[task]
+            score.change, score.change_se = paired_change(score.per_doc, base.tasks[task].per_doc)
+    return EvalResult(
+        model=ModelId(loaded.spec.name, loaded.fingerprint),
+        settings=EvalSettings(
+            tasks=tasks,
+            limit=limit,
+            splits={task: TASKS[task].split for task in tasks},
+            split_notes={task: TASKS[task].note for task in tasks if TASKS[task].note},
+            data_files={task: str(locate(task, data_dir)) for task in tasks},
+            data_sha256={task: sha256_files([locate(task, data_dir)]) for task in tasks},
+            batch_size=batch_size,
+            device=_device_name(loaded.model.device),
+        ),
+        runs=runs,
+        provenance=provenance(command, ("sink_eval", "torch", "transformers", "lm_eval")),
+    )
 
 
 def _model_args(policy: Policy) -> dict:

@@ -37,6 +37,7 @@ class Prompt:
 class TokenizedPrompt:
     prompt: Prompt
     input_ids: list[int]
+    truncated_from: int | None = None  # the prompt's length in tokens before `tokenize(truncate=True)` cut it
 
 
 def length_bin(n_tokens: int, bins: tuple[tuple[int, int], ...] = LENGTH_BINS) -> tuple[int, int] | None:
@@ -122,20 +123,22 @@ def tokenize(
     tokenizer, prompts: list[Prompt], max_tokens: int = DEFAULT_MAX_TOKENS, truncate: bool = False
 ) -> list[TokenizedPrompt]:
     """Token ids of each prompt with the tokenizer's default special tokens. A prompt longer than `max_tokens`
-    (or the model's context) is an error unless `truncate`, which keeps its first `max_tokens` tokens."""
+    (or the model's context) is an error unless `truncate`, which keeps its first `max_tokens` tokens (and records
+    the original length in `truncated_from`)."""
     out = []
     for prompt in prompts:
         if not prompt.text.strip():
             raise SinkEvalError(f"prompt {prompt.id!r} is empty; every prompt needs text")
         ids = tokenizer(prompt.text)["input_ids"]
+        truncated_from = None
         if len(ids) > max_tokens:
             if not truncate:
                 raise SinkEvalError(
                     f"prompt {prompt.id!r} has {len(ids)} tokens, more than --max-tokens {max_tokens}; "
                     "shorten it, raise --max-tokens (up to the model's context), or pass --truncate"
                 )
-            ids = ids[:max_tokens]
-        out.append(TokenizedPrompt(prompt=prompt, input_ids=ids))
+            ids, truncated_from = ids[:max_tokens], len(ids)
+        out.append(TokenizedPrompt(prompt=prompt, input_ids=ids, truncated_from=truncated_from))
     return out
 
 

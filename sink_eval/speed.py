@@ -140,9 +140,6 @@ class SpeedResult:
     kv_bytes_unpatched: int
     kv_bytes_patched: int
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 @torch.no_grad()
 def measure(model: torch.nn.Module, plan: CopyPlan, input_ids: torch.Tensor, rounds: int = 3, decode_steps: int = 8):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sink_eval import baselines, cli
+from sink_eval.analysis import AnalysisResult
 from sink_eval.errors import SinkEvalError
 from sink_eval.files import write_dir_atomically
 from sink_eval.policies import check_disjoint
@@ -21,6 +23,7 @@ from sink_eval.prompts import (
     read_prompt_file,
     tokenize,
 )
+from sink_eval.report import read_results
 
 
 def _prompt_file(tmp_path, lines: list[str]):
@@ -35,21 +38,25 @@ def prompts_file(tmp_path):
     return _prompt_file(tmp_path, [json.dumps({"text": t, "domain": "test"}) for t in texts])
 
 
-def _analyze(tmp_path, prompts_file, *extra) -> dict:
-    out = tmp_path / "out"
+def _analyze(tmp_path, prompts_file, *extra, out: str = "out") -> AnalysisResult:
+    out = tmp_path / out
     assert (
         cli.main(["analyze", "--model", "tiny-llama", "--prompts", str(prompts_file), "--out", str(out), *extra]) == 0
     )
-    return json.loads((out / "results.json").read_text())
+    return read_results(out)
 
 
 def test_analyze_writes_results_report_and_figures(tmp_path, prompts_file):
     res = _analyze(tmp_path, prompts_file, "--threshold", "0.5")
-    assert res["schema"] == "sink_eval.results/1"
-    assert [p["id"] for p in res["prompts"]] == ["prompts-1", "prompts-2", "prompts-3", "prompts-4"]
-    assert res["model"]["fingerprint"].startswith("tiny-sha256:")
-    assert len(res["prompts"][1]["sink_score"]) == 4 and len(res["prompts"][1]["sink_score"][0]) == 4
-    assert res["settings"]["thresholds"] == [0.5]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["schema"] == "sink_eval.results/2"
+    assert [p.id for p in res.prompts] == ["prompts-1", "prompts-2", "prompts-3", "prompts-4"]
+    assert res.model.fingerprint.startswith("tiny-sha256:")
+    assert len(res.prompts[1].sink_score) == 4 and len(res.prompts[1].sink_score[0]) == 4
+    assert res.settings.thresholds == [0.5] and [s.threshold for s in res.summary] == [0.5]
+    assert (
+        res.settings.truncated == []
+        and "No prompt was longer than max_tokens = 4096" in (tmp_path / "out" / "report.md").read_text()
+    )
     out = tmp_path / "out"
     assert {"sink_heatmap.png", "prevalence_vs_length.png", "per_layer_prevalence.png"} <= {
         p.name for p in out.iterdir()
@@ -62,16 +69,16 @@ def test_analyze_writes_results_report_and_figures(tmp_path, prompts_file):
 def test_analyze_json_prints_the_results_to_stdout_without_writing_files(tmp_path, prompts_file, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["analyze", "--model", "tiny-llama", "--prompts", str(prompts_file), "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
-    assert res["schema"] == "sink_eval.results/1" and len(res["prompts"]) == 4
+    res = AnalysisResult.from_json(json.loads(capsys.readouterr().out), "stdout")
+    assert len(res.prompts) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
 
 
 def test_one_token_prompt_is_reported_as_trivial(tmp_path, prompts_file):
     res = _analyze(tmp_path, prompts_file)
-    one = next(p for p in res["prompts"] if p["n_tokens"] == 1)
-    assert all(v is None for row in one["sink_score"] for v in row)
-    assert res["summary"]["tau=0.8"]["bins"]["1-3"]["n_trivial"] == 1
+    one = next(p for p in res.prompts if p.n_tokens == 1)
+    assert all(v is None for row in one.sink_score for v in row)
+    assert res.at(0.8).group("1-3").n_trivial == 1
 
 
 def test_existing_output_directory_is_never_overwritten_silently(tmp_path, prompts_file, capsys):
@@ -134,7 +141,18 @@ def test_prompt_longer_than_max_tokens_is_an_error_unless_truncated(tmp_path, ca
     long = [Prompt("long", "d", "x" * 50)]
     with pytest.raises(SinkEvalError, match="has 50 tokens, more than --max-tokens 20.*--truncate"):
         tokenize(tok, long, max_tokens=20)
-    assert len(tokenize(tok, long, max_tokens=20, truncate=True)[0].input_ids) == 20
+    (cut,) = tokenize(tok, long, max_tokens=20, truncate=True)
+    assert len(cut.input_ids) == 20 and cut.truncated_from == 50
+
+
+def test_truncated_prompts_are_recorded_in_results_and_report(tmp_path, prompts_file):
+    res = _analyze(tmp_path, prompts_file, "--max-tokens", "40", "--truncate")
+    assert res.settings.max_tokens == 40
+    assert [(t.id, t.original_tokens > 40) for t in res.settings.truncated] == [("prompts-3", True)]
+    assert max(p.n_tokens for p in res.prompts) == 40
+    original = res.settings.truncated[0].original_tokens
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"1 prompts were cut to their first max_tokens = 40 tokens: `prompts-3` ({original} tokens)" in report
 
 
 def test_max_tokens_beyond_the_model_context_is_refused(tmp_path, prompts_file, capsys):
@@ -192,12 +210,84 @@ def test_compare_refuses_results_of_another_schema(tmp_path, prompts_file, capsy
     assert not (tmp_path / "cmp").exists()
 
 
+def test_compare_of_results_with_missing_sections_is_a_one_line_error(tmp_path, prompts_file, capsys):
+    _analyze(tmp_path, prompts_file)
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    del data["summary"][0]["bins"][2]["prevalence"]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert cli.main(["compare", str(tmp_path / "out"), str(broken), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"sink-eval: error: {broken}: summary[0].bins[2].prevalence is missing\n"
+    del data["summary"]
+    broken.write_text(json.dumps(data))
+    assert cli.main(["compare", str(tmp_path / "out"), str(broken), "--out", str(tmp_path / "cmp")]) == 2
+    assert capsys.readouterr().err == f"sink-eval: error: {broken}: summary is missing\n"
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_results_round_trip_through_json_unchanged(tmp_path, prompts_file):
+    res = _analyze(tmp_path, prompts_file)
+    assert AnalysisResult.from_json(json.loads(json.dumps(res.to_json())), "x") == res
+    assert res.to_json() == json.loads((tmp_path / "out" / "results.json").read_text())
+
+
+def test_a_missing_results_field_is_an_error_naming_file_and_field(tmp_path, prompts_file):
+    _analyze(tmp_path, prompts_file)
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    del data["prompts"][1]["n_tokens"]
+    with pytest.raises(SinkEvalError, match=r"^runs/x/results.json: prompts\[1\]\.n_tokens is missing$"):
+        AnalysisResult.from_json(data, "runs/x/results.json")
+
+
+def test_a_mistyped_results_field_is_an_error_naming_file_and_field(tmp_path, prompts_file):
+    _analyze(tmp_path, prompts_file)
+    path = tmp_path / "out" / "results.json"
+    data = json.loads(path.read_text())
+    data["summary"][0]["all"]["prevalence"] = "high"
+    path.write_text(json.dumps(data))
+    with pytest.raises(
+        SinkEvalError, match=rf"^{path}: summary\[0\]\.all\.prevalence should be a number or null, not a string$"
+    ):
+        read_results(tmp_path / "out")
+
+
+def test_compare_of_different_prompt_sets_says_so_and_compares_the_shared_prompts(tmp_path, prompts_file):
+    _analyze(tmp_path, prompts_file)
+    lines = prompts_file.read_text().splitlines()
+    other = tmp_path / "other.jsonl"
+    # prompts-1 and prompts-2 keep their ids and texts; prompts-3 and prompts-4 are gone, x is new
+    other.write_text(
+        "\n".join(json.dumps(dict(json.loads(line), id=f"prompts-{i}")) for i, line in enumerate(lines[:2], 1))
+        + "\n"
+        + json.dumps({"text": "Something else entirely.", "id": "x"})
+        + "\n"
+    )
+    _analyze(tmp_path, other, out="other")
+    assert cli.main(["compare", str(tmp_path / "out"), str(tmp_path / "other"), "--out", str(tmp_path / "cmp")]) == 0
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "The prompt sets differ" in text and "compared on the 2 prompts they share" in text
+    assert "left out: 2 prompts only in out, 1 only in other" in text
+    table = [line for line in text.splitlines() if line.startswith("| tau=")]
+    assert all("+0.0" in line or "undefined" in line for line in table), table
+
+
+def test_compare_of_prompt_sets_sharing_no_prompt_is_refused(tmp_path, prompts_file, capsys):
+    _analyze(tmp_path, prompts_file)
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "Nothing in common here.", "id": "prompts-1"}) + "\n")
+    _analyze(tmp_path, other, out="other")
+    assert cli.main(["compare", str(tmp_path / "out"), str(tmp_path / "other"), "--out", str(tmp_path / "cmp")]) == 2
+    assert "different prompt sets that share no prompt" in capsys.readouterr().err
+
+
 def test_compare_writes_difference_table_and_figure(tmp_path, prompts_file):
     res = _analyze(tmp_path, prompts_file)
     assert cli.main(["compare", str(tmp_path / "out"), str(tmp_path / "out"), "--out", str(tmp_path / "cmp")]) == 0
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "+0.0" in text and (tmp_path / "cmp" / "compare_prevalence.png").is_file()
-    assert res["model"]["name"] in text
+    assert res.model.name in text and "Both on the same 4 prompts" in text
 
 
 def test_threshold_outside_zero_one_is_rejected_by_the_parser(capsys):
@@ -213,20 +303,71 @@ def analysis(tmp_path, prompts_file):
 
 def test_baseline_round_trip_and_bands_contain_their_values(tmp_path, analysis):
     path = tmp_path / "b.json"
-    baselines.write_baseline(path, baselines.make_baseline(analysis, "test"))
+    written = baselines.make_baseline(analysis, "test")
+    baselines.write_baseline(path, written)
     baseline = baselines.read_baseline(path)
-    baselines.check_comparable(analysis, baseline, path)
+    assert baseline == written
+    baselines.check_comparable(baselines.make_baseline(analysis, "now"), baseline, path, baselines.ANALYSIS.identity)
     for key, measured in baselines.measured_values(analysis).items():
-        assert baselines.outside_band(measured, baseline["values"][key]) is None
+        assert baselines.outside_band(measured, baseline.values[key]) is None
     assert baselines.diff(baseline, baseline) == "no value changed"
+
+
+def test_the_committed_analysis_baselines_are_readable():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "baselines" / "analysis").glob("*.json")):
+        assert baselines.read_baseline(path).values
+
+
+def _copied_baseline(tmp_path, analysis, edit) -> object:
+    path = tmp_path / "b.json"
+    baselines.write_baseline(path, baselines.make_baseline(analysis, "test"))
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_widened_band_is_refused_as_hand_edited(tmp_path, analysis):
+    key = "prevalence/tau=0.8/all"
+
+    def widen(data):
+        data["values"][key] |= {"lo": -100, "hi": 100}
+
+    path = _copied_baseline(tmp_path, analysis, widen)
+    with pytest.raises(
+        SinkEvalError, match=rf"^baseline {path}: values\['{key}'\] has the band \[-100.0, 100.0\].*edited by hand"
+    ):
+        baselines.read_baseline(path)
+
+
+def test_a_fraction_outside_zero_one_is_refused_as_hand_edited(tmp_path, analysis):
+    key = "prevalence/tau=0.8/all"
+
+    def inflate(data):
+        data["values"][key] = {"value": 1.5, "se": 0.0, "lo": 1.49, "hi": 1.51}
+
+    path = _copied_baseline(tmp_path, analysis, inflate)
+    with pytest.raises(SinkEvalError, match=rf"values\['{key}'\]\.value 1.5 lies outside \[0, 1\]: edited by hand"):
+        baselines.read_baseline(path)
+
+
+def test_a_missing_or_mistyped_baseline_field_names_file_and_field(tmp_path, analysis):
+    path = _copied_baseline(tmp_path, analysis, lambda data: data["provenance"].pop("prompt_set_sha256"))
+    with pytest.raises(SinkEvalError, match=rf"^{path}: provenance.prompt_set_sha256 is missing; regenerate"):
+        baselines.read_baseline(path)
+    path = _copied_baseline(tmp_path, analysis, lambda data: data["model"].update(fingerprint=7))
+    with pytest.raises(SinkEvalError, match=rf"^{path}: model.fingerprint should be a string, not an integer"):
+        baselines.read_baseline(path)
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         ("{oops", "not valid JSON"),
-        ('{"schema": "x"}', "is not a sink_eval.baseline/1 file"),
-        ('{"schema": "sink_eval.baseline/1", "values": {}}', "missing field"),
+        ('{"schema": "x"}', "has schema 'x', this sink_eval reads 'sink_eval.baseline/1'"),
+        ('{"schema": "sink_eval.baseline/1", "values": {}}', "model is missing"),
     ],
 )
 def test_malformed_baseline_is_a_clear_error(tmp_path, content, message):
@@ -237,19 +378,21 @@ def test_malformed_baseline_is_a_clear_error(tmp_path, content, message):
 
 
 def test_baseline_of_other_weights_or_prompts_is_refused(tmp_path, analysis):
+    measured = baselines.make_baseline(analysis, "now")
+    identity = baselines.ANALYSIS.identity
     baseline = baselines.make_baseline(analysis, "test")
-    baseline["model"]["fingerprint"] = "gguf-sha256:other"
-    with pytest.raises(SinkEvalError, match="not comparable.*--update-baselines"):
-        baselines.check_comparable(analysis, baseline, tmp_path / "b.json")
+    baseline.model.fingerprint = "gguf-sha256:other"
+    with pytest.raises(SinkEvalError, match="not comparable.*pytest -m analysis --update-baselines"):
+        baselines.check_comparable(measured, baseline, tmp_path / "b.json", identity)
     baseline = baselines.make_baseline(analysis, "test")
-    baseline["provenance"]["prompt_set_sha256"] = "0" * 64
+    baseline.provenance = dataclasses.replace(baseline.provenance, prompt_set_sha256="0" * 64)
     with pytest.raises(SinkEvalError, match="another prompt set"):
-        baselines.check_comparable(analysis, baseline, tmp_path / "b.json")
+        baselines.check_comparable(measured, baseline, tmp_path / "b.json", identity)
 
 
 def test_value_outside_band_or_newly_undefined_is_reported():
     expected = baselines.band(0.5, 0.01)
-    assert baselines.outside_band({"value": 0.515}, expected) is None
-    assert "outside the band" in baselines.outside_band({"value": 0.53}, expected)
-    assert "undefined" in baselines.outside_band({"value": None}, expected)
-    assert baselines.outside_band({"value": None}, baselines.band(None, None)) is None
+    assert baselines.outside_band(baselines.Measurement(0.515, None), expected) is None
+    assert "outside the band" in baselines.outside_band(baselines.Measurement(0.53, None), expected)
+    assert "undefined" in baselines.outside_band(baselines.Measurement(None, None), expected)
+    assert baselines.outside_band(baselines.Measurement(None, None), baselines.band(None, None)) is None

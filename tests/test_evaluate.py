@@ -11,9 +11,22 @@ import torch
 
 pytest.importorskip("lm_eval", reason="the evals extra (lm-eval) is not installed")
 
+import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 from sink_eval import baselines, cli  # noqa: E402
 from sink_eval.errors import SinkEvalError  # noqa: E402
-from sink_eval.evaluate import TASKS, check_data_file, locate, paired_change, task_config  # noqa: E402
+from sink_eval.evaluate import (  # noqa: E402
+    TASKS,
+    EvalResult,
+    EvalRun,
+    EvalSettings,
+    check_data_file,
+    locate,
+    paired_change,
+    task_config,
+)
+from sink_eval.results import ModelId, Provenance  # noqa: E402
 
 
 def test_task_config_is_lm_evals_own_task_reading_the_local_file():
@@ -116,64 +129,104 @@ def tiny_eval(tmp_path_factory):
     argv = ["eval", "--model", "tiny-llama", "--tasks", "piqa,lambada_openai", "--limit", "3", "--out", str(out)]
     argv += ["--data-dir", str(root / "data")]
     assert cli.main([*argv, "--policy", "oracle", "--threshold", "0.05"]) == 0  # a random model's sinks are weak
-    return json.loads((out / "results.json").read_text()), out
+    data = json.loads((out / "results.json").read_text())
+    return EvalResult.from_json(data, out / "results.json"), out
 
 
 def test_eval_writes_accuracy_per_task_for_unpatched_and_each_policy(tiny_eval):
     res, out = tiny_eval
-    assert [run["label"] for run in res["runs"]] == ["unpatched", "oracle tau=0.05"]
-    for run in res["runs"]:
-        assert set(run["tasks"]) == {"piqa", "lambada_openai"} and run["tasks"]["piqa"]["n"] == 3
-    assert "change" in res["runs"][1]["tasks"]["piqa"] and res["runs"][1]["fraction_copied"] > 0
-    assert res["settings"]["splits"] == {"piqa": "validation", "lambada_openai": "test"}
+    assert [run.label for run in res.runs] == ["unpatched", "oracle tau=0.05"]
+    for run in res.runs:
+        assert set(run.tasks) == {"piqa", "lambada_openai"} and run.tasks["piqa"].n == 3
+    assert res.runs[0].tasks["piqa"].change is None and res.runs[0].speedup is None
+    assert res.runs[1].tasks["piqa"].change is not None and res.runs[1].fraction_copied > 0
+    assert res.settings.splits == {"piqa": "validation", "lambada_openai": "test"}
     assert "piqa acc % (validation)" in (out / "report.md").read_text()
+
+
+def test_eval_results_round_trip_through_json_unchanged(tiny_eval):
+    res, out = tiny_eval
+    assert EvalResult.from_json(json.loads(json.dumps(res.to_json())), "x") == res
+    assert json.loads((out / "results.json").read_text())["schema"] == "sink_eval.eval/2"
 
 
 def test_an_eval_baseline_of_other_weights_is_refused(tiny_eval, tmp_path):
     res, _ = tiny_eval
+    identity = baselines.EVAL.identity
     baseline = baselines.make_eval_baseline(res, "test")
     path = tmp_path / "b.json"
     baselines.write_baseline(path, baseline)
-    baselines.check_eval_comparable(res, baselines.read_eval_baseline(path), path)
-    other = dict(res, model=dict(res["model"], fingerprint="gguf-sha256:other"))
+    baselines.check_comparable(
+        baselines.make_eval_baseline(res, "now"), baselines.read_eval_baseline(path), path, identity
+    )
+    other = dataclasses.replace(res, model=ModelId(res.model.name, "gguf-sha256:other"))
     with pytest.raises(SinkEvalError, match="not comparable.*pytest -m eval --update-baselines"):
-        baselines.check_eval_comparable(other, baseline, path)
-    fewer = dict(res, settings=dict(res["settings"], limit=2))
+        baselines.check_comparable(baselines.make_eval_baseline(other, "now"), baseline, path, identity)
+    fewer = dataclasses.replace(res, settings=dataclasses.replace(res.settings, limit=2))
     with pytest.raises(SinkEvalError, match="other tasks, data, --limit or policies"):
-        baselines.check_eval_comparable(fewer, baseline, path)
+        baselines.check_comparable(baselines.make_eval_baseline(fewer, "now"), baseline, path, identity)
+
+
+def _calibrated_result(heads: dict[str, list[int]]) -> EvalResult:
+    run = EvalRun(
+        label="calibrated p=0.9 tau=0.8",
+        policy="calibrated",
+        options={},
+        fraction_copied=0.1,
+        plan={"heads": heads, "max_tokens": None, "decode_steps": None},
+        wall_s=1.0,
+        model_s=1.0,
+        speedup=1.0,
+        tasks={},
+    )
+    settings = EvalSettings([], 3, {}, {}, {}, {}, 8, "cpu")
+    return EvalResult(ModelId("m", "f"), settings, [run], Provenance("d", "c", {}))
 
 
 def test_an_eval_baseline_measured_with_other_calibrated_heads_is_refused(tmp_path):
-    run = {"label": "calibrated p=0.9 tau=0.8", "policy": "calibrated", "options": {}, "wall_s": 1.0, "tasks": {}}
-    res = {
-        "model": {"name": "m", "fingerprint": "f"},
-        "settings": {"tasks": [], "limit": 3, "splits": {}, "data_sha256": {}, "batch_size": 8},
-        "versions": {},
-        "runs": [run | {"plan": {"heads": {"18": [7, 8]}, "max_tokens": None, "decode_steps": None}}],
-    }
+    res = _calibrated_result({"18": [7, 8]})
     path = tmp_path / "b.json"
     baselines.write_baseline(path, baselines.make_eval_baseline(res, "test"))
     baseline = baselines.read_eval_baseline(path)
-    assert baseline["provenance"]["plans"] == {run["label"]: res["runs"][0]["plan"]}
-    baselines.check_eval_comparable(res, baseline, path)
-    other = res | {
-        "runs": [run | {"plan": {"heads": {"17": [4], "18": [7, 8]}, "max_tokens": None, "decode_steps": None}}]
-    }
+    assert baseline.provenance.plans == {res.runs[0].label: res.runs[0].plan}
+    identity = baselines.EVAL.identity
+    baselines.check_comparable(baselines.make_eval_baseline(res, "now"), baseline, path, identity)
+    other = baselines.make_eval_baseline(_calibrated_result({"17": [4], "18": [7, 8]}), "now")
     with pytest.raises(
         SinkEvalError,
         match=r"copies other heads now \(L17.H4, L18.H7, L18.H8\) than when it was measured "
         r"\(L18.H7, L18.H8\).*standard library",
     ):
-        baselines.check_eval_comparable(other, baseline, path)
+        baselines.check_comparable(other, baseline, path, identity)
 
 
 def test_eval_results_record_the_device_and_each_static_plan(tiny_eval):
     res, _ = tiny_eval
-    assert res["settings"]["device"] == "cpu"
-    assert [run["plan"] for run in res["runs"]] == [None, None]  # unpatched and the per-prompt oracle have none
+    assert res.settings.device == "cpu"
+    assert [run.plan for run in res.runs] == [None, None]  # unpatched and the per-prompt oracle have none
 
 
-@pytest.mark.parametrize("content, message", [("{", "not valid JSON"), ('{"schema": "x"}', "not a sink_eval.eval")])
+def test_the_committed_eval_baselines_are_readable():
+    for path in sorted((Path(__file__).parents[1] / "baselines" / "eval").glob("*.json")):
+        assert baselines.read_eval_baseline(path).values
+
+
+def test_a_widened_eval_band_is_refused_as_hand_edited(tmp_path):
+    source = Path(__file__).parents[1] / "baselines" / "eval" / "smollm2-135m.json"
+    data = json.loads(source.read_text())
+    data["values"]["piqa/unpatched/acc"] |= {"lo": -100, "hi": 100}
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(
+        SinkEvalError, match=r"values\['piqa/unpatched/acc'\] has the band \[-100.0, 100.0\].*edited by hand"
+    ):
+        baselines.read_eval_baseline(path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("{", "not valid JSON"), ('{"schema": "x"}', "this sink_eval reads 'sink_eval.eval_baseline/2'")],
+)
 def test_a_malformed_eval_baseline_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "b.json"
     path.write_text(content)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sink_eval import cli
-from sink_eval.patch_eval import kl_and_top1
+from sink_eval.patch_eval import PatchEvalResult, kl_and_top1
 
 
 def _jsonl(path, texts: list[str], prefix: str):
@@ -56,25 +56,28 @@ def test_patch_eval_writes_a_row_per_policy_with_fidelity_speed_and_kv(tmp_path,
     copies nothing (the hybrid plan, limited to L = 16 tokens, never copies on the 32-token speed prompt). tau = 0.1
     makes the other plans copy heads of the random tiny model."""
     out = tmp_path / "out"
-    assert _run(tmp_path, prompt_files, "--threshold", "0.1", "--hybrid-max-tokens", "16", "--out", str(out)) == 0
-    res = json.loads((out / "results.json").read_text())
-    assert res["schema"] == "sink_eval.patch_eval/1"
-    assert [row["policy"] for row in res["policies"]] == ["first_layer", "calibrated", "oracle", "hybrid"]
-    for row in res["policies"]:
-        assert 0 <= row["fraction_copied"] <= 1 and len(row["per_layer_fraction"]) == 4
-        assert 0 <= row["top1"] <= 1 and row["kl"] > -1e-6 and len(row["layer_error"]) == 4
-        speed = row["speed"]
-        assert speed["kv_bytes_unpatched"] > 0
-        if row["policy"] == "hybrid":
-            assert speed["prefill_ceiling"] == speed["decode_ceiling"] == 1.0
+    assert _run(tmp_path, prompt_files, "--threshold", "0.05", "--hybrid-max-tokens", "16", "--out", str(out)) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema"] == "sink_eval.patch_eval/2"
+    res = PatchEvalResult.from_json(data, out / "results.json")
+    assert [row.policy for row in res.policies] == ["first_layer", "calibrated", "oracle", "hybrid"]
+    for row in res.policies:
+        f = row.fidelity
+        assert 0 <= f.fraction_copied <= 1 and len(f.per_layer_fraction) == 4
+        assert 0 <= f.top1 <= 1 and f.kl > -1e-6 and len(f.layer_error) == 4
+        assert row.kv.unpatched_bytes > 0
+        assert row.kv.saved_bytes == row.kv.unpatched_bytes - row.kv.patched_bytes
+        if row.policy == "hybrid":
+            assert row.ceilings.prefill == row.ceilings.decode == 1.0
             continue
-        f = speed["plan_fraction"]
-        assert speed["prefill_ceiling"] == pytest.approx(1 / (1 - f * speed["prefill_share"]), rel=1e-12)
-        assert speed["decode_ceiling"] == pytest.approx(1 / (1 - f * speed["decode_share"]), rel=1e-12)
-    assert any(row["speed"]["prefill_ceiling"] > 1 for row in res["policies"]), "no plan copied a head"
-    assert set(res["settings"]["calibration_prompts"]).isdisjoint(res["settings"]["evaluation_prompts"])
+        share = row.ceilings.plan_fraction
+        assert row.ceilings.prefill == pytest.approx(1 / (1 - share * row.speed.prefill_share), rel=1e-12)
+        assert row.ceilings.decode == pytest.approx(1 / (1 - share * row.speed.decode_share), rel=1e-12)
+    assert any(row.ceilings.prefill > 1 for row in res.policies), "no plan copied a head"
+    assert set(res.settings.calibration_prompts).isdisjoint(res.settings.evaluation_prompts)
     assert (out / "speedup_vs_fidelity.png").exists()
     assert "| policy" in (out / "report.md").read_text()
+    assert PatchEvalResult.from_json(res.to_json(), "x") == res and res.to_json() == data
 
 
 def test_patch_eval_refuses_overlapping_calibration_prompts(tmp_path, prompt_files, capsys):

@@ -16,6 +16,7 @@ from sink_eval.files import temp_prefix, write_dir_atomically
 from sink_eval.patch import CopyPlan, generate
 from sink_eval.policies import check_disjoint
 from sink_eval.prompts import Prompt, read_prompt_file
+from sink_eval.report import read_results
 
 
 class ModelLoaded(Exception):
@@ -150,7 +151,9 @@ def test_only_one_token_prompts_write_the_report_and_say_no_non_trivial_prompt(t
     assert _analyze(path, "--out", str(out)) == 2
     assert "no non-trivial prompt" in capsys.readouterr().err.splitlines()[-1]
     assert "no non-trivial prompt" in (out / "report.md").read_text()
-    assert json.loads((out / "results.json").read_text())["summary"]["tau=0.8"]["all"]["n_trivial"] == 2
+    res = read_results(out)
+    assert res.at(0.8).all.n_trivial == 2 and res.at(0.8).all.prevalence is None
+    assert not list(out.glob("*.png"))
 
 
 def test_model_dir_that_is_not_a_checkpoint_is_refused(tmp_path, prompts_file, capsys):

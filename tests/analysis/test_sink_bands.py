@@ -8,7 +8,8 @@ import pytest
 
 from conftest import REAL_MODELS
 from sink_eval import baselines
-from sink_eval.analysis import bin_key, probe_prompts, results
+from sink_eval.analysis import AnalysisResult, bin_key, probe_prompts, results
+from sink_eval.errors import SinkEvalError
 from sink_eval.prompts import LENGTH_BINS, Prompt, TokenizedPrompt
 from sink_eval.sinks import DEFAULT_THRESHOLDS
 
@@ -23,32 +24,35 @@ def baseline_for(analysis_result, pytestconfig):
     """The checked baseline of a model; with --update-baselines, rewritten from this run's measurement first."""
     loaded = {}
 
-    def get(name: str) -> tuple[dict, dict]:
+    def get(name: str) -> tuple[AnalysisResult, baselines.AnalysisBaseline]:
         res = analysis_result(name)
         path = BASELINE_DIR / f"{name}.json"
         if name not in loaded:
+            measured = baselines.make_baseline(res, "pytest -m analysis --update-baselines")
             if pytestconfig.getoption("--update-baselines"):
-                old = baselines.read_baseline(path) if path.exists() else None
-                new = baselines.make_baseline(res, "pytest -m analysis --update-baselines")
-                baselines.write_baseline(path, new)
+                try:
+                    old = baselines.read_baseline(path)
+                except SinkEvalError:  # none yet, or one of an older schema: nothing to diff against
+                    old = None
+                baselines.write_baseline(path, measured)
                 reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-                reporter.write_line(f"\n{path}:\n{baselines.diff(old, new)}")
+                reporter.write_line(f"\n{path}:\n{baselines.diff(old, measured)}")
             loaded[name] = baselines.read_baseline(path)
-            baselines.check_comparable(res, loaded[name], path)
+            baselines.check_comparable(measured, loaded[name], path, baselines.ANALYSIS.identity)
         return res, loaded[name]
 
     return get
 
 
 @pytest.mark.parametrize("group", GROUPS)
-@pytest.mark.parametrize("tau", [f"tau={t:g}" for t in DEFAULT_THRESHOLDS])
+@pytest.mark.parametrize("tau", DEFAULT_THRESHOLDS)
 @pytest.mark.parametrize("model", REAL_MODELS)
 @pytest.mark.parametrize("metric", baselines.METRICS)
 def test_measured_value_lies_in_its_baseline_band(baseline_for, model, tau, group, metric):
     res, baseline = baseline_for(model)
     key = baselines.value_key(metric, tau, group)
     measured = baselines.measured_values(res)[key]
-    problem = baselines.outside_band(measured, baseline["values"][key])
+    problem = baselines.outside_band(measured, baseline.values[key])
     assert problem is None, f"{model} {key}: {problem}"
 
 
@@ -65,12 +69,12 @@ def test_one_token_prompts_are_trivial_never_counted_as_sinks(bundled_model, ana
     ids = loaded.tokenizer("The capital of France")["input_ids"]
     built = [TokenizedPrompt(Prompt(f"{n}-token", "test", "The capital of France"), ids[:n]) for n in (1, 2)]
     res = results(loaded, probe_prompts(loaded, built, progress=False), DEFAULT_THRESHOLDS)
-    one, two = res["prompts"]
-    assert (one["n_tokens"], two["n_tokens"]) == (1, 2)
-    assert _all_none(one["sink_score"]) and _all_none(one["self_score"]) and _all_none(one["prev_score"])
-    assert all(v is not None for row in two["sink_score"] for v in row)
+    one, two = res.prompts
+    assert (one.n_tokens, two.n_tokens) == (1, 2)
+    assert _all_none(one.sink_score) and _all_none(one.self_score) and _all_none(one.prev_score)
+    assert all(v is not None for row in two.sink_score for v in row)
     for tau in DEFAULT_THRESHOLDS:
-        summary = res["summary"][f"tau={tau:g}"]
-        assert (summary["bins"]["1-3"]["n_prompts"], summary["bins"]["1-3"]["n_trivial"]) == (2, 1)
-        assert summary["all"]["n_trivial"] == 1
-    assert all(_all_none(p["sink_score"]) for p in analysis_result(model)["prompts"] if p["n_tokens"] == 1)
+        summary = res.at(tau)
+        assert (summary.group("1-3").n_prompts, summary.group("1-3").n_trivial) == (2, 1)
+        assert summary.all.n_trivial == 1
+    assert all(_all_none(p.sink_score) for p in analysis_result(model).prompts if p.n_tokens == 1)

@@ -9,12 +9,16 @@ of each task. The full runs are one command each (results in baselines/eval/full
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from conftest import REAL_MODELS
 from sink_eval import baselines
 from sink_eval.errors import SinkEvalError
+
+if TYPE_CHECKING:
+    from sink_eval.evaluate import EvalResult
 
 pytestmark = pytest.mark.eval
 
@@ -34,22 +38,22 @@ def measured(bundled_model, pytestconfig):
 
     done = {}
 
-    def get(name: str) -> tuple[dict, dict]:
+    def get(name: str) -> tuple[EvalResult, baselines.EvalBaseline]:
         if name not in done:
             policies = [Policy(name, PolicyOptions(threshold=tau)) for name, tau in POLICIES]
             res = run_eval(bundled_model(name), policies, EVAL_TASKS, EVAL_LIMIT, command="pytest -m eval")
             path = BASELINE_DIR / f"{name}.json"
+            measured = baselines.make_eval_baseline(res, "pytest -m eval --update-baselines")
             if pytestconfig.getoption("--update-baselines"):
                 try:
                     old = baselines.read_eval_baseline(path)
                 except SinkEvalError:  # none yet, or one of an older schema: nothing to diff against
                     old = None
-                new = baselines.make_eval_baseline(res, "pytest -m eval --update-baselines")
-                baselines.write_baseline(path, new)
+                baselines.write_baseline(path, measured)
                 reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-                reporter.write_line(f"\n{path}:\n{baselines.diff(old, new)}")
+                reporter.write_line(f"\n{path}:\n{baselines.diff(old, measured)}")
             baseline = baselines.read_eval_baseline(path)
-            baselines.check_eval_comparable(res, baseline, path)
+            baselines.check_comparable(measured, baseline, path, baselines.EVAL.identity)
             done[name] = (res, baseline)
         return done[name]
 
@@ -61,7 +65,7 @@ def measured(bundled_model, pytestconfig):
 def test_unpatched_accuracy_lies_within_two_stderr_of_its_baseline(measured, model, task):
     res, baseline = measured(model)
     key = f"{task}/unpatched/acc"
-    problem = baselines.outside_band(baselines.eval_values(res)[key], baseline["values"][key])
+    problem = baselines.outside_band(baselines.eval_values(res)[key], baseline.values[key])
     assert problem is None, f"{model} {key}: {problem}"
 
 
@@ -72,5 +76,5 @@ def test_each_policys_accuracy_change_lies_in_its_band(measured, model, task):
     values = baselines.eval_values(res)
     keys = [k for k in values if k.startswith(f"{task}/") and k.endswith("/change")]
     assert len(keys) == len(POLICIES)
-    problems = {k: baselines.outside_band(values[k], baseline["values"][k]) for k in keys}
+    problems = {k: baselines.outside_band(values[k], baseline.values[k]) for k in keys}
     assert not any(problems.values()), f"{model}: {problems}"
