@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/sink-eval analyze --model smollm2-135m --out runs/smollm2-135m --overwrite
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/pytest -m "not bench and not gpu"
 
 clean:
