@@ -463,7 +463,13 @@ def _versions(then: dict[str, str], now: dict[str, str]) -> str:
 
 
 def regression_message(
-    kind: Kind, what: str, moved: list[Moved], tolerance: float, then: dict[str, str], now: dict[str, str], first=5
+    kind: Kind,
+    what: str,
+    moved: list[Moved],
+    tolerance: float,
+    then: dict[str, str],
+    now: dict[str, str],
+    first: int = 5,
 ) -> str:
     """What moved since the baseline run (the `first` largest), the versions then and now, and what to do."""
     lines = [f"{what}: {len(moved)} moved by more than {tolerance:g} since the baseline run; the largest:"]
