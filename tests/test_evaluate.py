@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -13,6 +14,8 @@ pytest.importorskip("lm_eval", reason="the evals extra (lm-eval) is not installe
 
 import dataclasses  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from helpers import read_committed_baseline  # noqa: E402
 
 from sink_eval import baselines, cli  # noqa: E402
 from sink_eval.errors import SinkEvalError  # noqa: E402
@@ -147,7 +150,7 @@ def test_eval_writes_accuracy_per_task_for_unpatched_and_each_policy(tiny_eval):
 def test_eval_results_round_trip_through_json_unchanged(tiny_eval):
     res, out = tiny_eval
     assert EvalResult.from_json(json.loads(json.dumps(res.to_json())), "x") == res
-    assert json.loads((out / "results.json").read_text())["schema"] == "sink_eval.eval/2"
+    assert json.loads((out / "results.json").read_text())["schema"] == "sink_eval.eval/3"
 
 
 def test_an_eval_baseline_of_other_weights_is_refused(tiny_eval, tmp_path):
@@ -206,13 +209,16 @@ def test_eval_results_record_the_device_and_each_static_plan(tiny_eval):
     assert [run.plan for run in res.runs] == [None, None]  # unpatched and the per-prompt oracle have none
 
 
-def test_the_committed_eval_baselines_are_readable():
-    for path in sorted((Path(__file__).parents[1] / "baselines" / "eval").glob("*.json")):
-        assert baselines.read_eval_baseline(path).values
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_the_committed_eval_baselines_are_readable(name):
+    path = Path(__file__).parents[1] / "baselines" / "eval" / f"{name}.json"
+    baseline = read_committed_baseline(path, baselines.EVAL)
+    assert baseline.values and set(baseline.loglik) == set(baseline.provenance.wall_s)
 
 
-def test_a_widened_eval_band_is_refused_as_hand_edited(tmp_path):
-    source = Path(__file__).parents[1] / "baselines" / "eval" / "smollm2-135m.json"
+def test_a_widened_eval_band_is_refused_as_hand_edited(tiny_eval, tmp_path):
+    source = tmp_path / "source.json"
+    baselines.write_baseline(source, baselines.make_eval_baseline(tiny_eval[0], "test"))
     data = json.loads(source.read_text())
     data["values"]["piqa/unpatched/acc"] |= {"lo": -100, "hi": 100}
     path = tmp_path / "b.json"
@@ -225,13 +231,72 @@ def test_a_widened_eval_band_is_refused_as_hand_edited(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [("{", "not valid JSON"), ('{"schema": "x"}', "this sink_eval reads 'sink_eval.eval_baseline/2'")],
+    [
+        ("{", "not valid JSON"),
+        ('{"schema": "x"}', "this sink_eval reads 'sink_eval.eval_baseline/3'"),
+        ('{"schema": "sink_eval.eval_baseline/2"}', "has schema 'sink_eval.eval_baseline/2', this sink_eval reads"),
+    ],
 )
 def test_a_malformed_eval_baseline_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "b.json"
     path.write_text(content)
-    with pytest.raises(SinkEvalError, match=f"{message}.*pytest -m eval --update-baselines"):
+    with pytest.raises(SinkEvalError, match=f"{message}.*pytest -m eval --update-baselines`$") as err:
         baselines.read_eval_baseline(path)
+    assert "\n" not in str(err.value)
+
+
+def test_eval_records_a_finite_nonpositive_loglikelihood_for_every_document_and_choice(tiny_eval):
+    res, _ = tiny_eval
+    for run in res.runs:
+        assert [len(doc) for doc in run.tasks["piqa"].loglik] == [2, 2, 2]  # piqa: two solutions a goal
+        assert [len(doc) for doc in run.tasks["lambada_openai"].loglik] == [1, 1, 1]  # the last word
+        values = [v for score in run.tasks.values() for doc in score.loglik for v in doc]
+        assert all(math.isfinite(v) and v <= 0 for v in values)
+    assert res.runs[0].tasks["piqa"].loglik != res.runs[1].tasks["piqa"].loglik  # the oracle copies heads
+
+
+def test_an_eval_baseline_keeps_each_runs_loglikelihoods_through_a_round_trip(tiny_eval, tmp_path):
+    res, _ = tiny_eval
+    written = baselines.make_eval_baseline(res, "test")
+    path = tmp_path / "b.json"
+    baselines.write_baseline(path, written)
+    assert baselines.read_eval_baseline(path) == written
+    assert written.loglik == {run.label: {t: s.loglik for t, s in run.tasks.items()} for run in res.runs}
+
+
+STORED_LOGLIK = {"piqa": [[-10.5, -12.25], [-3.0, -2.0]], "lambada_openai": [[-4.0]]}
+
+
+def _logliks_with(edits: dict[tuple[str, int, int], float]) -> dict:
+    logliks = {task: [list(doc) for doc in docs] for task, docs in STORED_LOGLIK.items()}
+    for (task, doc, choice), value in edits.items():
+        logliks[task][doc][choice] = value
+    return logliks
+
+
+def test_a_loglikelihood_that_moved_beyond_the_tolerance_is_flagged_and_one_within_it_is_not():
+    assert baselines.moved_requests(_logliks_with({}), STORED_LOGLIK) == []
+    within = _logliks_with({("piqa", 1, 0): -3.0 + 0.5 * baselines.LOGLIK_TOLERANCE})
+    assert baselines.moved_requests(within, STORED_LOGLIK) == []
+    moved = baselines.moved_requests(
+        _logliks_with({("piqa", 1, 1): -2.002, ("lambada_openai", 0, 0): -4.5}), STORED_LOGLIK
+    )
+    assert [m.where for m in moved] == ["lambada_openai doc 0 choice 0", "piqa doc 1 choice 1"]
+    assert moved[1].delta == pytest.approx(2e-3) and (moved[1].stored, moved[1].measured) == (-2.0, -2.002)
+    then, now = {"lm_eval": "0.4.9", "transformers": "5.24.0"}, {"lm_eval": "0.4.9", "transformers": "5.25.0"}
+    message = baselines.regression_message(
+        baselines.EVAL, "m unpatched logliks", moved, baselines.LOGLIK_TOLERANCE, then, now
+    )
+    assert "  piqa doc 1 choice 1: -2.000000 -> -2.002000 (|Δ| 0.002)" in message.splitlines()
+    assert "transformers 5.24.0 -> 5.25.0" in message and "pytest -m eval --update-baselines" in message
+
+
+def test_a_task_with_other_documents_than_the_baseline_run_has_moved_infinitely():
+    fewer = _logliks_with({})
+    fewer["piqa"].pop()
+    (moved,) = baselines.moved_requests(fewer, STORED_LOGLIK)
+    assert moved.where == "piqa: 2 rows, 4 numbers in the baseline, 1 rows, 2 numbers now"
+    assert moved.delta == float("inf")
 
 
 def test_the_plugin_writes_a_local_yaml_for_every_task_whose_data_is_found_by_default(tmp_path, monkeypatch):

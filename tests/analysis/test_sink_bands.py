@@ -1,4 +1,5 @@
-"""Sink prevalence and first-layer agreement of the real models, held to the measured bands in baselines/analysis."""
+"""Sink prevalence and first-layer agreement of the real models, held to the measured bands in baselines/analysis;
+every prompt's per-head sink scores held to the baseline run's (the regression layer)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,20 @@ def test_one_token_prompts_are_trivial_never_counted_as_sinks(bundled_model, ana
         assert (summary.group("1-3").n_prompts, summary.group("1-3").n_trivial) == (2, 1)
         assert summary.all.n_trivial == 1
     assert all(_all_none(p.sink_score) for p in analysis_result(model).prompts if p.n_tokens == 1)
+
+
+@pytest.mark.parametrize("model", REAL_MODELS)
+def test_per_prompt_sink_scores_equal_the_baseline_run(baseline_for, model):
+    """The regression layer: every head's sink score on every prompt is the baseline run's, to
+    `SINK_SCORE_TOLERANCE` (the bands above would let a real change through)."""
+    res, baseline = baseline_for(model)
+    measured = {p.id: p.sink_score for p in res.prompts}
+    moved = baselines.moved_prompts(measured, baseline.sink_scores)
+    assert not moved, baselines.regression_message(
+        baselines.ANALYSIS,
+        f"{model} per-prompt sink scores",
+        moved,
+        baselines.SINK_SCORE_TOLERANCE,
+        baseline.provenance.versions,
+        res.provenance.versions,
+    )

@@ -1,4 +1,5 @@
-"""lm-eval accuracy of the real models, unpatched and under copy policies, held to baselines/eval.
+"""lm-eval accuracy of the real models, unpatched and under copy policies, held to baselines/eval (bands), and every
+request's log-likelihood held to the baseline run's (the regression layer).
 
 What runs here is the CI-sized measurement (about 10 minutes for both models here): the first EVAL_LIMIT documents
 of each task. The full runs are one command each (results in baselines/eval/full):
@@ -78,3 +79,22 @@ def test_each_policys_accuracy_change_lies_in_its_band(measured, model, task):
     assert len(keys) == len(POLICIES)
     problems = {k: baselines.outside_band(values[k], baseline.values[k]) for k in keys}
     assert not any(problems.values()), f"{model}: {problems}"
+
+
+@pytest.mark.parametrize("run", range(1 + len(POLICIES)), ids=["unpatched", *(f"{n}-tau{t}" for n, t in POLICIES)])
+@pytest.mark.parametrize("model", REAL_MODELS)
+def test_per_request_loglikelihoods_equal_the_baseline_run(measured, model, run):
+    """The regression layer: every request's log-likelihood is the baseline run's, to `LOGLIK_TOLERANCE` (the
+    accuracy bands would let a model at chance through)."""
+    res, baseline = measured(model)
+    label = res.runs[run].label
+    now = {task: score.loglik for task, score in res.runs[run].tasks.items()}
+    moved = baselines.moved_requests(now, baseline.loglik[label])
+    assert not moved, baselines.regression_message(
+        baselines.EVAL,
+        f"{model} {label} per-request log-likelihoods",
+        moved,
+        baselines.LOGLIK_TOLERANCE,
+        baseline.provenance.versions,
+        res.provenance.versions,
+    )
