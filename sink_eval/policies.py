@@ -112,12 +112,10 @@ def make_plan(
     """The plan of policy `name` for one prompt (`prompt` = its statistics, needed by per-prompt policies)."""
     check_policy(name, options)
     base = base_policy(name, options)
-    if base in PER_PROMPT and prompt is None:
-        raise SinkEvalError(f"the {base} policy needs the prompt's own attention statistics")
-    if base == "first_layer":
-        plan = first_layer_plan(prompt, options)
-    elif base == "oracle":
-        plan = oracle_plan(prompt, options)
+    if base in PER_PROMPT:
+        if prompt is None:
+            raise SinkEvalError(f"the {base} policy needs the prompt's own attention statistics")
+        plan = first_layer_plan(prompt, options) if base == "first_layer" else oracle_plan(prompt, options)
     else:
         plan = calibrated_plan(calibration, options)
     if name == "hybrid":

@@ -42,7 +42,7 @@ def tau_label(threshold: float) -> str:
 def prevalence_table(res: AnalysisResult) -> str:
     rows = []
     for tokens_group in res.summary[0].groups():
-        cells = [tokens_group.tokens]
+        cells: list[int | str] = [tokens_group.tokens]
         for summary in res.summary:
             group = summary.group(tokens_group.tokens)
             se = group.prevalence_se
@@ -433,6 +433,7 @@ def eval_table(res: EvalResult) -> str:
             t = run.tasks[task]
             cell = f"{100 * t.acc:.1f} ± {100 * t.acc_stderr:.1f}"
             if t.change is not None:
+                assert t.change_se is not None, "a change is always stored with its paired SE"
                 cell += f" ({100 * t.change:+.1f} ± {100 * t.change_se:.1f})"
             cells.append(cell)
         speedup = f"{run.speedup:.2f}" if run.speedup is not None else "1.00"

@@ -105,7 +105,7 @@ def _read(tp: Any, value: Any, source: str, where: str, expected: str | None = N
 
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a dataclass type (tp is a type hint)
         if not isinstance(value, dict):
             raise mistyped()
         hints = typing.get_type_hints(tp)

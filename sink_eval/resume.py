@@ -92,14 +92,14 @@ def _load(work: Path, index: int, tp: TokenizedPrompt) -> ProbedPrompt | None:
 
 def probe_resumable(loaded: LoadedModel, prompts: list[TokenizedPrompt], work: Path) -> list[ProbedPrompt]:
     """`probe_prompts`, saving each prompt's statistics in `work` and reusing those saved by an earlier run."""
-    out = [_load(work, i, tp) for i, tp in enumerate(prompts)]
-    todo = [i for i, p in enumerate(out) if p is None]
+    out = {i: p for i, tp in enumerate(prompts) if (p := _load(work, i, tp)) is not None}
+    todo = [i for i in range(len(prompts)) if i not in out]
     done = len(prompts) - len(todo)
     desc = f"probing {loaded.spec.name}"
     for i in tqdm(todo, desc=desc, unit="prompt", initial=done, total=len(prompts), file=sys.stderr):
         out[i] = probe_prompts(loaded, [prompts[i]], progress=False)[0]
         _save(work, i, out[i])
-    return out
+    return [out[i] for i in range(len(prompts))]
 
 
 def finish(work: Path) -> None:

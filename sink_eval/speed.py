@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +85,7 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 
 def paired(
     unpatched: Callable[[], float | None],
-    variants: dict[str, Callable[[], float | None]],
+    variants: Mapping[str, Callable[[], float | None]],
     rounds: int,
     warmup: bool = True,
     device: torch.device = CPU,
@@ -148,7 +148,7 @@ def measure(model: torch.nn.Module, plan: CopyPlan, input_ids: torch.Tensor, rou
     mask = torch.ones_like(input_ids)
     device = input_ids.device
 
-    def prefill(context: Callable[[], object]) -> Callable[[], None]:
+    def prefill(context: Callable[[], AbstractContextManager[object]]) -> Callable[[], None]:
         def run() -> None:
             with context():
                 model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
