@@ -182,13 +182,9 @@ def _agreement(sinks: torch.Tensor) -> float | None:
 
 def _group_summary(tokens: str, items: list[ProbedPrompt], tau: float, chance_corrected: bool) -> GroupSummary:
     scored = _scored(items)
-    counts = {"tokens": tokens, "n_prompts": len(items), "n_trivial": len(items) - len(scored)}
+    n_prompts, n_trivial = len(items), len(items) - len(scored)
     if not scored:
-        undefined = dict.fromkeys(
-            ["prevalence", "prevalence_se", "first_layer_agreement", "first_layer_agreement_se", "base_rate"]
-            + ["lift", "recall", "prompts_with_layer0_sink"]
-        )
-        return GroupSummary(**counts, **undefined, per_layer_prevalence=[], head_classes={})
+        return GroupSummary(tokens, n_prompts, n_trivial, None, None, [], None, None, None, None, None, None, {})
     sinks = _sink_maps(scored, tau, chance_corrected)
     fla = first_layer_agreement(sinks)
     classes = torch.stack(
@@ -200,7 +196,9 @@ def _group_summary(tokens: str, items: list[ProbedPrompt], tau: float, chance_co
         ]
     )
     return GroupSummary(
-        **counts,
+        tokens=tokens,
+        n_prompts=n_prompts,
+        n_trivial=n_trivial,
         prevalence=_prevalence(sinks),
         prevalence_se=bootstrap_se(sinks, _prevalence),
         per_layer_prevalence=sinks.float().mean(dim=(0, 2)).tolist(),

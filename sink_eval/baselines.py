@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,7 +128,7 @@ class Kind:
     """One kind of baseline file: its class, the suite that re-measures it, its band rule, what makes two of them
     comparable, and the range a value of each key lies in."""
 
-    cls: type
+    cls: type[AnalysisBaseline] | type[EvalBaseline]
     marker: str
     band_rule: str
     identity: tuple[IdentityKey, ...]
@@ -262,7 +262,7 @@ def eval_values(res: EvalResult) -> dict[str, Measurement]:
 
 def eval_settings_sha256(res: EvalResult) -> str:
     """What an eval baseline is comparable on: tasks, limit, data file hashes and policies."""
-    identity = [res.settings.tasks, res.settings.limit, res.settings.data_sha256]
+    identity: list[Any] = [res.settings.tasks, res.settings.limit, res.settings.data_sha256]
     identity.append([[run.label, run.options] for run in res.runs])
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -332,7 +332,7 @@ def read_baseline(path: Path, kind: Kind = ANALYSIS) -> Baseline:
     """A baseline file, every field checked and every band re-derived; every problem says how to make a good one."""
     data = read_json_file(Path(path), kind.cls.SCHEMA, kind.fix)
     try:
-        baseline = from_json(kind.cls, without_schema(data, kind.cls.SCHEMA, path), path)
+        baseline: Baseline = from_json(kind.cls, without_schema(data, kind.cls.SCHEMA, path), path)
     except SinkEvalError as err:
         raise SinkEvalError(f"{err}; {kind.fix}") from err
     _check_bands(baseline, Path(path), kind)
@@ -340,7 +340,9 @@ def read_baseline(path: Path, kind: Kind = ANALYSIS) -> Baseline:
 
 
 def read_eval_baseline(path: Path) -> EvalBaseline:
-    return read_baseline(path, EVAL)
+    baseline = read_baseline(path, EVAL)
+    assert isinstance(baseline, EvalBaseline), "EVAL reads EvalBaseline files"
+    return baseline
 
 
 def _field(obj: Any, dotted: str) -> Any:
@@ -365,6 +367,7 @@ def outside_band(measured: Measurement, expected: Band) -> str | None:
         if (expected.value is None) != (value is None):
             return f"expected {expected.value}, measured {value} (one of them is undefined)"
         return None
+    assert lo is not None and hi is not None, "a band with a value has bounds (`band`)"
     if not lo <= value <= hi:
         return f"measured {value:.4f}, outside the band [{lo:.4f}, {hi:.4f}] around {expected.value:.4f}"
     return None
@@ -392,13 +395,14 @@ class Moved:
 
 
 Table = list[list[float | None]]
+Rows = Sequence[Sequence[float | None]]  # a Table, or per-document log-likelihoods
 
 
-def _shape(rows: Table | None) -> list[int] | None:
+def _shape(rows: Rows | None) -> list[int] | None:
     return None if rows is None else [len(row) for row in rows]
 
 
-def _shape_text(rows: Table | None) -> str:
+def _shape_text(rows: Rows | None) -> str:
     return "absent" if rows is None else f"{len(rows)} rows, {sum(map(len, rows))} numbers"
 
 
@@ -408,7 +412,7 @@ def _delta(stored: float | None, measured: float | None) -> float:
     return abs(stored - measured)
 
 
-def _other_shape(name: str, stored: Table | None, measured: Table | None) -> Moved | None:
+def _other_shape(name: str, stored: Rows | None, measured: Rows | None) -> Moved | None:
     if _shape(stored) == _shape(measured):
         return None
     return Moved(f"{name}: {_shape_text(stored)} in the baseline, {_shape_text(measured)} now", math.inf, None, None)
@@ -425,6 +429,7 @@ def moved_prompts(
         if (other := _other_shape(f"prompt {prompt}", before, now)) is not None:
             moved.append(other)
             continue
+        assert before is not None and now is not None, "equal shapes, and at least one of them exists"
         cells = [(layer, head) for layer, row in enumerate(before) for head in range(len(row))]
         delta, layer, head = max(((_delta(before[i][j], now[i][j]), i, j) for i, j in cells), default=(0.0, 0, 0))
         if delta > tolerance:
@@ -443,6 +448,7 @@ def moved_requests(
         if (other := _other_shape(task, before, now)) is not None:
             moved.append(other)
             continue
+        assert before is not None and now is not None, "equal shapes, and at least one of them exists"
         for doc, (row_before, row_now) in enumerate(zip(before, now, strict=True)):
             for choice, (b, n) in enumerate(zip(row_before, row_now, strict=True)):
                 if abs(b - n) > tolerance:

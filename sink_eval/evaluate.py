@@ -231,7 +231,7 @@ class SinkLM(HFLM):
         hybrid_base: str = "calibrated",
         max_tokens: int | None = None,
         decode_steps: int | None = None,
-        data_dir: str | None = None,
+        data_dir: str | Path | None = None,
         batch_size: int | str = 8,
         **kwargs,
     ):
@@ -288,6 +288,7 @@ class SinkLM(HFLM):
         if self.static_plan is not None:
             planned = dict.fromkeys(inputs, self.static_plan)
         else:
+            assert self.policy is not None, "without a static plan, the plans are a per-prompt policy's"
             planned = {}
             for i in tqdm(range(0, len(inputs), self.batch_size), desc="Probing requests"):
                 batch = inputs[i : i + self.batch_size]
@@ -347,9 +348,9 @@ def _left_padded(inputs: list[tuple[int, ...]], device: torch.device) -> tuple[t
 
 def evaluate(
     lm: SinkLM, tasks: list[str], limit: int | None = None, data_dir: str | Path | None = None
-) -> dict[str, dict]:
+) -> tuple[dict[str, TaskScore], float]:
     """Run lm-eval on `tasks`: per task, acc, acc_stderr, n, the per-document 0/1 scores and the per-request
-    log-likelihoods (lm-eval's own, from its logged samples: per document, one per choice); plus wall time."""
+    log-likelihoods (lm-eval's own, from its logged samples: per document, one per choice); and the wall time (s)."""
     from lm_eval import simple_evaluate
 
     configs = [task_config(task, data_dir) for task in tasks]
@@ -365,18 +366,20 @@ def evaluate(
         torch_random_seed=0,
     )
     wall = time.perf_counter() - start
-    results = {}
+    results: dict[str, TaskScore] = {}
     for task in tasks:
         metrics = out["results"][task]
         samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
-        results[task] = {
-            "acc": metrics["acc,none"],
-            "acc_stderr": metrics["acc_stderr,none"],
-            "n": len(samples),
-            "per_doc": [float(s["acc"]) for s in samples],
-            "loglik": [[round(float(loglik), LOGLIK_DECIMALS) for loglik, _ in s["filtered_resps"]] for s in samples],
-        }
-    return {"tasks": results, "wall_s": wall, "split": {t: TASKS[t].split for t in tasks}}
+        results[task] = TaskScore(
+            acc=metrics["acc,none"],
+            acc_stderr=metrics["acc_stderr,none"],
+            n=len(samples),
+            per_doc=[float(s["acc"]) for s in samples],
+            loglik=[[round(float(loglik), LOGLIK_DECIMALS) for loglik, _ in s["filtered_resps"]] for s in samples],
+            change=None,
+            change_se=None,
+        )
+    return results, wall
 
 
 def paired_change(policy: list[float], unpatched: list[float]) -> tuple[float, float]:
@@ -458,7 +461,7 @@ def run_eval(
     for policy in [None, *policies]:
         options = {} if policy is None else _model_args(policy)
         lm = SinkLM(loaded, data_dir=data_dir, batch_size=batch_size, **options)
-        out = evaluate(lm, tasks, limit, data_dir)
+        scores, wall_s = evaluate(lm, tasks, limit, data_dir)
         runs.append(
             EvalRun(
                 label="unpatched" if policy is None else policy.label,
@@ -466,10 +469,10 @@ def run_eval(
                 options=options,
                 fraction_copied=sum(lm.fractions) / len(lm.fractions) if lm.fractions else 0.0,
                 plan=None if lm.static_plan is None else lm.static_plan.to_json(),
-                wall_s=out["wall_s"],
+                wall_s=wall_s,
                 model_s=lm.model_seconds,
                 speedup=None,
-                tasks={task: TaskScore(**t, change=None, change_se=None) for task, t in out["tasks"].items()},
+                tasks=scores,
             )
         )
     base = runs[0]
