@@ -18,11 +18,11 @@ PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Once upon 
 def most_consistent_plan(analysis_result, name: str, k: int = 2) -> CopyPlan:
     """A plan worth testing: the k most consistent sink heads at tau = 0.8, as this session measures them on the
     default prompt set (the analysis result's `top_consistent_heads`)."""
-    top = analysis_result(name)["summary"]["tau=0.8"]["top_consistent_heads"][:k]
+    top = analysis_result(name).at(0.8).top_consistent_heads[:k]
     assert len(top) == k, f"{name}: the analysis result lists {len(top)} consistent heads, fewer than {k}"
     heads: dict[int, list[int]] = {}
     for entry in top:
-        heads.setdefault(entry["layer"], []).append(entry["head"])
+        heads.setdefault(entry.layer, []).append(entry.head)
     return CopyPlan.of(heads)
 
 
