@@ -26,6 +26,7 @@ from sink_eval.models import LoadedModel
 from sink_eval.probe import PromptStats, probe
 from sink_eval.prompts import DEFAULT_MAX_TOKENS, LENGTH_BINS, Prompt, TokenizedPrompt, length_bin, prompt_set_sha256
 from sink_eval.results import ModelInfo, Provenance, from_json, provenance, with_schema, without_schema
+from sink_eval.shape import model_shape
 from sink_eval.sinks import HEAD_CLASSES, head_classes, sink_heads, threshold_for
 
 SCHEMA = "sink_eval.results/2"
@@ -269,6 +270,13 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def model_info(loaded: LoadedModel) -> ModelInfo:
+    """The model section of a result: zoo name, weights fingerprint, attention shape (`shape.model_shape`), dtype."""
+    shape = model_shape(loaded.model)
+    dtype = str(loaded.model.dtype).removeprefix("torch.")
+    return ModelInfo(loaded.spec.name, loaded.fingerprint, shape.layers, shape.heads, shape.kv_heads, dtype)
+
+
 def results(
     loaded: LoadedModel,
     probed: list[ProbedPrompt],
@@ -278,17 +286,9 @@ def results(
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> AnalysisResult:
     """The analysis result: model, settings (truncated prompts included), per-prompt scores, summary, provenance."""
-    config = loaded.model.config
     prompts = [p.prompt.prompt for p in probed]
     return AnalysisResult(
-        model=ModelInfo(
-            name=loaded.spec.name,
-            fingerprint=loaded.fingerprint,
-            layers=config.num_hidden_layers,
-            heads=config.num_attention_heads,
-            kv_heads=config.num_key_value_heads,
-            dtype=str(loaded.model.dtype).removeprefix("torch."),
-        ),
+        model=model_info(loaded),
         settings=Settings(
             thresholds=list(thresholds),
             chance_corrected_threshold=chance_corrected,

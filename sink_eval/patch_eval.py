@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm import tqdm
 
-from sink_eval.analysis import bootstrap_se
+from sink_eval.analysis import bootstrap_se, model_info
 from sink_eval.models import LoadedModel
 from sink_eval.patch import CopyPlan, generate, layer_errors, patched, plan_applies
 from sink_eval.policies import Policy, make_plan
@@ -290,16 +290,8 @@ def run(
                 kv=kv_memory(measured),
             )
         )
-    shape = ctx.shape
     return PatchEvalResult(
-        model=ModelInfo(
-            name=loaded.spec.name,
-            fingerprint=loaded.fingerprint,
-            layers=shape.layers,
-            heads=shape.heads,
-            kv_heads=shape.kv_heads,
-            dtype=str(model.dtype).removeprefix("torch."),
-        ),
+        model=model_info(loaded),
         settings=PatchEvalSettings(
             kl_positions=KL_POSITIONS,
             greedy_prompts=[evaluation[i].prompt.id for i in chosen],
