@@ -55,3 +55,22 @@ def analysis_result(bundled_model):
         return computed[name]
 
     return get
+
+
+def checked_baseline(pytestconfig, path, measured, kind):
+    """The baseline stored at `path`, checked to be comparable with `measured` (this run's measurement as a baseline);
+    with --update-baselines it is first rewritten from `measured`, and what changed is printed."""
+    from sink_eval import baselines
+    from sink_eval.errors import SinkEvalError
+
+    if pytestconfig.getoption("--update-baselines"):
+        try:
+            old = baselines.read_baseline(path, kind)
+        except SinkEvalError:  # none yet, or one of an older schema: nothing to diff against
+            old = None
+        baselines.write_baseline(path, measured)
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_line(f"\n{path}:\n{baselines.diff(old, measured)}")
+    stored = baselines.read_baseline(path, kind)
+    baselines.check_comparable(measured, stored, path, kind.identity)
+    return stored

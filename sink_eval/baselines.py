@@ -158,8 +158,8 @@ def _other_weights(stored: str, measured: str) -> str:
 
 def _other_prompts(stored: str, measured: str) -> str:
     return (
-        f"was measured on another prompt set (sha256 {stored[:12]}, now {measured[:12]}: the eval data or the Python "
-        "standard library differ)"
+        f"was measured on another prompt set (sha256 {stored[:12]}, now {measured[:12]}: the committed set "
+        "sink_eval/data/prompts.jsonl changed)"
     )
 
 
@@ -171,9 +171,8 @@ def _other_plans(stored: dict, measured: dict) -> str:
     label = next(label for label in sorted(set(stored) | set(measured)) if stored.get(label) != measured.get(label))
     return (
         f"policy {label!r} copies other heads now ({_heads(measured.get(label))}) than when it was measured "
-        f"({_heads(stored.get(label))}), so its accuracy change is not comparable. The calibration prompts differ: "
-        "the default set reads code from this Python's standard library, which changes between Python versions "
-        "(or --data-dir points at other data)"
+        f"({_heads(stored.get(label))}), so its accuracy change is not comparable: the calibration prompts' sink "
+        "statistics differ from the baseline run's (the prompt set, the weights or the numerics changed)"
     )
 
 

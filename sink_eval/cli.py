@@ -213,8 +213,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--out", type=Path, help=f"directory for {what}")
+def _output_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--out", type=Path, help=f"directory for {OUTPUT_WHAT[command]}")
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS, help="longest prompt allowed")
     analyze.add_argument("--truncate", action="store_true", help="cut longer prompts to --max-tokens")
-    _output_arguments(analyze, "results.json, report.md and figures")
+    _output_arguments(analyze, "analyze")
     analyze.add_argument(
         "--resume",
         action="store_true",
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     patch_eval.add_argument("--speed-rounds", type=_positive_int, default=3, help="paired timing rounds (3)")
     patch_eval.add_argument("--generations", type=_positive_int, default=8, help="greedy continuations compared (8)")
     patch_eval.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens per greedy continuation (32)")
-    _output_arguments(patch_eval, "results.json, report.md and the figure")
+    _output_arguments(patch_eval, "patch-eval")
     patch_eval.set_defaults(func=_cmd_patch_eval)
 
     evaluate = sub.add_parser(
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $SINK_EVAL_DATA)",
     )
     _policy_arguments(evaluate, "calibrated")
-    _output_arguments(evaluate, "results.json and report.md")
+    _output_arguments(evaluate, "eval")
     evaluate.set_defaults(func=_cmd_eval)
 
     compare = sub.add_parser("compare", help="two result sets side by side")

@@ -198,7 +198,7 @@ def test_an_eval_baseline_measured_with_other_calibrated_heads_is_refused(tmp_pa
     with pytest.raises(
         SinkEvalError,
         match=r"copies other heads now \(L17.H4, L18.H7, L18.H8\) than when it was measured "
-        r"\(L18.H7, L18.H8\).*standard library",
+        r"\(L18.H7, L18.H8\).*the calibration prompts' sink statistics differ",
     ):
         baselines.check_comparable(other, baseline, path, identity)
 

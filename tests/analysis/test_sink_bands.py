@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REAL_MODELS
+from conftest import REAL_MODELS, checked_baseline
 from sink_eval import baselines
 from sink_eval.analysis import AnalysisResult, bin_key, probe_prompts, results
-from sink_eval.errors import SinkEvalError
 from sink_eval.prompts import LENGTH_BINS, Prompt, TokenizedPrompt
 from sink_eval.sinks import DEFAULT_THRESHOLDS
 
@@ -30,16 +29,7 @@ def baseline_for(analysis_result, pytestconfig):
         path = BASELINE_DIR / f"{name}.json"
         if name not in loaded:
             measured = baselines.make_baseline(res, "pytest -m analysis --update-baselines")
-            if pytestconfig.getoption("--update-baselines"):
-                try:
-                    old = baselines.read_baseline(path)
-                except SinkEvalError:  # none yet, or one of an older schema: nothing to diff against
-                    old = None
-                baselines.write_baseline(path, measured)
-                reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-                reporter.write_line(f"\n{path}:\n{baselines.diff(old, measured)}")
-            loaded[name] = baselines.read_baseline(path)
-            baselines.check_comparable(measured, loaded[name], path, baselines.ANALYSIS.identity)
+            loaded[name] = checked_baseline(pytestconfig, path, measured, baselines.ANALYSIS)
         return res, loaded[name]
 
     return get

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from conftest import REAL_MODELS
+from conftest import REAL_MODELS, checked_baseline
 from sink_eval import baselines
-from sink_eval.errors import SinkEvalError
 
 if TYPE_CHECKING:
     from sink_eval.evaluate import EvalResult
@@ -45,16 +44,7 @@ def measured(bundled_model, pytestconfig):
             res = run_eval(bundled_model(name), policies, EVAL_TASKS, EVAL_LIMIT, command="pytest -m eval")
             path = BASELINE_DIR / f"{name}.json"
             measured = baselines.make_eval_baseline(res, "pytest -m eval --update-baselines")
-            if pytestconfig.getoption("--update-baselines"):
-                try:
-                    old = baselines.read_eval_baseline(path)
-                except SinkEvalError:  # none yet, or one of an older schema: nothing to diff against
-                    old = None
-                baselines.write_baseline(path, measured)
-                reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-                reporter.write_line(f"\n{path}:\n{baselines.diff(old, measured)}")
-            baseline = baselines.read_eval_baseline(path)
-            baselines.check_comparable(measured, baseline, path, baselines.EVAL.identity)
+            baseline = checked_baseline(pytestconfig, path, measured, baselines.EVAL)
             done[name] = (res, baseline)
         return done[name]
 
