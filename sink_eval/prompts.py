@@ -12,6 +12,7 @@ Prompts are tokenised exactly as the model's tokenizer does by default (its own 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -73,10 +74,16 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     return prompts
 
 
-def _records(split: str) -> list[Prompt]:
+@functools.cache
+def _committed_set() -> tuple[tuple[str, Prompt], ...]:
+    """(split, prompt) of every record of the committed prompt file, read once per process."""
     with resources.files("sink_eval").joinpath("data", PROMPT_FILE).open(encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
-    return [Prompt(id=r["id"], domain=r["domain"], text=r["text"]) for r in rows if r["split"] == split]
+    return tuple((r["split"], Prompt(id=r["id"], domain=r["domain"], text=r["text"])) for r in rows)
+
+
+def _records(split: str) -> list[Prompt]:
+    return [prompt for name, prompt in _committed_set() if name == split]
 
 
 def _utf8_text(path: Path) -> str:
