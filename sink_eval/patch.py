@@ -37,7 +37,7 @@ from sink_eval.shape import Shape, model_shape
 
 PATCH_ATTENTION = "sink_copy"
 ERROR_ATTENTION = "sink_copy_error"  # layer_errors(): the exact attention, recording the patch's error per layer
-SUPPORTED_MODEL_TYPES = ("llama", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "gemma3_text", "qwen2")
 
 
 @dataclass(frozen=True)

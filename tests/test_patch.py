@@ -7,7 +7,7 @@ import torch
 from helpers import random_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM, MistralConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sink_eval.errors import SinkEvalError
@@ -23,7 +23,7 @@ from sink_eval.patch import (
 )
 
 SHAPES = st.tuples(
-    st.sampled_from(["llama", "gemma3"]),
+    st.sampled_from(["llama", "qwen2", "gemma3"]),
     st.integers(1, 3),  # KV heads
     st.integers(1, 3),  # query heads per KV head
     st.sampled_from([4, 8]),  # head dim
@@ -150,10 +150,12 @@ def test_generate_with_a_plan_equals_a_manual_step_by_step_decode(shape, length,
     cache = new_cache(model, plan, mask)
     tokens, step_mask = ids, mask
     manual = [ids]
+    eos = model.generation_config.eos_token_id  # None for a config without one (Qwen2's): nothing to suppress
     with torch.no_grad(), patched(model, plan, cache):
         for _ in range(6):
             logits = model(input_ids=tokens, attention_mask=step_mask, past_key_values=cache).logits[:, -1:]
-            logits[..., model.generation_config.eos_token_id] = -torch.inf
+            if eos is not None:
+                logits[..., eos] = -torch.inf
             tokens = logits.argmax(-1)
             manual.append(tokens)
             step_mask = torch.cat([step_mask, torch.ones_like(tokens)], dim=1)
@@ -223,7 +225,7 @@ def test_an_exception_inside_the_patch_restores_the_attention():
 
 
 def test_an_unsupported_architecture_is_refused():
-    config = Qwen2Config(
+    config = MistralConfig(
         vocab_size=64,
         hidden_size=16,
         intermediate_size=32,
@@ -233,7 +235,7 @@ def test_an_unsupported_architecture_is_refused():
     )
     model = AutoModelForCausalLM.from_config(config)
     with (
-        pytest.raises(SinkEvalError, match="supports llama, gemma3_text models, not 'qwen2'"),
+        pytest.raises(SinkEvalError, match="supports llama, gemma3_text, qwen2 models, not 'mistral'"),
         patched(model, CopyPlan()),
     ):
         pass

@@ -32,7 +32,7 @@ def _eager_reference(model, ids, mask):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    arch=st.sampled_from(["llama", "gemma3"]),
+    arch=st.sampled_from(["llama", "qwen2", "gemma3"]),
     kv_heads=st.integers(1, 3),
     groups=st.integers(1, 3),
     head_dim=st.sampled_from([8, 16]),
@@ -67,7 +67,7 @@ def test_probe_statistics_equal_eager_attention_matrices(
         torch.testing.assert_close(result.logits[b, real], logits[real], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", "tiny-qwen2"])
 def test_probe_leaves_logits_of_the_plain_sdpa_forward_unchanged(name):
     model = load_model(name).model
     ids = torch.randint(3, 259, (1, 50), generator=torch.Generator().manual_seed(1))
@@ -104,7 +104,7 @@ def test_probe_rejects_bad_batches_with_a_message(ids, mask, message):
         probe(load_model("tiny-llama").model, ids, mask)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_probing_the_first_layers_only_measures_them_and_stops_there(arch):
     model = random_model(arch, 2, 2, 4, 3)
     ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1))

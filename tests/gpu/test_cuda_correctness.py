@@ -21,7 +21,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_probe_and_empty_plan_match_the_cpu_on_cuda(arch, dtype):
     cpu = random_model(arch, kv_heads=2, groups=2, head_dim=16, window=8)
     gpu = random_model(arch, kv_heads=2, groups=2, head_dim=16, window=8).to("cuda", dtype)
