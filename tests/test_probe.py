@@ -67,6 +67,72 @@ def test_probe_statistics_equal_eager_attention_matrices(
         torch.testing.assert_close(result.logits[b, real], logits[real], atol=1e-4, rtol=0)
 
 
+def _eager_window_and_offset_scores(model, ids, mask, windows, offsets):
+    """Streaming and offset scores from eager attention's full matrices, by the definitions, query by query."""
+    model.set_attn_implementation("eager")
+    try:
+        attn = torch.stack(model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions, dim=1)
+    finally:
+        model.set_attn_implementation("sdpa")
+    refs = []
+    for b in range(ids.shape[0]):
+        first = int((mask[b] == 0).sum())
+        a = attn[b, :, :, first:, first:]  # (L, H, n, n), positions from the first real token
+        n = a.shape[-1]
+        streaming = {}
+        for s, w in windows:
+            rows = [a[:, :, i, :s].sum(-1) + a[:, :, i, i - w + 1 : i + 1].sum(-1) for i in range(s + w, n)]
+            streaming[(s, w)] = torch.stack(rows, -1).mean(-1) if rows else torch.full(a.shape[:2], float("nan"))
+        offset = {}
+        for k in offsets:
+            rows = [a[:, :, i, i - k] for i in range(k + 1, n)]
+            offset[k] = torch.stack(rows, -1).mean(-1) if rows else torch.full(a.shape[:2], float("nan"))
+        refs.append((streaming, offset))
+    return refs
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arch=st.sampled_from(["llama", "qwen2", "gemma3"]),
+    kv_heads=st.integers(1, 2),
+    groups=st.integers(1, 3),
+    window=st.integers(2, 12),
+    lengths=st.lists(st.integers(1, 60), min_size=1, max_size=3),
+    windows=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 40)), min_size=1, max_size=3, unique=True),
+    offsets=st.lists(st.integers(1, 30), max_size=3, unique=True),
+    chunk_bytes=st.sampled_from([1, 4096, 1 << 26]),
+    seed=st.integers(0, 2**16),
+)
+def test_streaming_and_offset_scores_equal_their_definitions_on_eager_matrices(
+    arch, kv_heads, groups, window, lengths, windows, offsets, chunk_bytes, seed
+):
+    model = random_model(arch, kv_heads, groups, 8, window)
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    mask = torch.stack([torch.arange(width) >= width - n for n in lengths]).long()
+    ids = torch.randint(1, 64, (len(lengths), width), generator=gen) * mask
+    result = probe(model, ids, mask, chunk_bytes=chunk_bytes, windows=windows, offsets=offsets)
+    for stats, (streaming, offset) in zip(
+        result.stats, _eager_window_and_offset_scores(model, ids, mask, windows, offsets), strict=True
+    ):
+        for key, expected in [*streaming.items(), *offset.items()]:
+            got = stats.streaming[key] if isinstance(key, tuple) else stats.offset[key]
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_a_prompt_too_short_for_a_window_has_no_streaming_score_not_a_perfect_one():
+    model = random_model("llama", 1, 2, 8, 4)
+    stats = probe(model, torch.ones(1, 8, dtype=torch.long), windows=[(4, 4), (1, 2)], offsets=[7, 2]).stats[0]
+    assert torch.isnan(stats.streaming[(4, 4)]).all() and torch.isnan(stats.offset[7]).all()
+    assert not torch.isnan(stats.streaming[(1, 2)]).any() and not torch.isnan(stats.offset[2]).any()
+
+
+@pytest.mark.parametrize("windows", [[(-1, 4)], [(0, 0)], [(1.5, 4)]])
+def test_a_window_with_negative_sinks_or_no_keys_is_refused(windows):
+    with pytest.raises(SinkEvalError, match="s >= 0 sink tokens and w >= 1 keys"):
+        probe(random_model("llama", 1, 1, 8, 4), torch.ones(1, 4, dtype=torch.long), windows=windows)
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", "tiny-qwen2"])
 def test_probe_leaves_logits_of_the_plain_sdpa_forward_unchanged(name):
     model = load_model(name).model
