@@ -633,16 +633,14 @@ def domain_cells(res: AnalysisResult, maps: SinkMaps) -> list[DomainCell]:
     return cells
 
 
-def shared_bins(cells: list[DomainCell], domains: list[str]) -> tuple[list[str], list[float]]:
-    """The length bins in which every compared domain has >= MIN_CELL_PROMPTS non-trivial prompts, and their
-    weights: each bin's share of the compared domains' prompts in those bins."""
+def shared_bins(cells: list[DomainCell], domains: list[str], order: list[str]) -> tuple[list[str], list[float]]:
+    """The length bins (in `order`) in which every compared domain has >= MIN_CELL_PROMPTS non-trivial prompts, and
+    their weights: each bin's share of the compared domains' prompts in those bins."""
     if not domains:
         return [], []
-    counts: dict[str, dict[str, int]] = {}
-    for c in cells:
-        counts.setdefault(c.tokens, {})[c.domain] = c.n_prompts
-    bins = [b for b, n in counts.items() if all(n.get(d, 0) >= MIN_CELL_PROMPTS for d in domains)]
-    totals = [sum(counts[b][d] for d in domains) for b in bins]
+    counts = {(c.domain, c.tokens): c.n_prompts for c in cells}
+    bins = [b for b in order if all(counts.get((d, b), 0) >= MIN_CELL_PROMPTS for d in domains)]
+    totals = [sum(counts[d, b] for d in domains) for b in bins]
     return bins, [t / sum(totals) for t in totals]
 
 
@@ -698,17 +696,18 @@ def predictability_verdict(diff: Difference) -> str:
     at least 2 non-trivial prompts, each bin weighted by its share of those prompts). d = the domain's measure minus
     prose's, SE by a bootstrap over prompts within each (domain, bin) cell. Supported (more predictable) if d > 2 SE,
     contradicted (less predictable) if d < -2 SE, else not distinguishable; undefined without shared bins or without
-    prose. Both measures rest on maxima over heads: with few prompts a cell's consistencies are coarse and the
-    maximum is biased upwards, alike for domains of equal n (n per cell is in the report). When ten heads are sinks
-    on every prompt of every shared cell of both domains, the top-10 mean is at its 100 % ceiling and cannot tell
-    them apart: the count still can."""
+    prose. Both measures read the upper tail of the consistencies over heads: with few prompts a cell's
+    consistencies are coarse and that tail is biased upwards, alike for domains of equal n (n per cell is in the
+    report). When ten heads are sinks on every prompt of every shared cell of both domains, the top-10 mean is at
+    its 100 % ceiling and cannot tell them apart: the count still can. The count falls with prevalence (a domain with
+    fewer sinks has fewer heads that can be consistent): read it beside the prevalence difference."""
     return two_se_verdict(diff)
 
 
 def domain_threshold(res: AnalysisResult, maps: SinkMaps, tau: float) -> DomainThreshold:
     cells = domain_cells(res, maps)
     domains = compared_domains(res)
-    bins, weights = shared_bins(cells, domains)
+    bins, weights = shared_bins(cells, domains, [bin_key(lo, hi) for lo, hi in res.settings.length_bins])
     if not bins or not domains:
         return DomainThreshold(tau, cells, bins, weights, [], [])
     tensors: Cells = {
@@ -723,21 +722,18 @@ def domain_threshold(res: AnalysisResult, maps: SinkMaps, tau: float) -> DomainT
         cells=cells,
         shared_bins=bins,
         bin_weights=weights,
-        domains=[_domain_value(d, tensors, bins, weights, values, se) for d in domains],
+        domains=[_domain_value(d, tensors, values, se) for d in domains],
         contrasts=[_contrast(d, domains[0], values, se) for d in domains[1:] if domains[0] == REFERENCE_DOMAIN],
     )
 
 
-def _domain_value(
-    domain: str, cells: Cells, bins: list[str], weights: list[float], values: dict[str, float], se: dict[str, float]
-) -> DomainValue:
-    _, cons = length_matched(cells, domain, bins, weights)
+def _domain_value(domain: str, cells: Cells, values: dict[str, float], se: dict[str, float]) -> DomainValue:
     return DomainValue(
         domain=domain,
-        n_prompts=sum(len(cells[domain, b]) for b in bins),
+        n_prompts=sum(len(maps) for (d, _), maps in cells.items() if d == domain),
         prevalence=values[f"prevalence/{domain}"],
         prevalence_se=se[f"prevalence/{domain}"],
-        n_consistent=int((cons >= CONSISTENT).sum()),
+        n_consistent=int(values[f"consistent/{domain}"]),
         n_consistent_se=se[f"consistent/{domain}"],
         top_consistency=values[f"top/{domain}"],
         top_consistency_se=se[f"top/{domain}"],
