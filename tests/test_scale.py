@@ -161,6 +161,15 @@ def test_across_families_models_are_ordered_by_size_and_an_unknown_model_is_left
     assert claim.within_family == []
 
 
+def test_a_model_outside_the_size_table_is_named_as_left_out_in_the_report():
+    inputs = [
+        _input(_result(name, _scores([0.5] * 6, seed=i), [20] * 6)) for i, name in enumerate(["gemma3-270m", "mine"])
+    ]
+    report = scale_report(scale(inputs), "figure.png")
+    assert "Not in the size table, so left out of the size claim: mine." in report
+    assert "not in the size table: left out" in report
+
+
 @pytest.mark.parametrize("layers, sizes", [(30, [10, 10, 10]), (28, [10, 9, 9]), (18, [6, 6, 6]), (24, [8, 8, 8])])
 def test_layers_are_cut_in_thirds_by_relative_depth(layers, sizes):
     thirds = layer_thirds(layers)
