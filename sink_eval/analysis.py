@@ -266,6 +266,13 @@ def _tensor(scores: list[list[float | None]]) -> torch.Tensor:
     return torch.tensor([[float("nan") if v is None else v for v in row] for row in scores])
 
 
+def stored_stats(record: PromptRecord) -> PromptStats:
+    """A prompt's statistics as its results record stores them (rounded to 6 digits; NaN for a trivial prompt)."""
+    return PromptStats(
+        record.n_tokens, _tensor(record.sink_score), _tensor(record.self_score), _tensor(record.prev_score)
+    )
+
+
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -324,13 +331,7 @@ def restricted(res: AnalysisResult, keep: set[tuple[str, str]]) -> AnalysisResul
     """`res` over only the prompts whose (id, text_sha256) is in `keep`, summarised again from their stored
     (rounded) scores."""
     records = [p for p in res.prompts if (p.id, p.text_sha256) in keep]
-    probed = [
-        ProbedPrompt(
-            TokenizedPrompt(Prompt(r.id, r.domain, ""), []),
-            PromptStats(r.n_tokens, _tensor(r.sink_score), _tensor(r.self_score), _tensor(r.prev_score)),
-        )
-        for r in records
-    ]
+    probed = [ProbedPrompt(TokenizedPrompt(Prompt(r.id, r.domain, ""), []), stored_stats(r)) for r in records]
     thresholds = tuple(res.settings.thresholds)
     return dataclasses.replace(
         res,

@@ -13,11 +13,18 @@ from sink_eval.sinks import DEFAULT_THRESHOLDS
 
 POLICY_NAMES = ("first_layer", "calibrated", "oracle", "hybrid")  # sink_eval.policies.POLICIES, without importing torch
 HYBRID_DEFAULT_MAX_TOKENS = 64  # L of a hybrid policy given neither limit
-OUTPUT_KINDS = ("analyze", "patch-eval", "eval", "compare")  # commands whose --out is an output directory of its kind
+OUTPUT_KINDS = (
+    "analyze",
+    "patch-eval",
+    "eval",
+    "compare",
+    "scale",
+)  # commands whose --out is an output directory of its kind
 OUTPUT_WHAT = {
     "analyze": "results.json, report.md, figures",
     "patch-eval": "results.json, report.md, figure",
     "eval": "results.json, report.md",
+    "scale": "results.json, report.md, figure",
 }
 
 
@@ -114,6 +121,21 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     a, b = read_results(args.first), read_results(args.second)
     labels = args.first.name or "first", args.second.name or "second"
     print(write_compare(a, b, labels, args.out, overwrite=args.overwrite, inputs=_inputs(args)))
+
+
+def _cmd_scale(args: argparse.Namespace) -> None:
+    import json
+
+    from sink_eval.scale import read_inputs, scale
+    from sink_eval.scale_report import claims_table, write_scale
+
+    inputs = read_inputs(args.dirs)
+    command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    res = scale(inputs, command)
+    if args.out is not None:
+        write_scale(res, args.out, overwrite=args.overwrite, inputs=args.dirs)
+        print(f"wrote {args.out}/results.json, {args.out}/report.md and a figure", file=sys.stderr)
+    print(json.dumps(res.to_json()) if args.json else claims_table(res))
 
 
 def _policies(args: argparse.Namespace, default: tuple[str, ...]) -> list:
@@ -230,7 +252,7 @@ def _output_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def _inputs(args: argparse.Namespace) -> list[Path]:
     """The files and directories the command reads, which its output must never replace."""
     names = ("prompts", "calibration_prompts", "data_dir", "first", "second")
-    return [getattr(args, name) for name in names if getattr(args, name, None) is not None]
+    return [getattr(args, name) for name in names if getattr(args, name, None) is not None] + getattr(args, "dirs", [])
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -389,6 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an --out directory that sink-eval compare wrote"
     )
     compare.set_defaults(func=_cmd_compare)
+
+    scale = sub.add_parser(
+        "scale",
+        help="several models side by side: prevalence, per-layer depth, consistent heads, the notes' claims, domains",
+    )
+    scale.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="directories written by `sink-eval analyze`")
+    _output_arguments(scale, "scale")
+    scale.set_defaults(func=_cmd_scale)
     return parser
 
 

@@ -93,7 +93,7 @@ def _analysis_figures(res: AnalysisResult, out: Path) -> list[str]:
     scored = [p for p in res.prompts if p.n_tokens >= MIN_SCORED_TOKENS]
     if not scored:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     import numpy as np
 
     name = res.model.name
@@ -103,7 +103,7 @@ def _analysis_figures(res: AnalysisResult, out: Path) -> list[str]:
     image = ax.imshow(mean_scores, aspect="auto", cmap="magma", vmin=0, vmax=1)
     ax.set(xlabel="head", ylabel="layer", title=f"{name}: mean sink score (A[i,0], query 0 excluded)")
     fig.colorbar(image, ax=ax)
-    files.append(_save(fig, out, "sink_heatmap.png"))
+    files.append(save_figure(fig, out, "sink_heatmap.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     lengths = [p.n_tokens for p in scored]
@@ -117,7 +117,7 @@ def _analysis_figures(res: AnalysisResult, out: Path) -> list[str]:
         title=f"{name}: sink prevalence vs length (fixed threshold)",
     )
     ax.legend()
-    files.append(_save(fig, out, "prevalence_vs_length.png"))
+    files.append(save_figure(fig, out, "prevalence_vs_length.png"))
 
     first = res.summary[0]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -130,12 +130,12 @@ def _analysis_figures(res: AnalysisResult, out: Path) -> list[str]:
         title=f"{name}: per-layer prevalence, {tau_label(first.threshold)}",
     )
     ax.legend(fontsize=7)
-    files.append(_save(fig, out, "per_layer_prevalence.png"))
+    files.append(save_figure(fig, out, "per_layer_prevalence.png"))
     plt.close("all")
     return files
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +144,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: Path, name: str) -> str:
+def save_figure(fig, out: Path, name: str) -> str:
     fig.tight_layout()
     fig.savefig(out / name, dpi=110)
     return name
@@ -301,7 +301,7 @@ def compare_report(a: AnalysisResult, b: AnalysisResult, label_a: str, label_b: 
     )
 
     def render(out: Path) -> str:
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4))
         for res, label in ((a, label_a), (b, label_b)):
             for tau in shared:
@@ -309,7 +309,7 @@ def compare_report(a: AnalysisResult, b: AnalysisResult, label_a: str, label_b: 
                 ax.plot([g.tokens for g in bins], [g.prevalence for g in bins], marker="o", label=f"{label} {tau:g}")
         ax.set(xlabel="prompt length (tokens)", ylabel="sink prevalence", title="sink prevalence by length bin")
         ax.legend(fontsize=7)
-        name = _save(fig, out, "compare_prevalence.png")
+        name = save_figure(fig, out, "compare_prevalence.png")
         plt.close("all")
         return (
             f"# {label_a} vs {label_b}\n\n![prevalence by length bin]({name})\n\n"
@@ -373,7 +373,7 @@ def patch_table(res: PatchEvalResult) -> str:
 
 
 def _patch_figure(res: PatchEvalResult, out: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in res.policies:
         x = max(row.fidelity.kl, 1e-6)
@@ -387,7 +387,7 @@ def _patch_figure(res: PatchEvalResult, out: Path) -> str:
         ylabel="prefill speed-up (grey: ceiling)",
         title=f"{res.model.name}: speed-up vs fidelity, {res.settings.speed_prompt.tokens} tokens",
     )
-    name = _save(fig, out, "speedup_vs_fidelity.png")
+    name = save_figure(fig, out, "speedup_vs_fidelity.png")
     plt.close("all")
     return name
 
