@@ -2,8 +2,8 @@
 
     python scripts/findings_tables.py
 
-Reads baselines/analysis/<model>.json (sink prevalence and first-layer agreement bands) and
-baselines/patch/<model>-cpu-2threads.json (patch-eval results) for every model that has them.
+Reads baselines/analysis/<model>.json (sink prevalence and first-layer agreement bands; <model>-full.json, the whole
+prompt set, where CI checks a cut of it) and baselines/patch/<model>-cpu-2threads.json (patch-eval results).
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from sink_eval.patch_eval import PatchEvalResult
 from sink_eval.prompts import LENGTH_BINS
 
 BASELINES = Path(__file__).resolve().parents[1] / "baselines"
-MODELS = ("smollm2-135m", "gemma3-270m")
+MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+
+
+def _analysis_path(model: str) -> Path:
+    full = BASELINES / "analysis" / f"{model}-full.json"
+    return full if full.exists() else BASELINES / "analysis" / f"{model}.json"
 
 
 def _pct(value: float | None, se: float | None = None) -> str:
@@ -27,7 +32,7 @@ def _pct(value: float | None, se: float | None = None) -> str:
 
 def prevalence_table(tau: float) -> str:
     """Sink prevalence by length bin at threshold `tau`, one column per model."""
-    loaded = {m: read_baseline(BASELINES / "analysis" / f"{m}.json") for m in MODELS}
+    loaded = {m: read_baseline(_analysis_path(m)) for m in MODELS}
     rows = [f"| tokens | {' | '.join(MODELS)} |", "| --- |" + " --- |" * len(MODELS)]
     for tokens in [f"{lo}-{hi}" for lo, hi in LENGTH_BINS] + ["all"]:
         cells = [loaded[m].values[value_key("prevalence", tau, tokens)] for m in MODELS]

@@ -15,7 +15,6 @@ import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -25,7 +24,7 @@ from sink_eval.correlation import consistency, first_layer_agreement, layer_corr
 from sink_eval.models import LoadedModel
 from sink_eval.probe import PromptStats, probe
 from sink_eval.prompts import DEFAULT_MAX_TOKENS, LENGTH_BINS, Prompt, TokenizedPrompt, length_bin, prompt_set_sha256
-from sink_eval.results import ModelInfo, Provenance, from_json, provenance, with_schema, without_schema
+from sink_eval.results import ModelInfo, Provenance, TopLevel, provenance
 from sink_eval.shape import model_shape
 from sink_eval.sinks import HEAD_CLASSES, head_classes, sink_heads, threshold_for
 
@@ -130,7 +129,7 @@ class ThresholdSummary:
 
 
 @dataclass
-class AnalysisResult:
+class AnalysisResult(TopLevel):
     SCHEMA: ClassVar[str] = SCHEMA
     model: ModelInfo
     settings: Settings
@@ -141,13 +140,6 @@ class AnalysisResult:
 
     def at(self, threshold: float) -> ThresholdSummary:
         return next(s for s in self.summary if s.threshold == threshold)
-
-    def to_json(self) -> dict:
-        return with_schema(SCHEMA, self)
-
-    @classmethod
-    def from_json(cls, data: dict, source: str | Path) -> AnalysisResult:
-        return from_json(cls, without_schema(data, SCHEMA, source), source)
 
 
 def _scored(items: list[ProbedPrompt]) -> list[ProbedPrompt]:

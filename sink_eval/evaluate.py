@@ -48,7 +48,7 @@ from sink_eval.policies import (
     make_plan,
 )
 from sink_eval.probe import probe
-from sink_eval.results import ModelId, Provenance, from_json, provenance, with_schema, without_schema
+from sink_eval.results import ModelId, Provenance, TopLevel, provenance
 from sink_eval.shape import model_shape
 
 DATA_ENV = "SINK_EVAL_DATA"
@@ -430,19 +430,12 @@ class EvalSettings:
 
 
 @dataclass
-class EvalResult:
+class EvalResult(TopLevel):
     SCHEMA: ClassVar[str] = EVAL_SCHEMA
     model: ModelId
     settings: EvalSettings
     runs: list[EvalRun]
     provenance: Provenance
-
-    def to_json(self) -> dict:
-        return with_schema(EVAL_SCHEMA, self)
-
-    @classmethod
-    def from_json(cls, data: dict, source: str | Path) -> EvalResult:
-        return from_json(cls, without_schema(data, EVAL_SCHEMA, source), source)
 
 
 def run_eval(

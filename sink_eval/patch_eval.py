@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -28,7 +27,7 @@ from sink_eval.patch import CopyPlan, generate, layer_errors, patched, plan_appl
 from sink_eval.policies import Policy, make_plan
 from sink_eval.probe import ProbeResult, PromptStats, probe
 from sink_eval.prompts import TokenizedPrompt, prompt_set_sha256
-from sink_eval.results import ModelInfo, Provenance, from_json, provenance, with_schema, without_schema
+from sink_eval.results import ModelInfo, Provenance, TopLevel, provenance
 from sink_eval.shape import Shape, model_shape
 from sink_eval.speed import SpeedResult, ceiling, measure
 
@@ -129,19 +128,12 @@ class PatchEvalSettings:
 
 
 @dataclass
-class PatchEvalResult:
+class PatchEvalResult(TopLevel):
     SCHEMA: ClassVar[str] = SCHEMA
     model: ModelInfo
     settings: PatchEvalSettings
     policies: list[PolicyRow]
     provenance: Provenance
-
-    def to_json(self) -> dict:
-        return with_schema(SCHEMA, self)
-
-    @classmethod
-    def from_json(cls, data: dict, source: str | Path) -> PatchEvalResult:
-        return from_json(cls, without_schema(data, SCHEMA, source), source)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import typing
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 from sink_eval.errors import SinkEvalError
 
@@ -172,3 +172,17 @@ def without_schema(data: dict, schema: str, source: str | Path) -> dict:
         found = data.get("schema") if isinstance(data, dict) else None
         raise SinkEvalError(f"{source} has schema {found!r}, this sink_eval reads {schema!r}")
     return {k: v for k, v in data.items() if k != "schema"}
+
+
+class TopLevel:
+    """Base of a results file's dataclass: `SCHEMA` names its format; `to_json` writes it first, `from_json` checks
+    it and then every field."""
+
+    SCHEMA: ClassVar[str]
+
+    def to_json(self) -> dict:
+        return with_schema(self.SCHEMA, self)
+
+    @classmethod
+    def from_json(cls, data: dict, source: str | Path) -> Self:
+        return from_json(cls, without_schema(data, cls.SCHEMA, source), source)

@@ -48,7 +48,7 @@ from sink_eval.errors import SinkEvalError
 from sink_eval.files import sha256_files
 from sink_eval.prompts import length_bin
 from sink_eval.report import read_results
-from sink_eval.results import Provenance, from_json, provenance, with_schema, without_schema
+from sink_eval.results import Provenance, TopLevel, provenance
 from sink_eval.sinks import sink_heads, threshold_for
 
 SCHEMA = "sink_eval.scale/1"
@@ -295,19 +295,12 @@ class ScaleSettings:
 
 
 @dataclass
-class ScaleResult:
+class ScaleResult(TopLevel):
     SCHEMA: ClassVar[str] = SCHEMA
     settings: ScaleSettings
     models: list[ModelScale]
     size: SizeClaim
     provenance: Provenance
-
-    def to_json(self) -> dict:
-        return with_schema(SCHEMA, self)
-
-    @classmethod
-    def from_json(cls, data: dict, source: str | Path) -> ScaleResult:
-        return from_json(cls, without_schema(data, SCHEMA, source), source)
 
 
 @dataclass
