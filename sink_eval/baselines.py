@@ -232,10 +232,11 @@ def measured_values(res: AnalysisResult) -> dict[str, Measurement]:
 
 
 def make_baseline(res: AnalysisResult, command: str) -> AnalysisBaseline:
+    """The baseline of an analysis result, dated when the result was measured."""
     return AnalysisBaseline(
         model=ModelId(res.model.name, res.model.fingerprint),
         provenance=AnalysisProvenance(
-            date=datetime.now(UTC).isoformat(timespec="seconds"),
+            date=res.provenance.date,
             command=command,
             versions=res.provenance.versions,
             prompt_set_sha256=res.settings.prompt_set_sha256,
