@@ -19,13 +19,16 @@ OUTPUT_KINDS = (
     "eval",
     "compare",
     "scale",
+    "longctx",
 )  # commands whose --out is an output directory of its kind
 OUTPUT_WHAT = {
     "analyze": "results.json, report.md, figures",
     "patch-eval": "results.json, report.md, figure",
     "eval": "results.json, report.md",
     "scale": "results.json, report.md, figure",
+    "longctx": "results.json, report.md, figure",
 }
+CPU_MAX_LENGTH = 4096  # longctx: longer prompts only with --device cuda
 
 
 def models_table() -> str:
@@ -221,6 +224,59 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
     print(json.dumps(res.to_json()) if args.json else patch_table(res))
 
 
+def _cmd_longctx(args: argparse.Namespace) -> None:
+    import json
+
+    from sink_eval.longctx import check_lengths, policy_plans, run
+    from sink_eval.longctx_report import summary_table, write_longctx
+    from sink_eval.models import load_model
+
+    policies = _policies(args, default=("calibrated",))
+    command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    loaded = load_model(args.model, device=args.device)
+    check_lengths(loaded, args.lengths)
+    plans = policy_plans(loaded, policies)
+    res = run(loaded, plans, args.lengths, args.depths, args.trials, range(args.seeds), args.seed, command=command)
+    if args.out is not None:
+        write_longctx(res, args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}/results.json, {args.out}/report.md and a figure", file=sys.stderr)
+    print(json.dumps(res.to_json()) if args.json else summary_table(res))
+
+
+def _lengths(text: str) -> list[int]:
+    """--lengths: comma-separated token counts, each at least 1, no repeats."""
+    values = [_positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct whole numbers separated by commas, not {text!r}")
+    return values
+
+
+def _depths(text: str) -> list[float]:
+    """--depths: comma-separated needle depths, each in (0, 1), no repeats."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers in (0, 1) separated by commas, not {text!r}") from None
+    if not values or len(set(values)) != len(values) or not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected distinct depths in (0, 1) separated by commas, not {text!r}")
+    return values
+
+
+def _check_longctx(args: argparse.Namespace) -> None:
+    """The longctx rules that need no model: static policies only; lengths past CPU_MAX_LENGTH need a GPU. (Lengths
+    against the model's context and the passages are checked once the model is loaded, before any computation.)"""
+    from sink_eval.longctx import check_static
+
+    _check_device(args.device)
+    check_static(_policies(args, default=("calibrated",)))
+    longest = max(args.lengths)
+    if longest > CPU_MAX_LENGTH and not args.device.startswith("cuda"):
+        raise SinkEvalError(
+            f"--lengths {longest}: prompts longer than {CPU_MAX_LENGTH} tokens take hours on a CPU; pass "
+            "--device cuda or shorter --lengths"
+        )
+
+
 def _threshold(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -312,6 +368,8 @@ def validate(args: argparse.Namespace) -> None:
     if args.command == "eval":
         _tasks(args)
         _check_device(args.device)
+    if args.command == "longctx":
+        _check_longctx(args)
 
 
 def _policy_arguments(parser: argparse.ArgumentParser, default: str) -> None:
@@ -402,6 +460,20 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_arguments(evaluate, "calibrated")
     _output_arguments(evaluate, "eval")
     evaluate.set_defaults(func=_cmd_eval)
+
+    longctx = sub.add_parser(
+        "longctx", help="long-context fidelity: passkey retrieval and long-text perplexity, against random controls"
+    )
+    longctx.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
+    _policy_arguments(longctx, "calibrated")
+    longctx.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096], help="prompt lengths in tokens")
+    longctx.add_argument("--depths", type=_depths, default=[0.1, 0.5, 0.9], help="needle depths in (0, 1)")
+    longctx.add_argument("--trials", type=_positive_int, default=10, help="passkey trials per (length, depth) (10)")
+    longctx.add_argument("--seeds", type=_positive_int, default=3, help="random control plans per policy (3)")
+    longctx.add_argument("--seed", type=int, default=0, help="passkey seed (0)")
+    longctx.add_argument("--device", default="cpu", help=f"torch device; lengths > {CPU_MAX_LENGTH} need cuda (cpu)")
+    _output_arguments(longctx, "longctx")
+    longctx.set_defaults(func=_cmd_longctx)
 
     compare = sub.add_parser("compare", help="two result sets side by side")
     compare.add_argument("first", type=Path, help="a directory written by `sink-eval analyze`")

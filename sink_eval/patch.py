@@ -485,12 +485,13 @@ def generate(
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=_pad_id(model),
+            pad_token_id=pad_id(model),
         )
     return ids, cache
 
 
-def _pad_id(model: torch.nn.Module) -> int:
+def pad_id(model: torch.nn.Module) -> int:
+    """The id generation pads with: the model's pad token, else its (first) EOS token, else 0."""
     config = model.generation_config
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     if isinstance(pad, list):

@@ -1,0 +1,382 @@
+"""`sink-eval longctx`: long-context fidelity of each plan against the unpatched model and against random controls.
+
+Metrics, per run (the unpatched model, a policy's plan, or one seed of its random control) and length L:
+- **passkey accuracy** of an (L, d) cell = fraction of its trials (`sink_eval.passkey`) answered correctly, ± the
+  binomial SE √(p (1 − p) / n). A cell where the *unpatched* model's accuracy is below `INFORMATIVE_FLOOR` is
+  *uninformative*: it is reported, but a run's accuracy at L pools only the trials of informative cells (None where
+  no cell is informative);
+- **perplexity** at L = exp(mean over the evaluation long passages of their mean token NLL over the first L tokens),
+  each passage scored in one forward pass (`sink_eval.perplexity`); **perplexity ratio** = ppl(run) / ppl(unpatched)
+  = exp(mean ΔNLL), its SE = ratio × SE over passages of the per-passage ΔNLL (delta method);
+- **fraction of heads** / **of KV groups** the plan changes / whose decode cache it shrinks; **KV bytes saved** =
+  the unpatched cache's bytes minus the plan's, both measured from the cache objects after a passkey trial of L
+  tokens and `NEW_TOKENS` decode steps;
+- **passkey speed-up** = Σ unpatched / Σ run wall seconds of the passkey generate calls (prefill + decode) at L,
+  over the same trials, each run's calls after one untimed warm-up call: an end-to-end timing on a machine that may
+  be shared, not a kernel benchmark.
+
+Controls (`sink_eval.controls`): every policy's plan gets `seeds` random plans of the same size from the same
+candidate layers; the verdict per length says whether the policy beats them by more than their spread.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from tqdm import tqdm
+
+from sink_eval import plan_kinds
+from sink_eval.analysis import model_info, probe_prompts
+from sink_eval.controls import Verdict, random_heads, verdict
+from sink_eval.errors import SinkEvalError
+from sink_eval.models import LoadedModel
+from sink_eval.passkey import NEW_TOKENS, evaluation_passages, is_correct, make_trial, min_length
+from sink_eval.patch import CopyPlan
+from sink_eval.perplexity import token_nll
+from sink_eval.policies import Policy, make_plan
+from sink_eval.prompts import DEFAULT_MAX_TOKENS, default_split, model_context, prompt_set_sha256, tokenize
+from sink_eval.results import ModelInfo, Provenance, from_json, provenance, with_schema, without_schema
+from sink_eval.shape import model_shape
+
+SCHEMA = "sink_eval.longctx/1"
+INFORMATIVE_FLOOR = 0.5
+UNPATCHED = "unpatched"
+
+
+@dataclass(frozen=True)
+class NamedPlan:
+    """A plan to evaluate: its label, the policy that chose it, and the plan (None: the unpatched model)."""
+
+    label: str
+    policy: str | None
+    plan: plan_kinds.Plan | None
+
+
+@dataclass
+class PasskeyCell:
+    depth: float
+    keys: list[str]
+    answers: list[str]  # the decoded greedy continuations
+    correct: list[bool]
+    accuracy: float
+    se: float
+    informative: bool  # the unpatched model's accuracy here is >= INFORMATIVE_FLOOR
+
+
+@dataclass
+class LengthRow:
+    length: int
+    passkey: list[PasskeyCell]
+    accuracy: float | None  # pooled over the informative cells
+    accuracy_se: float | None
+    passage_nll: list[float]  # mean token NLL of each evaluation passage's first `length` tokens
+    perplexity: float
+    perplexity_ratio: float | None  # None for the unpatched run
+    perplexity_ratio_se: float | None
+    kv_bytes: int
+    kv_saved_bytes: int
+    passkey_seconds: float
+    speedup: float | None  # None for the unpatched run
+
+
+@dataclass
+class Run:
+    label: str
+    role: str  # "unpatched", "policy" or "control"
+    policy: str | None
+    control_of: str | None  # a control: the label of the policy run it controls
+    seed: int | None  # a control's seed
+    plan: dict[str, Any] | None
+    fraction_heads: float
+    kv_groups: int
+    fraction_kv_groups: float
+    lengths: list[LengthRow]
+
+
+@dataclass
+class Comparison:
+    """A policy against its controls at one length: passkey accuracy (higher is better) and the negated perplexity
+    ratio (lower ratio is better; stored negated so that the one rule of `controls.verdict` applies)."""
+
+    label: str
+    length: int
+    passkey: Verdict | None  # None where no cell is informative
+    neg_perplexity_ratio: Verdict
+
+
+@dataclass
+class LongctxSettings:
+    lengths: list[int]
+    depths: list[float]
+    trials: int
+    seed: int
+    control_seeds: list[int]
+    new_tokens: int
+    informative_floor: float
+    passages: list[str]
+    passages_sha256: str
+    threads: int
+    device: str
+
+
+@dataclass
+class LongctxResult:
+    SCHEMA: ClassVar[str] = SCHEMA
+    model: ModelInfo
+    settings: LongctxSettings
+    runs: list[Run]
+    comparisons: list[Comparison]
+    provenance: Provenance
+
+    def to_json(self) -> dict:
+        return with_schema(SCHEMA, self)
+
+    @classmethod
+    def from_json(cls, data: dict, source: str | Path) -> LongctxResult:
+        return from_json(cls, without_schema(data, SCHEMA, source), source)
+
+    def run(self, label: str) -> Run:
+        return next(r for r in self.runs if r.label == label)
+
+
+def check_lengths(loaded: LoadedModel, lengths: Sequence[int]) -> None:
+    """Rule: every L fits the model's context, leaves a haystack token beside the needle and question, and is at most
+    the shortest evaluation passage (perplexity scores one passage's first L tokens)."""
+    context = model_context(loaded.model)
+    shortest = min(len(loaded.tokenizer(p.text)["input_ids"]) for p in evaluation_passages())
+    lowest = min_length(loaded.tokenizer)
+    for length in lengths:
+        if context is not None and length > context:
+            raise SinkEvalError(f"--lengths {length} exceeds {loaded.spec.name}'s context of {context} tokens")
+        if length < lowest:
+            raise SinkEvalError(f"--lengths {length} leaves no haystack; the shortest passkey prompt is {lowest}")
+        if length > shortest:
+            raise SinkEvalError(
+                f"--lengths {length} exceeds the shortest evaluation long passage ({shortest} tokens with this "
+                "tokenizer), whose first L tokens the perplexity scores"
+            )
+
+
+STATIC_POLICIES = ("calibrated", "hybrid")
+
+
+def check_static(policies: Sequence[Policy]) -> None:
+    """Rule: long-context runs use static plans (one plan for every trial), whose controls are well defined; a
+    per-prompt policy would need a probe pass of every trial and give each its own plan."""
+    for policy in policies:
+        if policy.name not in STATIC_POLICIES or policy.per_prompt():
+            raise SinkEvalError(
+                f"longctx evaluates static plans ({', '.join(STATIC_POLICIES)} over calibrated), not {policy.label!r}"
+            )
+
+
+def policy_plans(loaded: LoadedModel, policies: Sequence[Policy], progress: bool = True) -> list[NamedPlan]:
+    """Each policy's plan, calibrated on the calibration half of the default prompt set (prompts longer than the
+    model's context cut to it); never on the evaluation long passages."""
+    check_static(policies)
+    if not policies:
+        return []
+    calibration, _ = default_split()
+    context = model_context(loaded.model) or DEFAULT_MAX_TOKENS
+    tokenized = tokenize(loaded.tokenizer, calibration, context, truncate=True)
+    stats = [p.stats for p in probe_prompts(loaded, tokenized, progress)]
+    return [NamedPlan(p.label, p.name, make_plan(p.name, p.options, None, stats)) for p in policies]
+
+
+def control_plans(loaded: LoadedModel, policy: NamedPlan, seeds: Sequence[int]) -> list[NamedPlan]:
+    """The random controls of a policy's plan (`sink_eval.controls`), one per seed, with its conditions."""
+    plan = policy.plan
+    assert plan is not None, "the unpatched model has no control"
+    shape = model_shape(loaded.model)
+    out = []
+    for seed in seeds:
+        heads = random_heads(dict(plan.heads), shape, range(shape.layers), seed)
+        control = CopyPlan.of(heads, max_tokens=plan.max_tokens, decode_steps=plan.decode_steps)
+        out.append(NamedPlan(f"random({policy.label}) seed={seed}", policy.policy, control))
+    return out
+
+
+def _se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n)
+
+
+@dataclass
+class _Measured:
+    """One run at one length, before the unpatched reference is known."""
+
+    cells: list[tuple[float, list[str], list[str], list[bool]]]  # depth, keys, answers, correct
+    seconds: list[float]  # per trial, in cell order
+    nll: list[float]
+    kv_bytes: int
+
+
+def _measure(
+    loaded: LoadedModel, plan: plan_kinds.Plan | None, length: int, settings: LongctxSettings, bar
+) -> _Measured:
+    model, tokenizer = loaded.model, loaded.tokenizer
+    device = next(model.parameters()).device
+    cells, seconds, kv_bytes = [], [], 0
+    warm_up = torch.tensor(
+        [make_trial(tokenizer, settings.seed, 0, length, settings.depths[0]).input_ids], device=device
+    )
+    plan_kinds.generate_with(model, plan, warm_up, torch.ones_like(warm_up), settings.new_tokens)  # untimed
+    for depth in settings.depths:
+        keys, answers, correct = [], [], []
+        for trial in range(settings.trials):
+            t = make_trial(tokenizer, settings.seed, trial, length, depth)
+            ids = torch.tensor([t.input_ids], device=device)
+            start = time.perf_counter()
+            new, kv_bytes = plan_kinds.generate_with(model, plan, ids, torch.ones_like(ids), settings.new_tokens)
+            seconds.append(time.perf_counter() - start)
+            answer = tokenizer.decode(new[0], skip_special_tokens=True)
+            keys.append(t.key)
+            answers.append(answer)
+            correct.append(is_correct(t.key, answer))
+            bar.update()
+        cells.append((depth, keys, answers, correct))
+    nll = []
+    for passage in evaluation_passages():
+        ids = torch.tensor([tokenizer(passage.text)["input_ids"][:length]], device=device)
+        with plan_kinds.apply_plan(model, plan):
+            nll.append(float(token_nll(model, ids).mean()))
+        bar.update()
+    return _Measured(cells, seconds, nll, kv_bytes)
+
+
+def _row(length: int, measured: _Measured, reference: _Measured | None, floor: float) -> LengthRow:
+    """The row of a run at one length; `reference` is the unpatched run's measurement (None: this is it)."""
+    base = reference or measured
+    cells = []
+    for (depth, keys, answers, correct), (_, _, _, base_correct) in zip(measured.cells, base.cells, strict=True):
+        accuracy = sum(correct) / len(correct)
+        informative = sum(base_correct) / len(base_correct) >= floor
+        cells.append(PasskeyCell(depth, keys, answers, correct, accuracy, _se(accuracy, len(correct)), informative))
+    pooled = [c for cell in cells if cell.informative for c in cell.correct]
+    pooled_accuracy = sum(pooled) / len(pooled) if pooled else None
+    ppl = math.exp(sum(measured.nll) / len(measured.nll))
+    ratio: float | None = None
+    ratio_se: float | None = None
+    speedup: float | None = None
+    if reference is not None:
+        delta = torch.tensor(measured.nll) - torch.tensor(reference.nll)
+        ratio = math.exp(float(delta.mean()))
+        ratio_se = ratio * float(delta.std()) / math.sqrt(len(delta)) if len(delta) > 1 else 0.0
+        speedup = sum(reference.seconds) / sum(measured.seconds)
+    return LengthRow(
+        length=length,
+        passkey=cells,
+        accuracy=pooled_accuracy,
+        accuracy_se=None if pooled_accuracy is None else _se(pooled_accuracy, len(pooled)),
+        passage_nll=measured.nll,
+        perplexity=ppl,
+        perplexity_ratio=ratio,
+        perplexity_ratio_se=ratio_se,
+        kv_bytes=measured.kv_bytes,
+        kv_saved_bytes=base.kv_bytes - measured.kv_bytes,
+        passkey_seconds=sum(measured.seconds),
+        speedup=speedup,
+    )
+
+
+def comparisons(runs: list[Run]) -> list[Comparison]:
+    """Each policy run against its control runs, per length (`controls.verdict`)."""
+    out = []
+    for policy in (r for r in runs if r.role == "policy"):
+        controls = [r for r in runs if r.control_of == policy.label]
+        if not controls:
+            continue
+        for i, row in enumerate(policy.lengths):
+            rows = [c.lengths[i] for c in controls]
+            passkey = None
+            if row.accuracy is not None and row.accuracy_se is not None:
+                passkey = verdict(row.accuracy, row.accuracy_se, [r.accuracy or 0.0 for r in rows])
+            assert row.perplexity_ratio is not None and row.perplexity_ratio_se is not None, "a policy run has a ratio"
+            ppl = verdict(-row.perplexity_ratio, row.perplexity_ratio_se, [-(r.perplexity_ratio or 0.0) for r in rows])
+            out.append(Comparison(policy.label, row.length, passkey, ppl))
+    return out
+
+
+@torch.no_grad()
+def run(
+    loaded: LoadedModel,
+    plans: Sequence[NamedPlan],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    control_seeds: Sequence[int],
+    seed: int = 0,
+    progress: bool = True,
+    command: str = "",
+) -> LongctxResult:
+    """The unpatched model, each plan and each plan's controls at every length (see the module doc)."""
+    check_lengths(loaded, lengths)
+    model = loaded.model
+    shape = model_shape(model)
+    passages = evaluation_passages()
+    settings = LongctxSettings(
+        lengths=list(lengths),
+        depths=list(depths),
+        trials=trials,
+        seed=seed,
+        control_seeds=list(control_seeds),
+        new_tokens=NEW_TOKENS,
+        informative_floor=INFORMATIVE_FLOOR,
+        passages=[p.id for p in passages],
+        passages_sha256=prompt_set_sha256(passages),
+        threads=torch.get_num_threads(),
+        device=str(next(model.parameters()).device),
+    )
+    named: list[tuple[NamedPlan, str, str | None, int | None]] = [
+        (NamedPlan(UNPATCHED, None, None), UNPATCHED, None, None)
+    ]
+    for plan in plans:
+        named.append((plan, "policy", None, None))
+        for control_seed, control in zip(control_seeds, control_plans(loaded, plan, control_seeds), strict=True):
+            named.append((control, "control", plan.label, control_seed))
+    steps = len(named) * len(lengths) * (len(depths) * trials + len(passages))
+    runs = []
+    with tqdm(total=steps, desc="longctx", unit="pass", disable=not progress, file=sys.stderr) as bar:
+        reference = {length: _measure(loaded, None, length, settings, bar) for length in lengths}
+        for entry, role, control_of, s in named:
+            measured = (
+                reference
+                if entry.plan is None
+                else {length: _measure(loaded, entry.plan, length, settings, bar) for length in lengths}
+            )
+            groups = plan_kinds.kv_groups_removed(entry.plan, shape)
+            runs.append(
+                Run(
+                    label=entry.label,
+                    role=role,
+                    policy=entry.policy,
+                    control_of=control_of,
+                    seed=s,
+                    plan=None if entry.plan is None else entry.plan.to_json(),
+                    fraction_heads=0.0 if entry.plan is None else entry.plan.fraction(shape.layers, shape.heads),
+                    kv_groups=groups,
+                    fraction_kv_groups=groups / (shape.layers * shape.kv_heads),
+                    lengths=[
+                        _row(
+                            length,
+                            measured[length],
+                            None if entry.plan is None else reference[length],
+                            INFORMATIVE_FLOOR,
+                        )
+                        for length in lengths
+                    ],
+                )
+            )
+    return LongctxResult(
+        model=model_info(loaded),
+        settings=settings,
+        runs=runs,
+        comparisons=comparisons(runs),
+        provenance=provenance(command),
+    )

@@ -1,0 +1,59 @@
+"""The one seam through which long-context evaluation runs a plan, whatever its kind (None: the unpatched model).
+
+`apply_plan(model, plan)` is the context manager a full forward pass runs in; `generate_with(model, plan, ids, mask,
+n)` is greedy generation with the plan's own KV cache; `kv_groups_removed(plan, shape)` counts the KV groups whose
+decode cache the plan shrinks. Each dispatches on the plan's type; a new plan kind is wired here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from transformers import DynamicCache
+
+from sink_eval import patch
+from sink_eval.patch import CopyPlan, kv_cache_bytes
+from sink_eval.shape import Shape
+
+Plan = CopyPlan
+
+
+def apply_plan(model: torch.nn.Module, plan: Plan | None) -> AbstractContextManager[None]:
+    """Run `model` under `plan` inside the block (None: unchanged)."""
+    if plan is None:
+        return nullcontext()
+    return patch.patched(model, plan)
+
+
+@torch.no_grad()
+def generate_with(
+    model: torch.nn.Module, plan: Plan | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int
+) -> tuple[torch.Tensor, int]:
+    """Greedy generation of exactly `new_tokens` tokens after input_ids (B, N): (the new ids (B, new_tokens), the KV
+    bytes its cache holds at the end). None: the model's own `DynamicCache`."""
+    if plan is not None:
+        ids, cache = patch.generate(model, plan, input_ids, attention_mask, new_tokens)
+        return ids[:, input_ids.shape[1] :], kv_cache_bytes(cache)
+    cache = DynamicCache(config=model.config)
+    ids = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=patch.pad_id(model),
+    )
+    return ids[:, input_ids.shape[1] :], kv_cache_bytes(cache)
+
+
+def kv_groups_removed(plan: Plan | None, shape: Shape) -> int:
+    """KV groups whose decode cache the plan shrinks: a copy plan's groups whose every query head is copied (they are
+    not cached beyond V[first])."""
+    if plan is None:
+        return 0
+    g = shape.group_size
+    return sum(
+        all(k * g + i in heads for i in range(g)) for heads in plan.heads.values() for k in range(shape.kv_heads)
+    )

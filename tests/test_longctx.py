@@ -1,0 +1,223 @@
+"""Long-context evaluation on tiny random models: passkey prompts, scoring, one-pass perplexity, controls, the CLI.
+
+Random-initialised models only: nothing here is a finding about a real model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import random_model
+from transformers import DynamicCache
+
+from sink_eval import cli, longctx
+from sink_eval.controls import CHOOSES_WELL, CHOOSES_WORSE, NOT_DISTINGUISHABLE, random_heads, verdict, whole_groups
+from sink_eval.errors import SinkEvalError
+from sink_eval.longctx import LongctxResult
+from sink_eval.models import load_model
+from sink_eval.passkey import NEEDLE, evaluation_passages, is_correct, leading_special, make_trial, min_length
+from sink_eval.perplexity import token_nll
+from sink_eval.prompts import long_passages
+from sink_eval.shape import model_shape
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-llama")
+
+
+def test_evaluation_passages_are_the_second_two_prose_and_second_two_code_passages():
+    passages = long_passages()
+    evaluation = evaluation_passages()
+    for domain in ("prose", "code"):
+        of_domain = [p.id for p in passages if p.domain == domain]
+        assert [p.id for p in evaluation if p.domain == domain] == of_domain[2:]
+    assert len(evaluation) == 4
+
+
+@pytest.mark.parametrize("length", [120, 257, 1024])
+@pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
+def test_a_passkey_prompt_is_exactly_L_tokens_and_the_same_on_every_call(tiny, length, depth):
+    first = make_trial(tiny.tokenizer, 3, 1, length, depth)
+    again = make_trial(tiny.tokenizer, 3, 1, length, depth)
+    assert len(first.input_ids) == length
+    assert first == again
+    assert first.key.isdigit() and len(first.key) == 5
+
+
+def test_other_trials_and_seeds_draw_other_keys_and_haystacks(tiny):
+    trials = [make_trial(tiny.tokenizer, seed, trial, 300, 0.5) for seed in (0, 1) for trial in range(4)]
+    assert len({t.key for t in trials}) == len(trials)
+    assert len({tuple(t.input_ids) for t in trials}) == len(trials)
+
+
+@pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
+def test_the_needle_follows_round_d_times_the_haystack_tokens(tiny, depth):
+    tok = tiny.tokenizer
+    t = make_trial(tok, 0, 2, 400, depth)
+    special = len(leading_special(tok))
+    question = len(tok("\nWhat is the pass key? The pass key is", add_special_tokens=False)["input_ids"])
+    haystack = 400 - special - t.needle_tokens - question
+    assert t.needle_start - special == round(depth * haystack)
+    needle = tok.decode(t.input_ids[t.needle_start : t.needle_start + t.needle_tokens])
+    assert needle == NEEDLE.format(key=t.key)
+    assert tok.decode(t.input_ids[-question:]).endswith("The pass key is")
+
+
+def test_a_length_without_room_for_a_haystack_is_refused(tiny):
+    lowest = min_length(tiny.tokenizer)
+    assert len(make_trial(tiny.tokenizer, 0, 0, lowest, 0.5).input_ids) == lowest
+    with pytest.raises(SinkEvalError, match="leaves no haystack"):
+        make_trial(tiny.tokenizer, 0, 0, lowest - 1, 0.5)
+
+
+@pytest.mark.parametrize("depth", [0.0, 1.0, -0.2])
+def test_a_depth_outside_the_open_unit_interval_is_refused(tiny, depth):
+    with pytest.raises(SinkEvalError, match=r"in \(0, 1\)"):
+        make_trial(tiny.tokenizer, 0, 0, 300, depth)
+
+
+@pytest.mark.parametrize(
+    ("answer", "correct"),
+    [
+        (" 12345", True),
+        ("12345.", True),
+        ("\n 123456", True),  # the first 5 characters are the key
+        (" 1234", False),
+        (" 12354", False),
+        (" the key 12345", False),  # words first: no credit
+        (" 1 2 3 4 5", False),
+        ("", False),
+    ],
+)
+def test_a_trial_is_correct_only_when_the_stripped_answer_starts_with_the_key(answer, correct):
+    assert is_correct("12345", answer) is correct
+
+
+def _step_by_step_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Reference: feed one token at a time through a KV cache, taking each step's next-token NLL."""
+    cache = DynamicCache(config=model.config)
+    out = []
+    for t in range(ids.shape[1] - 1):
+        logits = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1].float()
+        out.append(-torch.log_softmax(logits, -1)[ids[0, t + 1]])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_one_pass_perplexity_equals_the_token_by_token_reference(arch):
+    model = random_model(arch, kv_heads=2, groups=2, head_dim=8, window=8)
+    ids = torch.randint(1, 64, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = _step_by_step_nll(model, ids)
+    one_pass = token_nll(model, ids, chunk=7)  # chunks that do not divide N - 1
+    assert one_pass.shape == (39,)
+    torch.testing.assert_close(one_pass, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(token_nll(model, ids), one_pass, atol=1e-6, rtol=1e-6)
+
+
+SHAPE_CASES = [
+    ({0: frozenset({0, 1, 2, 3}), 1: frozenset({5})}, range(3)),  # one whole group, one extra head
+    ({1: frozenset({0, 2, 4, 6})}, range(3)),  # no whole group
+    ({0: frozenset(range(8)), 2: frozenset({1, 2, 3, 4, 5})}, range(3)),
+    ({2: frozenset({0, 1})}, [1, 2]),  # restricted candidate layers
+]
+
+
+@pytest.mark.parametrize(("heads", "layers"), SHAPE_CASES)
+def test_a_control_plans_as_many_heads_and_whole_kv_groups_from_the_same_layers(heads, layers):
+    shape = model_shape(random_model("llama", kv_heads=4, groups=2, head_dim=4, window=8))
+    shape = type(shape)(**{**shape.__dict__, "layers": 3})
+    for seed in range(5):
+        control = random_heads(heads, shape, layers, seed)
+        assert sum(map(len, control.values())) == sum(map(len, heads.values()))
+        assert len(whole_groups(control, shape)) == len(whole_groups(heads, shape))
+        assert set(control) <= set(layers)
+        assert control == random_heads(heads, shape, layers, seed)
+    assert (
+        len(
+            {
+                tuple(sorted((k, tuple(sorted(v))) for k, v in random_heads(heads, shape, layers, s).items()))
+                for s in range(5)
+            }
+        )
+        > 1
+    )
+
+
+def test_a_control_of_a_plan_outside_the_candidate_layers_is_refused():
+    shape = model_shape(random_model("llama", kv_heads=2, groups=2, head_dim=4, window=8))
+    with pytest.raises(SinkEvalError, match="not a candidate layer"):
+        random_heads({0: frozenset({1})}, shape, [1], 0)
+
+
+def test_a_policy_chooses_well_only_beyond_the_controls_spread_and_its_own_two_se():
+    assert verdict(0.9, 0.01, [0.5, 0.6, 0.7]).verdict == CHOOSES_WELL  # d 0.3 > spread 0.2
+    assert verdict(0.85, 0.01, [0.5, 0.6, 0.9]).verdict == NOT_DISTINGUISHABLE  # d 0.183 < spread 0.4
+    assert verdict(0.7, 0.1, [0.55, 0.55, 0.55]).verdict == NOT_DISTINGUISHABLE  # d 0.15 < 2 SE = 0.2
+    assert verdict(0.1, 0.01, [0.5, 0.6, 0.7]).verdict == CHOOSES_WORSE
+    with pytest.raises(SinkEvalError):
+        verdict(0.5, 0.1, [])
+
+
+def _longctx(tmp_path, *extra: str) -> int:
+    return cli.main(["longctx", "--model", "tiny-llama", "--out", str(tmp_path / "out"), *extra])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--depths", "0,0.5"], "depths in (0, 1)"),
+        (["--depths", "0.5,1"], "depths in (0, 1)"),
+        (["--depths", "half"], "numbers in (0, 1)"),
+        (["--lengths", "1024,1024"], "distinct whole numbers"),
+        (["--lengths", "0"], "at least 1"),
+        (["--trials", "0"], "at least 1"),
+        (["--seeds", "0"], "at least 1"),
+    ],
+)
+def test_bad_longctx_arguments_are_refused_by_the_parser(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _longctx(tmp_path, *args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lengths", "8192"], "--device cuda"),
+        (["--policy", "oracle"], "static plans"),
+        (["--policy", "hybrid", "--hybrid-base", "first_layer"], "static plans"),
+        (["--lengths", "10"], "leaves no haystack"),  # checked once the tokenizer is loaded
+    ],
+)
+def test_longctx_rules_are_one_line_errors_with_exit_status_2(tmp_path, capsys, args, message):
+    assert _longctx(tmp_path, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_longctx_writes_results_report_and_heatmap_with_unpatched_policy_and_controls(tmp_path, monkeypatch):
+    """tau 0.05 and p 0.5 make the calibrated policy copy heads of the random tiny model (a plumbing check only);
+    it calibrates on the first 8 calibration prompts, to keep the test short."""
+    calibration, evaluation = longctx.default_split()
+    monkeypatch.setattr(longctx, "default_split", lambda: (calibration[:8], evaluation))
+    args = ["--lengths", "128,160", "--depths", "0.25,0.75", "--trials", "1", "--seeds", "2"]
+    assert _longctx(tmp_path, *args, "--threshold", "0.05", "--consistency", "0.5") == 0
+    out = tmp_path / "out"
+    res = LongctxResult.from_json(json.loads((out / "results.json").read_text()), out / "results.json")
+    assert [r.role for r in res.runs] == ["unpatched", "policy", "control", "control"]
+    policy = res.runs[1]
+    assert policy.fraction_heads > 0
+    assert all(r.fraction_heads == policy.fraction_heads and r.kv_groups == policy.kv_groups for r in res.runs[2:])
+    for r in res.runs:
+        assert [row.length for row in r.lengths] == [128, 160]
+        for row in r.lengths:
+            assert [c.depth for c in row.passkey] == [0.25, 0.75] and all(len(c.correct) == 1 for c in row.passkey)
+    assert res.runs[0].lengths[0].perplexity_ratio is None and policy.lengths[0].perplexity_ratio is not None
+    assert [(c.label, c.length) for c in res.comparisons] == [(policy.label, 128), (policy.label, 160)]
+    assert (out / "passkey_heatmap.png").stat().st_size > 0
+    assert "## Policy x length" in (out / "report.md").read_text()
