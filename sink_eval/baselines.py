@@ -32,6 +32,7 @@ from sink_eval.results import ModelId, from_json, read_json_file, with_schema, w
 if TYPE_CHECKING:
     from sink_eval.analysis import AnalysisResult
     from sink_eval.evaluate import EvalResult
+    from sink_eval.longctx import LongctxResult
 
 SE_MULTIPLE = 2.0
 MIN_HALF_WIDTH = 0.01
@@ -111,7 +112,28 @@ class EvalBaseline:
     loglik: dict[str, dict[str, list[list[float]]]]  # run label -> task -> per document, per choice (`TaskScore`)
 
 
-Baseline = AnalysisBaseline | EvalBaseline
+@dataclass
+class LongctxProvenance:
+    date: str
+    command: str
+    versions: dict[str, str]
+    settings: dict[str, Any]  # lengths, depths, trials, seed, new tokens, passages and their SHA-256
+    settings_sha256: str
+    plans: dict[str, dict[str, Any]]  # run label -> the copy plan it was measured with
+    wall_s: float
+
+
+@dataclass
+class LongctxBaseline:
+    SCHEMA: ClassVar[str] = "sink_eval.longctx_baseline/1"
+    model: ModelId
+    provenance: LongctxProvenance
+    band_rule: str
+    values: dict[str, Band]
+    passage_nll: dict[str, dict[str, list[float]]]  # run label -> length -> mean token NLL per evaluation passage
+
+
+Baseline = AnalysisBaseline | EvalBaseline | LongctxBaseline
 
 
 @dataclass(frozen=True)
@@ -128,7 +150,7 @@ class Kind:
     """One kind of baseline file: its class, the suite that re-measures it, its band rule, what makes two of them
     comparable, and the range a value of each key lies in."""
 
-    cls: type[AnalysisBaseline] | type[EvalBaseline]
+    cls: type[AnalysisBaseline] | type[EvalBaseline] | type[LongctxBaseline]
     marker: str
     band_rule: str
     identity: tuple[IdentityKey, ...]
@@ -208,7 +230,37 @@ EVAL = Kind(
     ),
     value_range=_eval_range,
 )
-KINDS = (ANALYSIS, EVAL)
+
+
+def _other_longctx_settings(stored: str, measured: str) -> str:
+    return "was measured with other lengths, depths, trials, seed or passages"
+
+
+def _other_longctx_plans(stored: dict, measured: dict) -> str:
+    return f"was measured with other plans ({sorted(stored)} then, {sorted(measured)} now, or other heads)"
+
+
+def _longctx_range(key: str) -> tuple[float, float]:
+    """passkey accuracy in [0, 1]; a perplexity is at least 1; a perplexity ratio is positive."""
+    metric = key.split("/")[0]
+    return {"passkey": (0.0, 1.0), "perplexity": (1.0, math.inf)}.get(metric, (0.0, math.inf))
+
+
+LONGCTX = Kind(
+    cls=LongctxBaseline,
+    marker="longctx",
+    band_rule=(
+        f"passkey accuracy ± max({SE_MULTIPLE:g} x binomial stderr, {MIN_HALF_WIDTH:g}); perplexity and perplexity "
+        f"ratio ± max({SE_MULTIPLE:g} x delta-method stderr over passages, {MIN_HALF_WIDTH:g})"
+    ),
+    identity=(
+        IdentityKey("model.fingerprint", _other_weights),
+        IdentityKey("provenance.settings_sha256", _other_longctx_settings),
+        IdentityKey("provenance.plans", _other_longctx_plans),
+    ),
+    value_range=_longctx_range,
+)
+KINDS = (ANALYSIS, EVAL, LONGCTX)
 
 
 def _kind(baseline: Baseline) -> Kind:
@@ -295,6 +347,54 @@ def make_eval_baseline(res: EvalResult, command: str) -> EvalBaseline:
         band_rule=EVAL.band_rule,
         values={k: band(m.value, m.se) for k, m in eval_values(res).items()},
         loglik={run.label: {task: t.loglik for task, t in run.tasks.items()} for run in res.runs},
+    )
+
+
+def longctx_values(res: LongctxResult) -> dict[str, Measurement]:
+    """Every banded quantity of a longctx result, per run and length: passkey accuracy (where informative), the
+    unpatched perplexity, each plan's perplexity ratio."""
+    out = {}
+    for run in res.runs:
+        for row in run.lengths:
+            where = f"{run.label}/L={row.length}"
+            out[f"passkey/{where}"] = Measurement(row.accuracy, row.accuracy_se)
+            if row.perplexity_ratio is None:
+                out[f"perplexity/{where}"] = Measurement(row.perplexity, row.perplexity_se)
+            else:
+                out[f"perplexity_ratio/{where}"] = Measurement(row.perplexity_ratio, row.perplexity_ratio_se)
+    return out
+
+
+def longctx_settings(res: LongctxResult) -> dict[str, Any]:
+    s = res.settings
+    return {
+        "lengths": s.lengths,
+        "depths": s.depths,
+        "trials": s.trials,
+        "seed": s.seed,
+        "control_seeds": s.control_seeds,
+        "new_tokens": s.new_tokens,
+        "passages": s.passages,
+        "passages_sha256": s.passages_sha256,
+    }
+
+
+def make_longctx_baseline(res: LongctxResult, command: str, wall_s: float) -> LongctxBaseline:
+    settings = longctx_settings(res)
+    return LongctxBaseline(
+        model=ModelId(res.model.name, res.model.fingerprint),
+        provenance=LongctxProvenance(
+            date=datetime.now(UTC).isoformat(timespec="seconds"),
+            command=command,
+            versions=res.provenance.versions,
+            settings=settings,
+            settings_sha256=hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+            plans={run.label: run.plan for run in res.runs if run.plan is not None},
+            wall_s=round(wall_s, 1),
+        ),
+        band_rule=LONGCTX.band_rule,
+        values={k: band(m.value, m.se) for k, m in longctx_values(res).items()},
+        passage_nll={run.label: {str(row.length): row.passage_nll for row in run.lengths} for run in res.runs},
     )
 
 

@@ -7,7 +7,8 @@ Metrics, per run (the unpatched model, a policy's plan, or one seed of its rando
   no cell is informative);
 - **perplexity** at L = exp(mean over the evaluation long passages of their mean token NLL over the first L tokens),
   each passage scored in one forward pass (`sink_eval.perplexity`); **perplexity ratio** = ppl(run) / ppl(unpatched)
-  = exp(mean ΔNLL), its SE = ratio × SE over passages of the per-passage ΔNLL (delta method);
+  = exp(mean ΔNLL); SEs by the delta method: ppl × SE over passages of their mean NLL, ratio × SE over passages of
+  the per-passage ΔNLL;
 - **fraction of heads** / **of KV groups** the plan changes / whose decode cache it shrinks; **KV bytes saved** =
   the unpatched cache's bytes minus the plan's, both measured from the cache objects after a passkey trial of L
   tokens and `NEW_TOKENS` decode steps;
@@ -26,7 +27,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -42,7 +42,7 @@ from sink_eval.patch import CopyPlan
 from sink_eval.perplexity import token_nll
 from sink_eval.policies import Policy, make_plan
 from sink_eval.prompts import DEFAULT_MAX_TOKENS, default_split, model_context, prompt_set_sha256, tokenize
-from sink_eval.results import ModelInfo, Provenance, from_json, provenance, with_schema, without_schema
+from sink_eval.results import ModelInfo, Provenance, TopLevel, provenance
 from sink_eval.shape import model_shape
 
 SCHEMA = "sink_eval.longctx/1"
@@ -78,6 +78,7 @@ class LengthRow:
     accuracy_se: float | None
     passage_nll: list[float]  # mean token NLL of each evaluation passage's first `length` tokens
     perplexity: float
+    perplexity_se: float  # ppl x SE over passages of their mean NLL (delta method)
     perplexity_ratio: float | None  # None for the unpatched run
     perplexity_ratio_se: float | None
     kv_bytes: int
@@ -127,20 +128,13 @@ class LongctxSettings:
 
 
 @dataclass
-class LongctxResult:
+class LongctxResult(TopLevel):
     SCHEMA: ClassVar[str] = SCHEMA
     model: ModelInfo
     settings: LongctxSettings
     runs: list[Run]
     comparisons: list[Comparison]
     provenance: Provenance
-
-    def to_json(self) -> dict:
-        return with_schema(SCHEMA, self)
-
-    @classmethod
-    def from_json(cls, data: dict, source: str | Path) -> LongctxResult:
-        return from_json(cls, without_schema(data, SCHEMA, source), source)
 
     def run(self, label: str) -> Run:
         return next(r for r in self.runs if r.label == label)
@@ -260,7 +254,9 @@ def _row(length: int, measured: _Measured, reference: _Measured | None, floor: f
         cells.append(PasskeyCell(depth, keys, answers, correct, accuracy, _se(accuracy, len(correct)), informative))
     pooled = [c for cell in cells if cell.informative for c in cell.correct]
     pooled_accuracy = sum(pooled) / len(pooled) if pooled else None
-    ppl = math.exp(sum(measured.nll) / len(measured.nll))
+    nll = torch.tensor(measured.nll)
+    ppl = math.exp(float(nll.mean()))
+    ppl_se = ppl * float(nll.std()) / math.sqrt(len(nll)) if len(nll) > 1 else 0.0
     ratio: float | None = None
     ratio_se: float | None = None
     speedup: float | None = None
@@ -276,6 +272,7 @@ def _row(length: int, measured: _Measured, reference: _Measured | None, floor: f
         accuracy_se=None if pooled_accuracy is None else _se(pooled_accuracy, len(pooled)),
         passage_nll=measured.nll,
         perplexity=ppl,
+        perplexity_se=ppl_se,
         perplexity_ratio=ratio,
         perplexity_ratio_se=ratio_se,
         kv_bytes=measured.kv_bytes,

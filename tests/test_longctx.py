@@ -5,18 +5,20 @@ Random-initialised models only: nothing here is a finding about a real model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_model
+from helpers import random_model, read_committed_baseline
 from transformers import DynamicCache
 
-from sink_eval import cli, longctx
+from sink_eval import baselines, cli, longctx
 from sink_eval.controls import CHOOSES_WELL, CHOOSES_WORSE, NOT_DISTINGUISHABLE, random_heads, verdict, whole_groups
 from sink_eval.errors import SinkEvalError
 from sink_eval.longctx import LongctxResult
 from sink_eval.models import load_model
 from sink_eval.passkey import NEEDLE, evaluation_passages, is_correct, leading_special, make_trial, min_length
+from sink_eval.patch import CopyPlan
 from sink_eval.perplexity import token_nll
 from sink_eval.prompts import long_passages
 from sink_eval.shape import model_shape
@@ -221,3 +223,39 @@ def test_longctx_writes_results_report_and_heatmap_with_unpatched_policy_and_con
     assert [(c.label, c.length) for c in res.comparisons] == [(policy.label, 128), (policy.label, 160)]
     assert (out / "passkey_heatmap.png").stat().st_size > 0
     assert "## Policy x length" in (out / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tiny):
+    plan = CopyPlan.of({0: [0, 1, 2, 3], 1: [1]})
+    return longctx.run(tiny, [longctx.NamedPlan("fixed", "calibrated", plan)], [128], [0.5], 1, [0], progress=False)
+
+
+def test_a_longctx_baseline_bands_every_run_and_refuses_a_widened_band(tiny_result, tmp_path):
+    measured = baselines.make_longctx_baseline(tiny_result, "test", 1.0)
+    keys = set(measured.values)
+    assert "perplexity/unpatched/L=128" in keys and "perplexity_ratio/fixed/L=128" in keys
+    assert {"passkey/unpatched/L=128", "passkey/fixed/L=128", "passkey/random(fixed) seed=0/L=128"} <= keys
+    path = tmp_path / "b.json"
+    baselines.write_baseline(path, measured)
+    assert baselines.read_baseline(path, baselines.LONGCTX) == measured
+    data = json.loads(path.read_text())
+    data["values"]["perplexity/unpatched/L=128"] |= {"lo": 0, "hi": 1e9}
+    path.write_text(json.dumps(data))
+    with pytest.raises(SinkEvalError, match="edited by hand"):
+        baselines.read_baseline(path, baselines.LONGCTX)
+
+
+def test_a_longctx_baseline_of_other_plans_is_not_comparable(tiny_result, tmp_path):
+    measured = baselines.make_longctx_baseline(tiny_result, "test", 1.0)
+    other = baselines.make_longctx_baseline(tiny_result, "test", 1.0)
+    other.provenance.plans["fixed"] = CopyPlan.of({0: [0]}).to_json()
+    with pytest.raises(SinkEvalError, match="other plans"):
+        baselines.check_comparable(other, measured, tmp_path / "b.json", baselines.LONGCTX.identity)
+
+
+def test_the_committed_longctx_baseline_is_readable():
+    path = Path(__file__).parents[1] / "baselines" / "longctx" / "smollm2-135m.json"
+    baseline = read_committed_baseline(path, baselines.LONGCTX)
+    assert isinstance(baseline, baselines.LongctxBaseline)
+    assert set(baseline.passage_nll) == {"unpatched", *baseline.provenance.plans}
