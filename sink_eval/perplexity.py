@@ -3,7 +3,9 @@
 `token_nll(model, ids)` runs the decoder once over all N positions (under whatever patch is active) and scores the
 N − 1 next-token predictions from the final hidden states `CHUNK` positions at a time: the LM head and the
 log-softmax see at most CHUNK × vocab floats at once (256 × 151 936 × 4 B = 156 MB for Qwen2.5, where the full
-logits of 4 096 positions would be 2.5 GB). The perplexity of a text is exp(mean NLL over its N − 1 predicted tokens).
+logits of 4 096 positions are 2.5 GB). Measured here (peak RSS rise, a 1-layer random Llama of Qwen2.5's vocabulary,
+4 096 tokens): 319 MiB chunked against 4 769 MiB through `model(...).logits`, the same mean NLL.
+The perplexity of a text is exp(mean NLL over its N − 1 predicted tokens).
 """
 
 from __future__ import annotations

@@ -259,3 +259,15 @@ def test_the_committed_longctx_baseline_is_readable():
     baseline = read_committed_baseline(path, baselines.LONGCTX)
     assert isinstance(baseline, baselines.LongctxBaseline)
     assert set(baseline.passage_nll) == {"unpatched", *baseline.provenance.plans}
+
+
+def test_a_length_past_the_context_or_the_shortest_passage_is_refused(tiny, monkeypatch):
+    monkeypatch.setattr(longctx, "model_context", lambda model: 200)
+    with pytest.raises(SinkEvalError, match="exceeds tiny-llama's context of 200 tokens"):
+        longctx.check_lengths(tiny, [128, 256])
+    monkeypatch.setattr(longctx, "model_context", lambda model: None)
+    short = [type(p)(p.id, p.domain, p.text[:150]) for p in evaluation_passages()]
+    monkeypatch.setattr(longctx, "evaluation_passages", lambda: short)
+    with pytest.raises(SinkEvalError, match="exceeds the shortest evaluation long passage"):
+        longctx.check_lengths(tiny, [160])
+    longctx.check_lengths(tiny, [120])
