@@ -38,7 +38,6 @@ from sink_eval.controls import Verdict, random_heads, verdict
 from sink_eval.errors import SinkEvalError
 from sink_eval.models import LoadedModel
 from sink_eval.passkey import NEW_TOKENS, evaluation_passages, is_correct, make_trial, min_length
-from sink_eval.patch import CopyPlan
 from sink_eval.perplexity import token_nll
 from sink_eval.policies import Policy, make_plan
 from sink_eval.prompts import DEFAULT_MAX_TOKENS, default_split, model_context, prompt_set_sha256, tokenize
@@ -189,10 +188,10 @@ def control_plans(loaded: LoadedModel, policy: NamedPlan, seeds: Sequence[int]) 
     plan = policy.plan
     assert plan is not None, "the unpatched model has no control"
     shape = model_shape(loaded.model)
+    layers = plan_kinds.candidate_layers(loaded.model, plan)
     out = []
     for seed in seeds:
-        heads = random_heads(dict(plan.heads), shape, range(shape.layers), seed)
-        control = CopyPlan.of(heads, max_tokens=plan.max_tokens, decode_steps=plan.decode_steps)
+        control = plan_kinds.with_heads(plan, random_heads(dict(plan.heads), shape, layers, seed))
         out.append(NamedPlan(f"random({policy.label}) seed={seed}", policy.policy, control))
     return out
 

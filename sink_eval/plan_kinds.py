@@ -7,14 +7,16 @@ decode cache the plan shrinks. Each dispatches on the plan's type; a new plan ki
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from transformers import DynamicCache
 
 from sink_eval import patch
+from sink_eval.controls import whole_groups
 from sink_eval.patch import CopyPlan, kv_cache_bytes
-from sink_eval.shape import Shape
+from sink_eval.shape import Shape, model_shape
 
 Plan = CopyPlan
 
@@ -49,11 +51,18 @@ def generate_with(
 
 
 def kv_groups_removed(plan: Plan | None, shape: Shape) -> int:
-    """KV groups whose decode cache the plan shrinks: a copy plan's groups whose every query head is copied (they are
-    not cached beyond V[first])."""
-    if plan is None:
+    """KV groups whose decode cache the plan shrinks: those all of whose query heads it plans (a copy plan does not
+    cache them beyond V[first]), none for a conditional (hybrid) plan, which keeps the whole cache."""
+    if plan is None or plan.conditional:
         return 0
-    g = shape.group_size
-    return sum(
-        all(k * g + i in heads for i in range(g)) for heads in plan.heads.values() for k in range(shape.kv_heads)
-    )
+    return len(whole_groups(dict(plan.heads), shape))
+
+
+def candidate_layers(model: torch.nn.Module, plan: Plan) -> list[int]:
+    """The layers a plan of this kind may name: every layer for a copy plan."""
+    return list(range(model_shape(model).layers))
+
+
+def with_heads(plan: Plan, heads: Mapping[int, Iterable[int]]) -> Plan:
+    """A plan of the same kind and conditions as `plan`, planning `heads` instead."""
+    return CopyPlan.of(heads, max_tokens=plan.max_tokens, decode_steps=plan.decode_steps)

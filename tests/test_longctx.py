@@ -12,7 +12,7 @@ import torch
 from helpers import random_model, read_committed_baseline
 from transformers import DynamicCache
 
-from sink_eval import baselines, cli, longctx
+from sink_eval import baselines, cli, longctx, plan_kinds
 from sink_eval.controls import CHOOSES_WELL, CHOOSES_WORSE, NOT_DISTINGUISHABLE, random_heads, verdict, whole_groups
 from sink_eval.errors import SinkEvalError
 from sink_eval.longctx import LongctxResult
@@ -271,3 +271,12 @@ def test_a_length_past_the_context_or_the_shortest_passage_is_refused(tiny, monk
     with pytest.raises(SinkEvalError, match="exceeds the shortest evaluation long passage"):
         longctx.check_lengths(tiny, [160])
     longctx.check_lengths(tiny, [120])
+
+
+def test_kv_groups_removed_counts_whole_groups_and_none_for_a_conditional_plan(tiny):
+    shape = model_shape(tiny.model)
+    g = shape.group_size
+    plan = CopyPlan.of({0: range(g), 1: [0]})
+    assert plan_kinds.kv_groups_removed(plan, shape) == 1
+    assert plan_kinds.kv_groups_removed(CopyPlan(plan.heads, max_tokens=64), shape) == 0
+    assert plan_kinds.kv_groups_removed(None, shape) == 0
