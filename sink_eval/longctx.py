@@ -13,8 +13,8 @@ Metrics, per run (the unpatched model, a policy's plan, or one seed of its rando
   the unpatched cache's bytes minus the plan's, both measured from the cache objects after a passkey trial of L
   tokens and `NEW_TOKENS` decode steps;
 - **passkey speed-up** = Σ unpatched / Σ run wall seconds of the passkey generate calls (prefill + decode) at L,
-  over the same trials, each run's calls after one untimed warm-up call: an end-to-end timing on a machine that may
-  be shared, not a kernel benchmark.
+  over the same trials, each run's calls after one untimed warm-up call (`warm_up`): an end-to-end timing on a
+  machine that may be shared, not a kernel benchmark.
 
 Controls (`sink_eval.controls`): every policy's plan gets `seeds` random plans of the same size from the same
 candidate layers; the verdict per length says whether the policy beats them by more than their spread.
@@ -119,6 +119,7 @@ class LongctxSettings:
     seed: int
     control_seeds: list[int]
     new_tokens: int
+    warm_up: bool  # one untimed generate call per run and length before the timed ones
     informative_floor: float
     passages: list[str]
     passages_sha256: str
@@ -216,10 +217,10 @@ def _measure(
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
     cells, seconds, kv_bytes = [], [], 0
-    warm_up = torch.tensor(
-        [make_trial(tokenizer, settings.seed, 0, length, settings.depths[0]).input_ids], device=device
-    )
-    plan_kinds.generate_with(model, plan, warm_up, torch.ones_like(warm_up), settings.new_tokens)  # untimed
+    if settings.warm_up:
+        first = make_trial(tokenizer, settings.seed, 0, length, settings.depths[0])
+        ids = torch.tensor([first.input_ids], device=device)
+        plan_kinds.generate_with(model, plan, ids, torch.ones_like(ids), settings.new_tokens)  # untimed
     for depth in settings.depths:
         keys, answers, correct = [], [], []
         for trial in range(settings.trials):
@@ -310,8 +311,10 @@ def run(
     seed: int = 0,
     progress: bool = True,
     command: str = "",
+    warm_up: bool = True,
 ) -> LongctxResult:
-    """The unpatched model, each plan and each plan's controls at every length (see the module doc)."""
+    """The unpatched model, each plan and each plan's controls at every length (see the module doc). `warm_up`: one
+    untimed generate call before each run's timed ones at each length (False where the speed-up is not read)."""
     check_lengths(loaded, lengths)
     model = loaded.model
     shape = model_shape(model)
@@ -323,6 +326,7 @@ def run(
         seed=seed,
         control_seeds=list(control_seeds),
         new_tokens=NEW_TOKENS,
+        warm_up=warm_up,
         informative_floor=INFORMATIVE_FLOOR,
         passages=[p.id for p in passages],
         passages_sha256=prompt_set_sha256(passages),
