@@ -13,6 +13,8 @@ from sink_eval import attention, banded
 from sink_eval.errors import SinkEvalError
 from sink_eval.patch import CopyPlan, kv_cache_bytes
 from sink_eval.patch import patched as copy_patched
+from sink_eval.plans import streamed_share, work_removed
+from sink_eval.shape import Shape
 from sink_eval.streaming import StreamingPlan, candidate_layers
 from sink_eval.streaming_cache import StreamingCache, StreamingLayer
 from sink_eval.streaming_patch import STREAM_ATTENTION, generate, layer_errors, new_cache, patched
@@ -276,3 +278,19 @@ def test_the_constant_cache_needs_left_padding():
     mask = torch.tensor([[1, 1, 0]])
     with pytest.raises(SinkEvalError, match="need left padding"):
         StreamingCache(model, StreamingPlan.of({0: [0, 1]}), mask)
+
+
+def test_the_streamed_share_counts_scored_pairs_in_a_full_pass_and_keys_read_in_a_decode_step():
+    assert streamed_share(5, 1, 4, decode=False) == 1.0 == streamed_share(5, 1, 4, decode=True)
+    assert streamed_share(6, 1, 4, decode=False) == (15 + 5) / 21  # queries 0..4 score all, query 5 scores 5 of 6
+    assert streamed_share(8192, 4, 256, decode=True) == 260 / 8192
+    assert streamed_share(8192, 4, 256, decode=False) == pytest.approx(2 * 260 / 8192, rel=0.02)
+
+
+def test_work_removed_is_the_fraction_copied_or_streamed_times_what_streaming_skips():
+    shape = Shape(layers=2, heads=4, kv_heads=2, model_type="llama")
+    stream = StreamingPlan.of({0: [0, 1]}, sink=1, window=4)
+    assert work_removed(stream, shape, 100, 0) == pytest.approx(0.25 * (1 - streamed_share(100, 1, 4, decode=False)))
+    assert work_removed(stream, shape, 5, 0) == 0.0  # N <= s + w: the plan is the unpatched model
+    assert work_removed(CopyPlan.of({0: [0, 1]}, max_tokens=64), shape, 100, 0) == 0.0
+    assert work_removed(CopyPlan.of({0: [0, 1]}), shape, 100, 3) == 0.25
