@@ -71,7 +71,8 @@ def band_layout(
     sink_pos = first[:, None, None] + torch.arange(sink, device=device)  # (B, 1, s)
     sink_pos = torch.where(sink_pos < n, sink_pos, -1).expand(len(first), blocks, sink)
     # a band key among the first s real tokens is already a sink key: keep one of the two
-    band_key = torch.where(band_pos - first[:, None, None] < sink, -1, band_pos)
+    rel = band_pos - first[:, None, None]
+    band_key = torch.where((rel >= 0) & (rel < sink), -1, band_pos)
     key_pos = torch.cat([sink_pos, band_key], dim=-1)  # (B, blocks, M)
     query_pos = torch.arange(blocks * block, device=device).view(1, blocks, block, 1)
     ok = allowed(query_pos, key_pos[:, :, None, :], first.view(-1, 1, 1, 1), sink, window)

@@ -294,3 +294,32 @@ def test_work_removed_is_the_fraction_copied_or_streamed_times_what_streaming_sk
     assert work_removed(stream, shape, 5, 0) == 0.0  # N <= s + w: the plan is the unpatched model
     assert work_removed(CopyPlan.of({0: [0, 1]}, max_tokens=64), shape, 100, 0) == 0.0
     assert work_removed(CopyPlan.of({0: [0, 1]}), shape, 100, 3) == 0.25
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 200),
+    sink=st.integers(0, 5),
+    window=st.integers(1, 80),
+    block=st.sampled_from([1, 3, 8, 64]),
+    kv_heads=st.integers(1, 2),
+    groups=st.integers(1, 3),
+    firsts=st.lists(st.integers(0, 40), min_size=1, max_size=3),
+)
+def test_the_banded_kernel_equals_sdpa_under_the_explicit_mask(n, sink, window, block, kv_heads, groups, firsts):
+    """Any block size, band longer or shorter than N, rows with different first real tokens (finite everywhere)."""
+    gen = torch.Generator().manual_seed(n)
+    heads = kv_heads * groups
+    first = torch.tensor([min(f, n - 1) for f in firsts])
+    query = torch.randn(len(firsts), heads, n, 8, generator=gen)
+    key, value = (torch.randn(len(firsts), kv_heads, n, 8, generator=gen) for _ in range(2))
+    layout = banded.band_layout(n, first, sink, window, query.dtype, block)
+    out = banded.banded_attention(query, key, value, layout, None)
+    i, j = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+    f = first.view(-1, 1, 1, 1)
+    keep = (j >= f) & (j <= i) & ((j - f < sink) | (j > i - window))
+    keep = keep | ((i < f) & (j == i))  # a padding query sees itself
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=keep
+    ).transpose(1, 2)
+    assert torch.isfinite(out).all() and (out - exact).abs().max() <= 1e-6
