@@ -33,6 +33,7 @@ OUTPUT_WHAT = {
     "longctx": "results.json, report.md, figure",
 }
 CPU_MAX_LENGTH = 4096  # longctx: longer prompts only with --device cuda
+LONGCTX_POLICY_NAMES = ("calibrated", "hybrid", *STREAMING_POLICY_NAMES)  # sink_eval.longctx.STATIC_POLICIES
 
 
 def models_table() -> str:
@@ -173,7 +174,7 @@ def _check_long_tokens(args: argparse.Namespace, policies: list) -> None:
     L > s + w (on shorter prompts a streaming plan is the unpatched model), and L >= 4 (s + w) for the calibrated
     streaming policies (they calibrate on prompts of at least 4 (s + w) tokens)."""
     streaming = [p for p in policies if p.streaming]
-    if not streaming or args.prompts is not None:
+    if not streaming or getattr(args, "prompts", None) is not None:
         return
     options = streaming[0].options
     span = options.sink + options.window
@@ -293,8 +294,18 @@ def _cmd_longctx(args: argparse.Namespace) -> None:
     command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
     loaded = load_model(args.model, device=args.device)
     check_lengths(loaded, args.lengths)
-    plans = policy_plans(loaded, policies)
-    res = run(loaded, plans, args.lengths, args.depths, args.trials, range(args.seeds), args.seed, command=command)
+    plans = policy_plans(loaded, policies, args.long_tokens)
+    res = run(
+        loaded,
+        plans,
+        args.lengths,
+        args.depths,
+        args.trials,
+        range(args.seeds),
+        args.passkey_seed,
+        command=command,
+        streaming_llm=args.streaming_llm,
+    )
     if args.out is not None:
         write_longctx(res, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}/results.json, {args.out}/report.md and a figure", file=sys.stderr)
@@ -323,11 +334,17 @@ def _depths(text: str) -> list[float]:
 def _check_longctx(args: argparse.Namespace) -> None:
     """The longctx rules that need no model: static policies only; lengths past CPU_MAX_LENGTH need a GPU. (Lengths
     against the model's context and the passages are checked once the model is loaded, before any computation.)"""
-    from sink_eval.longctx import check_static
+    from sink_eval.longctx import STREAMING_LLM_CACHE, check_static
 
     _check_device(args.device)
-    check_static(_policies(args, default=("calibrated",)))
+    policies = _policies(args, default=("calibrated",))
+    check_static(policies)
+    _check_long_tokens(args, policies)
     longest = max(args.lengths)
+    if args.streaming_llm and longest <= STREAMING_LLM_CACHE:
+        raise SinkEvalError(
+            f"--streaming-llm compares caches of {STREAMING_LLM_CACHE} tokens: give --lengths longer than that"
+        )
     if longest > CPU_MAX_LENGTH and not args.device.startswith("cuda"):
         raise SinkEvalError(
             f"--lengths {longest}: prompts longer than {CPU_MAX_LENGTH} tokens take hours on a CPU; pass "
@@ -559,12 +576,18 @@ def build_parser() -> argparse.ArgumentParser:
         "longctx", help="long-context fidelity: passkey retrieval and long-text perplexity, against random controls"
     )
     longctx.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
-    _policy_arguments(longctx, "calibrated")
+    _policy_arguments(longctx, "calibrated", LONGCTX_POLICY_NAMES)
+    _streaming_arguments(longctx)
     longctx.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096], help="prompt lengths in tokens")
     longctx.add_argument("--depths", type=_depths, default=[0.1, 0.5, 0.9], help="needle depths in (0, 1)")
     longctx.add_argument("--trials", type=_positive_int, default=10, help="passkey trials per (length, depth) (10)")
     longctx.add_argument("--seeds", type=_positive_int, default=3, help="random control plans per policy (3)")
-    longctx.add_argument("--seed", type=int, default=0, help="passkey seed (0)")
+    longctx.add_argument("--passkey-seed", type=int, default=0, help="passkey seed (0)")
+    longctx.add_argument(
+        "--streaming-llm",
+        action="store_true",
+        help="add the StreamingLLM reproduction at the longest --lengths (window only vs 4 sinks + window, cache 1024)",
+    )
     longctx.add_argument("--device", default="cpu", help=f"torch device; lengths > {CPU_MAX_LENGTH} need cuda (cpu)")
     _output_arguments(longctx, "longctx")
     longctx.set_defaults(func=_cmd_longctx)

@@ -33,16 +33,27 @@ import torch
 from tqdm import tqdm
 
 from sink_eval import plan_kinds
-from sink_eval.analysis import model_info, probe_prompts
+from sink_eval.analysis import model_info
 from sink_eval.controls import Verdict, random_heads, verdict
 from sink_eval.errors import SinkEvalError
 from sink_eval.models import LoadedModel
 from sink_eval.passkey import NEW_TOKENS, evaluation_passages, is_correct, make_trial, min_length
 from sink_eval.perplexity import token_nll
-from sink_eval.policies import Policy, make_plan
-from sink_eval.prompts import DEFAULT_MAX_TOKENS, default_split, model_context, prompt_set_sha256, tokenize
+from sink_eval.policies import Policy, Target, make_plan
+from sink_eval.probe import PromptStats, probe
+from sink_eval.prompts import (
+    DEFAULT_MAX_TOKENS,
+    TokenizedPrompt,
+    default_split,
+    long_passages,
+    model_context,
+    prompt_set_sha256,
+    tokenize,
+)
 from sink_eval.results import ModelInfo, Provenance, TopLevel, provenance
 from sink_eval.shape import model_shape
+from sink_eval.streaming import StreamingPlan
+from sink_eval.streaming import candidate_layers as streaming_layers
 
 SCHEMA = "sink_eval.longctx/1"
 INFORMATIVE_FLOOR = 0.5
@@ -112,6 +123,30 @@ class Comparison:
 
 
 @dataclass
+class ReproductionRow:
+    label: str
+    sink: int | None  # None: full attention
+    window: int | None
+    passage_nll: list[float]
+    perplexity: float
+    perplexity_se: float
+
+
+@dataclass
+class StreamingLLMReproduction:
+    """StreamingLLM's comparison on our models: every head of every full-attention layer restricted to a window of
+    `cache` keys (s = 0), to 4 sinks + a window of cache − 4, or full attention, by one-pass perplexity at `length`
+    tokens of the evaluation long passages. Keys keep their original positions (RoPE is applied before the band),
+    where StreamingLLM re-numbers positions inside its rolling cache: the window's relative distances are the same,
+    the sinks' are not."""
+
+    length: int
+    cache: int
+    paper: str
+    rows: list[ReproductionRow]
+
+
+@dataclass
 class LongctxSettings:
     lengths: list[int]
     depths: list[float]
@@ -134,6 +169,7 @@ class LongctxResult(TopLevel):
     settings: LongctxSettings
     runs: list[Run]
     comparisons: list[Comparison]
+    streaming_llm: StreamingLLMReproduction | None
     provenance: Provenance
 
     def run(self, label: str) -> Run:
@@ -158,7 +194,49 @@ def check_lengths(loaded: LoadedModel, lengths: Sequence[int]) -> None:
             )
 
 
-STATIC_POLICIES = ("calibrated", "hybrid")
+STREAMING_LLM_CACHE = 1024
+STREAMING_LLM_SINKS = 4
+PAPER = "Llama-2-13B on PG19 (Xiao et al. 2023, cache 1024): window only 5158.07, 4 sinks + 1020 window 5.40"
+
+
+@torch.no_grad()
+def streaming_llm_reproduction(
+    loaded: LoadedModel, length: int, cache: int = STREAMING_LLM_CACHE, progress: bool = True
+) -> StreamingLLMReproduction:
+    """The three perplexities of `StreamingLLMReproduction` at `length` tokens; `length` > `cache`."""
+    if length <= cache:
+        raise SinkEvalError(f"the StreamingLLM reproduction needs more than its cache of {cache} tokens, not {length}")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    heads = range(model_shape(model).heads)
+    every = {layer: heads for layer in streaming_layers(model)}
+    variants: list[tuple[str, int | None, int | None]] = [
+        (f"window only (s=0, w={cache})", 0, cache),
+        (
+            f"{STREAMING_LLM_SINKS} sinks + window (s={STREAMING_LLM_SINKS}, w={cache - STREAMING_LLM_SINKS})",
+            STREAMING_LLM_SINKS,
+            cache - STREAMING_LLM_SINKS,
+        ),
+        ("full attention", None, None),
+    ]
+    device = next(model.parameters()).device
+    passages = [torch.tensor([tokenizer(p.text)["input_ids"][:length]], device=device) for p in evaluation_passages()]
+    rows = []
+    bar = tqdm(total=len(variants) * len(passages), desc="StreamingLLM", disable=not progress, file=sys.stderr)
+    for label, sink, window in variants:
+        plan = None if sink is None or window is None else StreamingPlan.of(every, sink, window)
+        nll = []
+        for ids in passages:
+            with plan_kinds.apply_plan(model, plan):
+                nll.append(float(token_nll(model, ids).mean()))
+            bar.update()
+        t = torch.tensor(nll)
+        ppl = math.exp(float(t.mean()))
+        rows.append(ReproductionRow(label, sink, window, nll, ppl, ppl * float(t.std()) / math.sqrt(len(t))))
+    bar.close()
+    return StreamingLLMReproduction(length, cache, PAPER, rows)
+
+
+STATIC_POLICIES = ("calibrated", "hybrid", "streaming", "random", "streaming_llm")
 
 
 def check_static(policies: Sequence[Policy]) -> None:
@@ -167,21 +245,48 @@ def check_static(policies: Sequence[Policy]) -> None:
     for policy in policies:
         if policy.name not in STATIC_POLICIES or policy.per_prompt():
             raise SinkEvalError(
-                f"longctx evaluates static plans ({', '.join(STATIC_POLICIES)} over calibrated), not {policy.label!r}"
+                f"longctx evaluates static plans ({', '.join(STATIC_POLICIES)}; hybrid over calibrated), not "
+                f"{policy.label!r}"
             )
 
 
-def policy_plans(loaded: LoadedModel, policies: Sequence[Policy], progress: bool = True) -> list[NamedPlan]:
+def _stats(loaded: LoadedModel, prompts: list[TokenizedPrompt], windows: list, progress: bool) -> list[PromptStats]:
+    device = next(loaded.model.parameters()).device
+    bar = tqdm(prompts, desc="calibrating", unit="prompt", disable=not progress, file=sys.stderr)
+    return [probe(loaded.model, torch.tensor([tp.input_ids], device=device), windows=windows).stats[0] for tp in bar]
+
+
+def policy_plans(
+    loaded: LoadedModel, policies: Sequence[Policy], long_tokens: int = 2048, progress: bool = True
+) -> list[NamedPlan]:
     """Each policy's plan, calibrated on the calibration half of the default prompt set (prompts longer than the
-    model's context cut to it); never on the evaluation long passages."""
+    model's context cut to it) and, for the streaming policies, also on the long calibration passages cut to
+    `long_tokens`, probed with their (s, w) (as `patch-eval` calibrates them); never on the evaluation
+    long passages."""
     check_static(policies)
     if not policies:
         return []
-    calibration, _ = default_split()
+    streaming = [p for p in policies if p.streaming]
+    windows = [(streaming[0].options.sink, streaming[0].options.window)] if streaming else []
     context = model_context(loaded.model) or DEFAULT_MAX_TOKENS
-    tokenized = tokenize(loaded.tokenizer, calibration, context, truncate=True)
-    stats = [p.stats for p in probe_prompts(loaded, tokenized, progress)]
-    return [NamedPlan(p.label, p.name, make_plan(p.name, p.options, None, stats)) for p in policies]
+    calibration = tokenize(loaded.tokenizer, default_split()[0], context, truncate=True)
+    stats = _stats(loaded, calibration, windows, progress)
+    long = long_passages("calibration") if streaming else []
+    long_stats = _stats(loaded, tokenize(loaded.tokenizer, long, long_tokens, truncate=True), windows, progress)
+    target = Target.of(loaded.model)
+    return [
+        NamedPlan(
+            p.label, p.name, make_plan(p.name, p.options, None, stats + long_stats if p.streaming else stats, target)
+        )
+        for p in policies
+    ]
+
+
+def plans_every_candidate(loaded: LoadedModel, plan: plan_kinds.Plan) -> bool:
+    """Whether the plan plans every head of its candidate layers (streaming_llm): its random control is itself."""
+    heads = model_shape(loaded.model).heads
+    layers = plan_kinds.candidate_layers(loaded.model, plan)
+    return all(len(plan.heads.get(layer, ())) == heads for layer in layers)
 
 
 def control_plans(loaded: LoadedModel, policy: NamedPlan, seeds: Sequence[int]) -> list[NamedPlan]:
@@ -312,9 +417,11 @@ def run(
     progress: bool = True,
     command: str = "",
     warm_up: bool = True,
+    streaming_llm: bool = False,
 ) -> LongctxResult:
     """The unpatched model, each plan and each plan's controls at every length (see the module doc). `warm_up`: one
-    untimed generate call before each run's timed ones at each length (False where the speed-up is not read)."""
+    untimed generate call before each run's timed ones at each length (False where the speed-up is not read).
+    `streaming_llm`: add the StreamingLLM reproduction at the longest length."""
     check_lengths(loaded, lengths)
     model = loaded.model
     shape = model_shape(model)
@@ -338,6 +445,8 @@ def run(
     ]
     for plan in plans:
         named.append((plan, "policy", None, None))
+        if plan.plan is None or plans_every_candidate(loaded, plan.plan):
+            continue
         for control_seed, control in zip(control_seeds, control_plans(loaded, plan, control_seeds), strict=True):
             named.append((control, "control", plan.label, control_seed))
     steps = len(named) * len(lengths) * (len(depths) * trials + len(passages))
@@ -378,5 +487,6 @@ def run(
         settings=settings,
         runs=runs,
         comparisons=comparisons(runs),
+        streaming_llm=streaming_llm_reproduction(loaded, max(lengths), progress=progress) if streaming_llm else None,
         provenance=provenance(command),
     )

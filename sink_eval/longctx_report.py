@@ -70,6 +70,15 @@ def verdict_table(res: LongctxResult) -> str:
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
+def reproduction_table(res: LongctxResult) -> str:
+    """The StreamingLLM reproduction: perplexity of each attention restriction and its ratio to full attention."""
+    rep = res.streaming_llm
+    assert rep is not None, "only a result with the reproduction has its table"
+    full = rep.rows[-1].perplexity
+    rows = [[r.label, f"{r.perplexity:.2f} ± {r.perplexity_se:.2f}", f"{r.perplexity / full:.2f}"] for r in rep.rows]
+    return tabulate(rows, headers=["every head of the full-attention layers", "ppl", "vs full"], tablefmt="github")
+
+
 def _heatmap(res: LongctxResult, out: Path) -> str:
     """Passkey accuracy over (L, d), one panel per non-control run; uninformative cells hatched."""
     import numpy as np
@@ -116,8 +125,20 @@ def markdown(res: LongctxResult, figure: str) -> str:
             "A policy *chooses well* where it beats the mean of its random controls by more than max(the controls' "
             "spread over seeds, 2 x its own SE); *chooses worse* where it trails by as much.",
             verdict_table(res) if res.comparisons else "(no policy with controls)",
+            *_reproduction(res),
         ]
     )
+
+
+def _reproduction(res: LongctxResult) -> list[str]:
+    rep = res.streaming_llm
+    if rep is None:
+        return []
+    return [
+        f"## StreamingLLM reproduction, {rep.length} tokens, cache {rep.cache}",
+        f"The paper: {rep.paper}. Here, the evaluation long passages (keys keep their original positions).",
+        reproduction_table(res),
+    ]
 
 
 def write_longctx(res: LongctxResult, out: Path, overwrite: bool = False) -> None:

@@ -35,20 +35,12 @@ NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 PASSAGE_SEPARATOR = "\n\n"
 NEW_TOKENS = 8  # greedy tokens generated per trial: room for " 12345" on tokenizers that split every digit
-LONG_CALIBRATION_PER_DOMAIN = 2
 
 
 def evaluation_passages() -> list[Prompt]:
-    """The long passages that policies are judged on. Rule: in file order, the first two prose and the first two code
-    passages are calibration; the other four (two prose, two code) are evaluation, and only they feed the haystacks
-    and the long-text perplexity here."""
-    passages = long_passages()
-    calibration = {
-        p.id
-        for domain in sorted({p.domain for p in passages})
-        for p in [q for q in passages if q.domain == domain][:LONG_CALIBRATION_PER_DOMAIN]
-    }
-    return [p for p in passages if p.id not in calibration]
+    """The long passages that policies are judged on: the evaluation half of `prompts.long_passages` (its rule: in
+    file order the first two prose and first two code passages calibrate, the other four evaluate)."""
+    return long_passages("evaluation")
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,10 @@ from sink_eval.models import load_model
 from sink_eval.passkey import NEEDLE, evaluation_passages, is_correct, leading_special, make_trial, min_length
 from sink_eval.patch import CopyPlan
 from sink_eval.perplexity import token_nll
+from sink_eval.policies import PolicyOptions, Target, make_plan
 from sink_eval.prompts import long_passages
 from sink_eval.shape import model_shape
+from sink_eval.streaming import StreamingPlan, candidate_layers
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +179,7 @@ def _longctx(tmp_path, *extra: str) -> int:
         (["--lengths", "0"], "at least 1"),
         (["--trials", "0"], "at least 1"),
         (["--seeds", "0"], "at least 1"),
+        (["--policy", "oracle"], "invalid choice"),
     ],
 )
 def test_bad_longctx_arguments_are_refused_by_the_parser(tmp_path, capsys, args, message):
@@ -190,7 +193,6 @@ def test_bad_longctx_arguments_are_refused_by_the_parser(tmp_path, capsys, args,
     ("args", "message"),
     [
         (["--lengths", "8192"], "--device cuda"),
-        (["--policy", "oracle"], "static plans"),
         (["--policy", "hybrid", "--hybrid-base", "first_layer"], "static plans"),
         (["--lengths", "10"], "leaves no haystack"),  # checked once the tokenizer is loaded
     ],
@@ -203,12 +205,14 @@ def test_longctx_rules_are_one_line_errors_with_exit_status_2(tmp_path, capsys, 
 
 
 def test_longctx_writes_results_report_and_heatmap_with_unpatched_policy_and_controls(tmp_path, monkeypatch):
-    """tau 0.05 and p 0.5 make the calibrated policy copy heads of the random tiny model (a plumbing check only);
-    it calibrates on the first 8 calibration prompts, to keep the test short."""
+    """A plumbing check: the calibrated policy calibrates on the first 8 calibration prompts (to keep the test short)
+    and its plan is replaced by a fixed one of 5 heads (a random tiny model's sink scores put every head or none
+    past any one threshold)."""
     calibration, evaluation = longctx.default_split()
     monkeypatch.setattr(longctx, "default_split", lambda: (calibration[:8], evaluation))
+    monkeypatch.setattr(longctx, "make_plan", lambda *args: CopyPlan.of({0: [0, 1, 2, 3], 1: [1]}))
     args = ["--lengths", "128,160", "--depths", "0.25,0.75", "--trials", "1", "--seeds", "2"]
-    assert _longctx(tmp_path, *args, "--threshold", "0.05", "--consistency", "0.5") == 0
+    assert _longctx(tmp_path, *args) == 0
     out = tmp_path / "out"
     res = LongctxResult.from_json(json.loads((out / "results.json").read_text()), out / "results.json")
     assert [r.role for r in res.runs] == ["unpatched", "policy", "control", "control"]
@@ -280,3 +284,44 @@ def test_kv_groups_removed_counts_whole_groups_and_none_for_a_conditional_plan(t
     assert plan_kinds.kv_groups_removed(plan, shape) == 1
     assert plan_kinds.kv_groups_removed(CopyPlan(plan.heads, max_tokens=64), shape) == 0
     assert plan_kinds.kv_groups_removed(None, shape) == 0
+
+
+def test_a_streaming_plan_runs_through_the_seam_with_controls_in_its_candidate_layers():
+    gemma = load_model("tiny-gemma3")
+    layers = candidate_layers(gemma.model)
+    shape = model_shape(gemma.model)
+    plan = StreamingPlan.of({layers[0]: range(shape.heads)}, sink=2, window=16)
+    res = longctx.run(gemma, [longctx.NamedPlan("s", "streaming", plan)], [128], [0.5], 1, [0, 1], progress=False)
+    policy, *controls = res.runs[1:]
+    assert policy.kv_groups == shape.kv_heads and policy.lengths[0].kv_saved_bytes > 0
+    for control in controls:
+        assert set(map(int, control.plan["heads"])) <= set(layers) and control.kv_groups == policy.kv_groups
+        assert control.plan["sink"] == 2 and control.plan["window"] == 16
+
+
+def test_streaming_llm_gets_no_control_and_the_reproduction_has_three_rows(tiny):
+    target = Target.of(tiny.model)
+    plan = make_plan("streaming_llm", PolicyOptions(sink=4, window=32), None, (), target)
+    res = longctx.run(
+        tiny,
+        [longctx.NamedPlan("sl", "streaming_llm", plan)],
+        [1100],
+        [0.5],
+        1,
+        [0],
+        progress=False,
+        streaming_llm=True,
+    )
+    assert [r.role for r in res.runs] == ["unpatched", "policy"] and not res.comparisons
+    rep = res.streaming_llm
+    assert rep is not None and [(r.sink, r.window) for r in rep.rows] == [(0, 1024), (4, 1020), (None, None)]
+    assert rep.rows[-1].perplexity == pytest.approx(res.runs[0].lengths[0].perplexity)
+
+
+def test_longctx_runs_a_streaming_policy_from_the_command_line(tmp_path, monkeypatch):
+    calibration, evaluation = longctx.default_split()
+    monkeypatch.setattr(longctx, "default_split", lambda: (calibration[:4], evaluation))
+    args = ["--policy", "streaming", "--fraction", "0.5", "--sink", "2", "--window", "16", "--long-tokens", "256"]
+    assert _longctx(tmp_path, *args, "--lengths", "128", "--depths", "0.5", "--trials", "1", "--seeds", "1") == 0
+    res = LongctxResult.from_json(json.loads((tmp_path / "out" / "results.json").read_text()), "r")
+    assert [r.role for r in res.runs] == ["unpatched", "policy", "control"] and res.runs[1].kv_groups > 0
