@@ -32,7 +32,7 @@ from transformers.masking_utils import sdpa_mask
 from sink_eval import attention
 from sink_eval.banded import BandLayout, band_layout, banded_attention, keyed_attention
 from sink_eval.errors import SinkEvalError
-from sink_eval.patch import attend_heads, first_positions, is_index, pad_id
+from sink_eval.patch import attend_heads, first_positions, is_index, pad_id, select_heads
 from sink_eval.shape import Shape
 from sink_eval.streaming import StreamingPlan, check_streaming_plan
 from sink_eval.streaming_cache import StepKV, StreamingCache, StreamingLayer
@@ -159,7 +159,7 @@ def _planned_output(
     layer = state.layers.get(module.layer_idx)
     if layer is None:
         return None
-    batch, heads, t_len, dim = query.shape
+    batch, heads, t_len, _ = query.shape
     cache_layer = None if state.cache is None else state.cache.layers[module.layer_idx]
     streaming = cache_layer if isinstance(cache_layer, StreamingLayer) else None
     kv_index = streaming.kv_index if streaming is not None else {k: k for k in range(state.shape.kv_heads)}
@@ -167,7 +167,7 @@ def _planned_output(
         first = state.cache.first.to(query.device)
     else:
         first = _first_of_mask(attention_mask, batch, query.device)
-    out = query.new_empty(batch, t_len, heads, dim)
+    parts: list[tuple[list[int], torch.Tensor]] = []  # (query heads, their output (B, T, h, D)), in order
     if layer.attending:
         attend, result = attend_heads(
             layer.attending,
@@ -180,15 +180,15 @@ def _planned_output(
             kv_index,
             scaling,
         )
-        out[:, :, attend] = result.transpose(1, 2)
+        parts.append((attend, result.transpose(1, 2)))
     step = None if streaming is None else streaming.release_step()
     stream_index = {} if streaming is None else streaming.stream_index
-    q = query[:, layer.streamed]
+    q = select_heads(query, layer.streamed)
     g = state.shape.group_size
     if key.shape[2] == t_len:  # a full pass: no earlier context
         groups = layer.streamed_kv if layer.whole else [h // g for h in layer.streamed]
         keys, values = _full_pass_kv(groups, kv_index, stream_index, key, value, step)
-        out[:, :, layer.streamed] = banded_attention(q, keys, values, state.layout(t_len, first, q.dtype), scaling)
+        streamed = banded_attention(q, keys, values, state.layout(t_len, first, q.dtype), scaling)
     else:
         keys, values, positions = _window_kv(
             state.plan, layer.streamed_kv, kv_index, stream_index, key, value, step, first, t_len
@@ -197,9 +197,21 @@ def _planned_output(
         keys, values, positions = (x.index_select(1, per_head) for x in (keys, values, positions))
         query_pos = torch.arange(key.shape[2] - t_len, key.shape[2], device=key.device)
         plan = state.plan
-        out[:, :, layer.streamed] = keyed_attention(
-            q, query_pos, keys, values, positions, first, plan.sink, plan.window, scaling
-        )
+        streamed = keyed_attention(q, query_pos, keys, values, positions, first, plan.sink, plan.window, scaling)
+    parts.append((layer.streamed, streamed))
+    return _assemble(parts, heads)
+
+
+def _assemble(parts: list[tuple[list[int], torch.Tensor]], heads: int) -> torch.Tensor:
+    """The layer's output (B, T, H, D) from (query heads, output (B, T, h, D)) parts, a later part overwriting an
+    earlier one where they share heads: one concatenation where the parts are consecutive ranges of heads."""
+    ordered = sorted(parts, key=lambda part: part[0][0])
+    if [h for part, _ in ordered for h in part] == list(range(heads)):
+        return torch.cat([out for _, out in ordered], dim=2)
+    first = parts[0][1]
+    out = first.new_empty(first.shape[0], first.shape[1], heads, first.shape[3])
+    for part, values in parts:
+        out[:, :, part] = values
     return out
 
 
