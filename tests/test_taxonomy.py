@@ -333,3 +333,20 @@ def test_cli_defaults_are_the_taxonomy_defaults():
     assert taxonomy.parse_windows(args.windows) == list(taxonomy.DEFAULT_WINDOWS)
     assert Thresholds(args.tau, args.threshold, args.induction_threshold) == Thresholds()
     assert (args.period, args.seeds) == (taxonomy.PERIOD, taxonomy.REPEAT_SEEDS)
+
+
+def test_heads_of_sliding_window_layers_are_windowed_never_streaming_and_the_report_says_so():
+    from sink_eval.taxonomy_report import taxonomy_report
+
+    loaded = load_model("tiny-gemma3")  # layers 0-2 slide over 8 keys: all their mass is in the last 32 keys
+    passages = taxonomy.passage_inputs(loaded, [48])
+    probed = taxonomy.probe_inputs(loaded, passages, [(1, 32)], seeds=2, period=8, progress=False)
+    res = taxonomy.results(loaded, probed, [(1, 32)], period=8)
+    streaming = res.at(48).get("streaming(1,32)")
+    assert all(v == pytest.approx(1.0, abs=1e-4) for row in streaming.mean_score[:3] for v in row)
+    assert all(v == 0.0 for row in streaming.consistency[:3] for v in row)
+    assert res.at(48).get("windowed").heads == 0.75 and res.at(48).get("windowed").kv_groups == 0.75
+    assert all(c == "windowed" for row in res.at(48).primary[:3] for c in row)
+    report = taxonomy_report(res, "class_map.png")
+    assert "sliding-window layers (window 8, `layer_types` = sliding_attention): [0, 1, 2]" in report
+    assert "streaming score >= 0.9 (global layers only)" in report
