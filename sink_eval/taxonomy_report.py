@@ -28,6 +28,14 @@ HEADLINE_WINDOW = (4, 256)  # the window the issue compares with pure sinks
 SCORE_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TOP_HEADS = 10
 MAP_FILE = "class_map.png"
+FIXED_COLOURS = {
+    WINDOWED: "#7f7f7f",
+    SINK: "#d62728",
+    INDUCTION: "#ff7f0e",
+    ECHO: "#bcbd22",
+    PREVIOUS: "#9467bd",
+    OTHER: "#eeeeee",
+}
 
 
 def _pct(value: float, se: float | None = None) -> str:
@@ -188,8 +196,10 @@ def _class_map(res: TaxonomyResult, out: Path) -> str:
     summary = res.lengths[-1]
     precedence = res.settings.primary_precedence
     counts = primary_counts(summary, precedence)
-    colours = plt.get_cmap("tab20").colors
-    palette = {name: colours[i % len(colours)] for i, name in enumerate(precedence)} | {OTHER: (0.92, 0.92, 0.92)}
+    streaming = [n for n in precedence if n not in FIXED_COLOURS]
+    blues = plt.get_cmap("Blues")
+    shades = {n: blues(0.9 - 0.55 * i / max(1, len(streaming) - 1)) for i, n in enumerate(streaming)}
+    palette = FIXED_COLOURS | shades  # streaming: darker for a smaller s + w
     index = [[precedence.index(c) for c in row] for row in summary.primary]  # (layers, heads)
     fig, ax = plt.subplots(figsize=(3.5 + 0.45 * res.model.heads, 1.2 + 0.24 * res.model.layers))
     ax.imshow(
