@@ -64,18 +64,24 @@ def headline_table(res: TaxonomyResult) -> str:
     """Per length: pure sinks (heads, KV groups) beside streaming at HEADLINE_WINDOW (or the widest window given)."""
     window = HEADLINE_WINDOW if list(HEADLINE_WINDOW) in res.settings.windows else tuple(res.settings.windows[-1])
     name = streaming_name((window[0], window[1]))
+    lay = res.layout
+    scale = res.model.layers / len(lay.global_layers) if lay.windowed_layers and lay.global_layers else None
     rows = []
     for summary in res.lengths:
         sink, stream = summary.get(SINK), summary.get(name)
-        rows.append(
-            [
-                summary.tokens,
-                _pct(sink.heads, sink.heads_se),
-                _pct(sink.kv_groups, sink.kv_groups_se),
-                _pct(stream.heads, stream.heads_se),
-                _pct(stream.kv_groups, stream.kv_groups_se),
+        row = [
+            summary.tokens,
+            _pct(sink.heads, sink.heads_se),
+            _pct(sink.kv_groups, sink.kv_groups_se),
+            _pct(stream.heads, stream.heads_se),
+            _pct(stream.kv_groups, stream.kv_groups_se),
+        ]
+        if scale is not None:  # streaming is never counted in a sliding-window layer: rescale to the global ones
+            row += [
+                _pct(scale * stream.heads, scale * stream.heads_se if stream.heads_se else None),
+                _pct(scale * stream.kv_groups, scale * stream.kv_groups_se if stream.kv_groups_se else None),
             ]
-        )
+        rows.append(row)
     headers = [
         "tokens",
         f"sink heads (tau {res.settings.sink_threshold:g})",
@@ -83,6 +89,8 @@ def headline_table(res: TaxonomyResult) -> str:
         f"{name} heads (p {res.settings.streaming_threshold:g})",
         f"{name} KV groups",
     ]
+    if scale is not None:
+        headers += [f"{name}, of global-layer heads", "of global-layer KV groups"]
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
