@@ -21,6 +21,7 @@ from sink_eval.taxonomy import (
     ClassStats,
     LengthSummary,
     TaxonomyResult,
+    kv_groups,
     streaming_name,
 )
 
@@ -109,26 +110,36 @@ def fractions_table(res: TaxonomyResult) -> str:
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
-def _consistency_row(label: str, tokens: int | str, c: ClassStats) -> list:
-    consistency = torch.tensor(c.consistency)
+def _consistency_row(label: str, tokens: int | str, c: ClassStats, group_size: int) -> list:
+    consistency = torch.tensor(c.consistency)  # (layers, heads)
+    every = consistency == 1
     return [
         label,
         tokens,
         int(c.members().sum()),
-        int((consistency == 1).sum()),
+        int(every.sum()),
         int((consistency == 0).sum()),
+        int(kv_groups(c.members(), group_size).sum()),
+        int(kv_groups(every, group_size).sum()),
     ]
 
 
 def consistency_table(res: TaxonomyResult) -> str:
-    """Per class and length: heads in the class on a majority of inputs, on every input, on none."""
-    rows = [_consistency_row(c.name, s.tokens, c) for s in res.lengths for c in s.classes if c.name != WINDOWED]
-    rows += [_consistency_row(c.name, "random", c) for c in (res.repeats.induction, res.repeats.echo)]
-    return tabulate(
-        rows,
-        headers=["class", "tokens", "members (> 1/2 of inputs)", "on every input", "on no input"],
-        tablefmt="github",
-    )
+    """Per class and length: heads in the class on a majority of inputs, on every input, on none; KV groups all of
+    whose query heads are members, and all of whose query heads are in the class on every input."""
+    size = res.layout.group_size
+    rows = [_consistency_row(c.name, s.tokens, c, size) for s in res.lengths for c in s.classes if c.name != WINDOWED]
+    rows += [_consistency_row(c.name, "random", c, size) for c in (res.repeats.induction, res.repeats.echo)]
+    headers = [
+        "class",
+        "tokens",
+        "member heads (> 1/2 of inputs)",
+        "heads on every input",
+        "heads on no input",
+        "KV groups of member heads",
+        "KV groups on every input",
+    ]
+    return tabulate(rows, headers=headers, tablefmt="github")
 
 
 def repeats_table(res: TaxonomyResult) -> str:
@@ -271,7 +282,9 @@ def taxonomy_report(res: TaxonomyResult, figure: str) -> str:
         score_distribution_table(res),
         top_induction_table(res),
         "## Per-head consistency",
-        "Consistency of a head = the fraction of inputs on which it is in the class.",
+        "Consistency of a head = the fraction of inputs on which it is in the class. A KV group of member heads has "
+        "every one of its query heads a member: the heads a static plan calibrated on these inputs could select "
+        "group by group.",
         consistency_table(res),
         "## Overlaps",
         "Heads that are members of both classes (row, column); the diagonal counts each class's members.",
