@@ -15,9 +15,10 @@ first token, key 0 never counted in an offset score):
 - sink: sink score >= tau (0.8);
 - previous: previous-token score >= tau;
 - streaming(s, w): streaming score (mass on the first s tokens plus the last w keys, over queries i >= s + w)
-  >= p (0.9). A sink head with s >= 1 usually is one too: streaming includes the sinks by definition. Heads of a
-  layer that already restricts attention to a sliding window (config `layer_types[l] == "sliding_attention"`,
-  Gemma 3's local layers) are never streaming: they are "windowed", and only global layers are candidates;
+  >= p (0.9). With s >= 1 the streaming score counts the sink mass, so a head whose sink score is >= p is
+  streaming; a sink at tau < p need not be. Heads of a layer that already restricts attention to a sliding window
+  (config `layer_types[l] == "sliding_attention"`, Gemma 3's local layers) are never streaming: they are
+  "windowed", and only global layers are candidates;
 - windowed: the head's layer is a sliding-window layer (read off the config, the same on every input);
 - induction: induction score >= theta (0.5), where on a sequence of period T repeated R times, N tokens in all,
   induction score = mean over queries i >= T of the summed mass on the successors of every earlier occurrence of
