@@ -336,7 +336,7 @@ def test_cli_defaults_are_the_taxonomy_defaults():
 
 
 def test_heads_of_sliding_window_layers_are_windowed_never_streaming_and_the_report_says_so():
-    from sink_eval.taxonomy_report import taxonomy_report
+    from sink_eval.taxonomy_report import headline_table, taxonomy_report
 
     loaded = load_model("tiny-gemma3")  # layers 0-2 slide over 8 keys: all their mass is in the last 32 keys
     passages = taxonomy.passage_inputs(loaded, [48])
@@ -350,3 +350,4 @@ def test_heads_of_sliding_window_layers_are_windowed_never_streaming_and_the_rep
     report = taxonomy_report(res, "class_map.png")
     assert "sliding-window layers (window 8, `layer_types` = sliding_attention): [0, 1, 2]" in report
     assert "streaming score >= 0.9 (global layers only)" in report
+    assert "streaming(1,32), of global-layer heads" in headline_table(res)  # the only candidates
