@@ -18,12 +18,13 @@ POLICY_NAMES = COPY_POLICY_NAMES + STREAMING_POLICY_NAMES
 HYBRID_DEFAULT_MAX_TOKENS = 64  # L of a hybrid policy given neither limit
 LONG_TOKENS = 2048  # patch-eval: the long passages are cut to this many tokens for the streaming policies
 # commands whose --out is an output directory of its kind
-OUTPUT_KINDS = ("analyze", "patch-eval", "eval", "compare", "scale")
+OUTPUT_KINDS = ("analyze", "patch-eval", "eval", "compare", "scale", "taxonomy")
 OUTPUT_WHAT = {
     "analyze": "results.json, report.md, figures",
     "patch-eval": "results.json, report.md, figure",
     "eval": "results.json, report.md",
     "scale": "results.json, report.md, figure",
+    "taxonomy": "results.json, report.md, class map",
 }
 
 
@@ -274,6 +275,36 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
     print(json.dumps(res.to_json()) if args.json else patch_table(res))
 
 
+def _taxonomy_options(args: argparse.Namespace) -> tuple[list[int], list[tuple[int, int]]]:
+    """--lengths and --windows parsed and checked against each other (every length > s + w)."""
+    from sink_eval.taxonomy import check_lengths, parse_lengths, parse_windows
+
+    lengths, windows = parse_lengths(args.lengths), parse_windows(args.windows)
+    check_lengths(lengths, windows)
+    return lengths, windows
+
+
+def _cmd_taxonomy(args: argparse.Namespace) -> None:
+    import json
+
+    from sink_eval.models import load_model
+    from sink_eval.taxonomy import Thresholds, check_repeats_fit, passage_inputs, probe_inputs, results
+    from sink_eval.taxonomy_report import headline_table, write_taxonomy
+
+    lengths, windows = _taxonomy_options(args)
+    command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    loaded = load_model(args.model)
+    passages = passage_inputs(loaded, lengths)
+    check_repeats_fit(loaded, args.period)
+    probed = probe_inputs(loaded, passages, windows, seeds=args.seeds, period=args.period)
+    thresholds = Thresholds(sink=args.tau, streaming=args.threshold, induction=args.induction_threshold)
+    res = results(loaded, probed, windows, thresholds, args.period, command)
+    if args.out is not None:
+        write_taxonomy(res, args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}/results.json, {args.out}/report.md and the class map", file=sys.stderr)
+    print(json.dumps(res.to_json()) if args.json else headline_table(res))
+
+
 def _threshold(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -367,6 +398,8 @@ def validate(args: argparse.Namespace) -> None:
     if args.command == "eval":
         _tasks(args)
         _check_device(args.device)
+    if args.command == "taxonomy":
+        _taxonomy_options(args)
 
 
 def _nonnegative_int(text: str) -> int:
@@ -491,6 +524,29 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_arguments(evaluate, "calibrated", COPY_POLICY_NAMES)
     _output_arguments(evaluate, "eval")
     evaluate.set_defaults(func=_cmd_eval)
+
+    taxonomy = sub.add_parser(
+        "taxonomy",
+        help="head taxonomy: sink, streaming (sink + window), previous-token, induction and echo heads",
+        description="Sink, previous-token and streaming heads on the long passages cut to each length; induction "
+        "and echo heads on random sequences of period --period repeated 4 times. Definitions: sink_eval.taxonomy.",
+    )
+    taxonomy.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
+    taxonomy.add_argument("--lengths", default="1024,2048,4096", help="input lengths in tokens (1024,2048,4096)")
+    taxonomy.add_argument(
+        "--windows",
+        default="1:16,1:64,1:256,4:16,4:64,4:256",
+        help="streaming windows s:w, s sink tokens and w recent keys (1:16,1:64,1:256,4:16,4:64,4:256)",
+    )
+    taxonomy.add_argument("--threshold", type=_threshold, default=0.9, help="streaming score threshold p (0.9)")
+    taxonomy.add_argument("--tau", type=_threshold, default=0.8, help="sink and previous-token threshold (0.8)")
+    taxonomy.add_argument(
+        "--induction-threshold", type=_threshold, default=0.5, help="induction and echo threshold theta (0.5)"
+    )
+    taxonomy.add_argument("--period", type=_positive_int, default=256, help="period T of the random sequences (256)")
+    taxonomy.add_argument("--seeds", type=_positive_int, default=4, help="random sequences, seeds 0..n-1 (4)")
+    _output_arguments(taxonomy, "taxonomy")
+    taxonomy.set_defaults(func=_cmd_taxonomy)
 
     compare = sub.add_parser("compare", help="two result sets side by side")
     compare.add_argument("first", type=Path, help="a directory written by `sink-eval analyze`")
