@@ -53,7 +53,7 @@ def patch_table() -> str:
         for row in res.policies:
             f, g, s, c, kv = row.fidelity, row.greedy, row.speed, row.ceilings, row.kv
             rows.append(
-                f"| {model} | {row.label} | {_pct(f.fraction_copied)} | {max(f.kl, 0.0):.4f} | {_pct(f.top1)} "
+                f"| {model} | {row.label} | {_pct(f.fraction_heads)} | {max(f.kl, 0.0):.4f} | {_pct(f.top1)} "
                 f"| {_pct(g.agreement)} / {g.prefix:.1f} | {s.prefill_speedup:.2f} ({c.prefill:.2f}) "
                 f"| {s.decode_speedup:.2f} ({c.decode:.2f}) | {kv.saved_bytes / 1024:+.0f} KB of "
                 f"{kv.unpatched_bytes / 2**20:.1f} MiB |"

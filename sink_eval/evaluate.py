@@ -41,11 +41,12 @@ from sink_eval.models import LoadedModel, load_model
 from sink_eval.patch import CopyPlan, patched, plan_applies
 from sink_eval.policies import (
     PER_PROMPT,
+    STREAMING_POLICIES,
     Policy,
     PolicyOptions,
     base_policy,
     check_policy,
-    make_plan,
+    make_copy_plan,
 )
 from sink_eval.probe import probe
 from sink_eval.results import ModelId, Provenance, TopLevel, provenance
@@ -253,11 +254,16 @@ class SinkLM(HFLM):
         self.probe_layers: int | None = None  # how many layers a per-prompt policy's probe measures (None: all)
         if self.policy is not None:
             check_policy(self.policy, self.options)
+            if self.policy in STREAMING_POLICIES:
+                raise SinkEvalError(
+                    f"sink_hf scores requests under the copy policies; {self.policy} is a streaming policy, measured "
+                    "by sink-eval patch-eval"
+                )
             base = base_policy(self.policy, self.options)
             if base == "first_layer":
                 self.probe_layers = 1  # the policy reads only layer 0's attention
             if base not in PER_PROMPT:
-                self.static_plan = make_plan(self.policy, self.options, None, calibration_stats(loaded))
+                self.static_plan = make_copy_plan(self.policy, self.options, None, calibration_stats(loaded))
         if self._plans_per_request and not str(batch_size).isdigit():
             raise SinkEvalError(
                 f"policy {self.policy} plans each request: give a number as batch_size, not {batch_size}"
@@ -294,7 +300,7 @@ class SinkLM(HFLM):
                 batch = inputs[i : i + self.batch_size]
                 ids, mask = _left_padded(batch, self.device)
                 stats = probe(self.model, ids, mask, layers=self.probe_layers).stats
-                planned.update(zip(batch, (make_plan(self.policy, self.options, s) for s in stats), strict=True))
+                planned.update(zip(batch, (make_copy_plan(self.policy, self.options, s) for s in stats), strict=True))
         plans = {
             tokens: CopyPlan(plan.heads) if plan_applies(plan, len(tokens), decode_step=0) else CopyPlan()
             for tokens, plan in planned.items()

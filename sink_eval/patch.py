@@ -53,13 +53,13 @@ class CopyPlan:
     decode_steps: int | None = None
 
     def __post_init__(self) -> None:
-        _check_indices(self.heads.items())
+        check_indices(self.heads.items(), "copy")
 
     @classmethod
     def of(cls, heads: Mapping[int, Iterable[int]], **conditions: int | None) -> CopyPlan:
         """A plan from layer -> heads; layers without heads are left out. Layers and heads must be ints."""
-        items = [(layer, _head_set(layer, h)) for layer, h in heads.items()]
-        _check_indices(items)
+        items = [(layer, head_set(layer, h, "copy")) for layer, h in heads.items()]
+        check_indices(items, "copy")
         return cls({layer: h for layer, h in sorted(items) if h}, **conditions)
 
     @property
@@ -84,25 +84,27 @@ class CopyPlan:
         }
 
 
-def _is_index(value: object) -> bool:
+def is_index(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _head_set(layer: object, heads: Iterable[int]) -> frozenset:
+def head_set(layer: object, heads: Iterable[int], kind: str) -> frozenset:
+    """The heads of one layer of a `kind` ("copy", "streaming") plan as a set; a string or a non-collection is
+    refused."""
     if isinstance(heads, str | bytes) or not isinstance(heads, Iterable):
-        raise SinkEvalError(f"a copy plan maps each layer to a collection of head ints; layer {layer} has {heads!r}")
+        raise SinkEvalError(f"a {kind} plan maps each layer to a collection of head ints; layer {layer} has {heads!r}")
     return frozenset(heads)
 
 
-def _check_indices(items: Iterable[tuple[object, Iterable[object]]]) -> None:
-    """Rule: a plan's layers and heads are ints (not bools, floats or strings), so that it copies what it counts."""
+def check_indices(items: Iterable[tuple[object, Iterable[object]]], kind: str) -> None:
+    """Rule: a plan's layers and heads are ints (not bools, floats or strings), so that it does what it counts."""
     for layer, heads in items:
-        if not _is_index(layer):
-            raise SinkEvalError(f"a copy plan's layers are ints, not {layer!r} ({type(layer).__name__})")
-        bad = [h for h in heads if not _is_index(h)]
+        if not is_index(layer):
+            raise SinkEvalError(f"a {kind} plan's layers are ints, not {layer!r} ({type(layer).__name__})")
+        bad = [h for h in heads if not is_index(h)]
         if bad:
-            kind = type(bad[0]).__name__
-            raise SinkEvalError(f"a copy plan's heads are ints; layer {layer} names {bad[0]!r} ({kind})")
+            name = type(bad[0]).__name__
+            raise SinkEvalError(f"a {kind} plan's heads are ints; layer {layer} names {bad[0]!r} ({name})")
 
 
 def check_plan(model: torch.nn.Module, plan: CopyPlan) -> Shape:
@@ -282,7 +284,17 @@ def _planned_output(
 
     out = query.new_empty(batch, t_len, heads, dim)
     if layer.attending:
-        attend, result = _attend(layer, state.shape.group_size, query, key, value, attention_mask, kv_index, scaling)
+        attend, result = attend_heads(
+            layer.attending,
+            layer.kept_groups,
+            state.shape.group_size,
+            query,
+            key,
+            value,
+            attention_mask,
+            kv_index,
+            scaling,
+        )
         out[:, :, attend] = result.transpose(1, 2)
     out[:, :, layer.copied] = first_values[:, layer.copied_groups].unsqueeze(1).to(out.dtype)
     return out
@@ -314,8 +326,16 @@ def _copy_rows(
     return torch.where(copied[:, None, :, None], first_values.to(exact.dtype), exact)
 
 
-def _attend(
-    layer: _LayerPlan,
+def select_heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """x[:, heads] for x (B, H, ...): a view where the heads are a contiguous range, else a gathered copy."""
+    if heads and heads == list(range(heads[0], heads[0] + len(heads))):
+        return x[:, heads[0] : heads[0] + len(heads)]
+    return x[:, heads]
+
+
+def attend_heads(
+    attending: list[int],
+    kept_groups: list[int],
     group_size: int,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -324,7 +344,8 @@ def _attend(
     kv_index: dict[int, int],
     scaling: float | None,
 ) -> tuple[list[int], torch.Tensor]:
-    """SDPA for the heads that still attend, in one call: (the query heads computed, their output (B, h, T, D)).
+    """SDPA for the query heads `attending` (of the KV groups `kept_groups`; `kv_index`: group -> row of key/value), in
+    one call: (the query heads computed, their output (B, h, T, D)).
 
     Prefill is compute-bound: exactly the attending heads are computed, each with its KV head gathered (a copy of
     O(S D) per head, small beside the O(T S D) attention). Decode is bound by the bytes of K/V read: every head of a
@@ -334,22 +355,22 @@ def _attend(
     sdpa = torch.nn.functional.scaled_dot_product_attention
     t_len = query.shape[2]
     if t_len > 1:
-        kv = torch.tensor([kv_index[h // group_size] for h in layer.attending], device=key.device)
+        kv = torch.tensor([kv_index[h // group_size] for h in attending], device=key.device)
         result = sdpa(
-            query[:, layer.attending],
+            select_heads(query, attending),
             key.index_select(1, kv),
             value.index_select(1, kv),
             attn_mask=mask,
             scale=scaling,
             is_causal=mask is None,
         )
-        return layer.attending, result
-    heads = [group * group_size + i for group in layer.kept_groups for i in range(group_size)]
-    rows = [kv_index[group] for group in layer.kept_groups]
+        return attending, result
+    heads = [group * group_size + i for group in kept_groups for i in range(group_size)]
+    rows = [kv_index[group] for group in kept_groups]
     if rows != list(range(key.shape[1])):
         index = torch.tensor(rows, device=key.device)
         key, value = key.index_select(1, index), value.index_select(1, index)
-    result = sdpa(query[:, heads], key, value, attn_mask=mask, scale=scaling, enable_gqa=group_size > 1)
+    result = sdpa(select_heads(query, heads), key, value, attn_mask=mask, scale=scaling, enable_gqa=group_size > 1)
     return heads, result
 
 
@@ -418,7 +439,7 @@ def _running(model: torch.nn.Module, state: _State, name: str, function) -> Iter
     """Run `model` with attention `function` (registered as `name`, SDPA's masks) reading `state`."""
     token = _ACTIVE.set(state)
     try:
-        with attention.use(model, name, function, sdpa_mask):
+        with attention.use(model, name, function, sdpa_mask, patch=name == PATCH_ATTENTION):
             yield
     finally:
         _ACTIVE.reset(token)
@@ -427,7 +448,7 @@ def _running(model: torch.nn.Module, state: _State, name: str, function) -> Iter
 def first_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """First non-padding position per row of a left-padded (batch, tokens) mask."""
     if bool((attention_mask[:, -1] == 0).any()):
-        raise SinkEvalError("the copy patch needs left padding: set tokenizer.padding_side = 'left'")
+        raise SinkEvalError("the patches need left padding: set tokenizer.padding_side = 'left'")
     return attention_mask.long().argmax(dim=-1)
 
 
@@ -452,12 +473,15 @@ def new_cache(model: torch.nn.Module, plan: CopyPlan, attention_mask: torch.Tens
 
 
 def kv_cache_bytes(cache: DynamicCache) -> int:
-    """Bytes held by a cache's keys and values (and the copy layers' first-token values)."""
+    """KV bytes a cache holds: the nbytes of every floating-point tensor its layers hold (keys and values; a copy
+    layer's first-token values; a streaming layer's sink and ring slots), each tensor once. Integer bookkeeping
+    (positions, group indices) is not counted."""
+    seen: set[int] = set()
     total = 0
     for layer in cache.layers:
-        for name in ("keys", "values", "first_values"):
-            tensor = getattr(layer, name, None)
-            if isinstance(tensor, torch.Tensor):
+        for tensor in vars(layer).values():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and id(tensor) not in seen:
+                seen.add(id(tensor))
                 total += tensor.numel() * tensor.element_size()
     return total
 
@@ -472,7 +496,7 @@ def generate(
 ) -> tuple[torch.Tensor, DynamicCache]:
     """Greedy generation under `plan` with the plan's KV cache: (prompt + new token ids, the cache).
     `max_new_tokens` is at least 1."""
-    if not _is_index(max_new_tokens) or max_new_tokens < 1:
+    if not is_index(max_new_tokens) or max_new_tokens < 1:
         raise SinkEvalError(f"max_new_tokens is the number of tokens to generate, at least 1, not {max_new_tokens!r}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -485,12 +509,12 @@ def generate(
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=_pad_id(model),
+            pad_token_id=pad_id(model),
         )
     return ids, cache
 
 
-def _pad_id(model: torch.nn.Module) -> int:
+def pad_id(model: torch.nn.Module) -> int:
     config = model.generation_config
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     if isinstance(pad, list):

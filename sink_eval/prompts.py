@@ -113,9 +113,25 @@ def default_prompts() -> list[Prompt]:
     return calibration + evaluation
 
 
-def long_passages() -> list[Prompt]:
-    """The long split: 4 prose passages and 4 code files of 4 096+ tokens (not part of the default set)."""
-    return _records("long")
+LONG_SPLITS = ("calibration", "evaluation")
+LONG_CALIBRATION_PER_DOMAIN = 2
+
+
+def long_passages(split: str | None = None) -> list[Prompt]:
+    """The long split: 4 prose passages and 4 code files of 4 096+ tokens (not part of the default set), in file
+    order. Rule for `split`: the first two prose and the first two code passages are "calibration", the other four
+    "evaluation" (None: all eight)."""
+    passages = _records("long")
+    if split is None:
+        return passages
+    if split not in LONG_SPLITS:
+        raise SinkEvalError(f"the long passages split into {' or '.join(LONG_SPLITS)}, not {split!r}")
+    calibration = {
+        p.id
+        for domain in sorted({p.domain for p in passages})
+        for p in [q for q in passages if q.domain == domain][:LONG_CALIBRATION_PER_DOMAIN]
+    }
+    return [p for p in passages if (p.id in calibration) == (split == "calibration")]
 
 
 def prompt_set_sha256(prompts: list[Prompt]) -> str:

@@ -339,12 +339,19 @@ def _mib(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.2f}"
 
 
+def _fraction_groups(value: float | None) -> str:
+    return "-" if value is None else _pct(value)
+
+
 def patch_table(res: PatchEvalResult) -> str:
-    """One row per policy: heads copied, fidelity, speed-ups beside their ceilings, KV memory saved."""
+    """One row per policy: the prompts it is evaluated on, heads and KV groups planned, fidelity, speed-ups beside
+    their ceilings, KV memory saved."""
     rows = [
         [
             row.label,
-            _pct(row.fidelity.fraction_copied),
+            row.evaluation,
+            _pct(row.fidelity.fraction_heads),
+            _fraction_groups(row.fidelity.fraction_groups),
             f"{max(row.fidelity.kl, 0.0):.4f}",  # a KL below 0 is rounding error
             _pct(row.fidelity.top1),
             _pct(row.greedy.agreement),
@@ -359,7 +366,9 @@ def patch_table(res: PatchEvalResult) -> str:
         rows,
         headers=[
             "policy",
-            "heads copied",
+            "prompts",
+            "heads",
+            "KV groups",
             "KL (nats)",
             "top-1",
             "greedy agree",
@@ -394,21 +403,35 @@ def _patch_figure(res: PatchEvalResult, out: Path) -> str:
 
 def patch_report(res: PatchEvalResult, figure: str) -> str:
     model, settings = res.model, res.settings
+    long = ""
+    if settings.long_evaluation_prompts:
+        cut = f", cut to {settings.long_tokens} tokens" if settings.long_tokens else ""
+        long = (
+            f" Streaming policies are evaluated on long prompts ({len(settings.long_evaluation_prompts)}: "
+            f"{', '.join(settings.long_evaluation_prompts)}{cut}; greedy on "
+            f"{len(settings.long_greedy_prompts)} of them) and calibrated on the calibration prompts plus "
+            f"{len(settings.long_calibration_prompts)} long ones: on a prompt of N <= s + w tokens a streaming plan "
+            "is the unpatched model exactly, so the default prompts, mostly short, would show a trivially perfect "
+            "fidelity."
+        )
     return (
         "\n\n".join(
             [
-                f"# Copy-pattern patch on {model.name}",
+                f"# Copy and streaming patches on {model.name}",
                 f"Model `{model.name}` ({model.layers} x {model.heads} heads, {model.kv_heads} KV heads), "
                 f"fingerprint `{model.fingerprint}`; {len(settings.evaluation_prompts)} evaluation prompts, "
                 f"{len(settings.calibration_prompts)} calibration prompts (disjoint); speed on "
                 f"`{settings.speed_prompt.id}` ({settings.speed_prompt.tokens} tokens), medians of "
-                f"{settings.speed_rounds} paired rounds, {settings.threads} threads on {settings.device}.",
-                "KL: mean next-token KL(unpatched || patched) over up to 32 positions per prompt; top-1: argmax "
-                "agreement there; greedy: 32-token greedy continuations of the shortest prompts, fraction of equal "
-                "tokens and mean common prefix. Speed-ups: median of unpatched / patched times taken back to back; the "
-                "ceiling 1 / (1 - f a) uses "
-                "the plan's fraction f and the measured attention share a. KV saved: bytes of the plan's cache vs the "
-                "model's own cache after the decode run.",
+                f"{settings.speed_rounds} paired rounds, {settings.threads} threads on {settings.device}." + long,
+                "Heads / KV groups: fraction of (layer, head) pairs the plan copies or streams, and of KV groups all "
+                "of whose query heads it does (a copy plan drops their cache; a streaming plan keeps s + w entries "
+                "of it). KL: mean next-token KL(unpatched || patched) over up to 32 positions per prompt; top-1: "
+                "argmax agreement there; greedy: 32-token greedy continuations of the shortest prompts, fraction of "
+                "equal tokens and mean common prefix. Speed-ups: median of unpatched / patched times taken back to "
+                "back; the ceiling 1 / (1 - f a) uses the fraction f of attention work the plan removes (copy: the "
+                "fraction of heads copied; streaming: the fraction streamed times 1 - rho, rho the share of a head's "
+                "work a streamed head still does) and the measured attention share a. KV saved: bytes of the plan's "
+                "cache vs the model's own cache after the decode run, measured from the cache objects.",
                 patch_table(res),
                 f"![speed-up vs fidelity]({figure})",
             ]

@@ -4,7 +4,8 @@ Speed figures are ratios measured in one run, patched and unpatched interleaved 
 are kept for reference only. Definitions:
 - attention share a of a timed region = (t - t_without) / t, where t_without is the same region with every attention
   call returning at once (the "sink_none" implementation): the time the attention computation itself takes;
-- ceiling of a plan copying a fraction f of the heads = 1 / (1 - f * a): the speed-up if copied heads cost nothing;
+- ceiling of a plan removing a fraction f of the attention work = 1 / (1 - f * a): the speed-up if the removed work
+  cost nothing and the rest cost what it did (f of a copy or a streaming plan: `sink_eval.plans.work_removed`);
 - a gate passes when the patch saves at least 80 % of what the ceiling says can be saved:
   t_unpatched - t_patched >= 0.8 * (t_unpatched - t_unpatched / ceiling), i.e. with the speed-up s = t_unpatched /
   t_patched: 1 - 1/s >= 0.8 * (1 - 1/ceiling);
@@ -28,7 +29,8 @@ from transformers import DynamicCache
 from transformers.masking_utils import sdpa_mask
 
 from sink_eval import attention
-from sink_eval.patch import CopyPlan, kv_cache_bytes, new_cache, patched
+from sink_eval.patch import kv_cache_bytes
+from sink_eval.plans import Plan, new_cache, patched
 
 NO_ATTENTION = "sink_none"
 GATE_SHARE = 0.8
@@ -142,7 +144,7 @@ class SpeedResult:
 
 
 @torch.no_grad()
-def measure(model: torch.nn.Module, plan: CopyPlan, input_ids: torch.Tensor, rounds: int = 3, decode_steps: int = 8):
+def measure(model: torch.nn.Module, plan: Plan, input_ids: torch.Tensor, rounds: int = 3, decode_steps: int = 8):
     """Prefill and decode speed of `input_ids` (one row, no padding), unpatched vs patched, paired, in one run; the
     KV bytes of the unpatched and the plan's cache after the decode steps."""
     mask = torch.ones_like(input_ids)

