@@ -245,11 +245,16 @@ def error_attention(
     if out is not None:
         batch, _, t_len, _ = query.shape
         first = _first_positions(state, attention_mask, batch, t_len, query.device)
-        real = torch.arange(t_len, device=query.device)[None, :] >= first[:, None]  # (B, T) non-padding queries
-        state.errors[module.layer_idx] = float(
-            torch.linalg.vector_norm((out - exact)[real].float()) / torch.linalg.vector_norm(exact[real].float())
-        )
+        state.errors[module.layer_idx] = relative_error(out, exact, first)
     return exact, None
+
+
+def relative_error(out: torch.Tensor, exact: torch.Tensor, first: torch.Tensor) -> float:
+    """||out - exact|| / ||exact|| over the non-padding queries: outputs (B, T, H, D), `first` (B,) the first real
+    position of each row (the per-layer error of `layer_errors`, for either patch)."""
+    t_len = exact.shape[1]
+    real = torch.arange(t_len, device=exact.device)[None, :] >= first[:, None]  # (B, T) non-padding queries
+    return float(torch.linalg.vector_norm((out - exact)[real].float()) / torch.linalg.vector_norm(exact[real].float()))
 
 
 def _planned_output(

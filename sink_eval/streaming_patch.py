@@ -32,7 +32,7 @@ from transformers.masking_utils import sdpa_mask
 from sink_eval import attention
 from sink_eval.banded import BandLayout, band_layout, banded_attention, keyed_attention
 from sink_eval.errors import SinkEvalError
-from sink_eval.patch import attend_heads, first_positions, is_index, pad_id, select_heads
+from sink_eval.patch import attend_heads, first_positions, is_index, pad_id, relative_error, select_heads
 from sink_eval.shape import Shape
 from sink_eval.streaming import StreamingPlan, check_streaming_plan
 from sink_eval.streaming_cache import StepKV, StreamingCache, StreamingLayer
@@ -137,12 +137,8 @@ def error_attention(
     out = _planned_output(state, module, query, key, value, attention_mask, scaling)
     exact, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if out is not None:
-        batch, _, t_len, _ = query.shape
-        first = _first_of_mask(attention_mask, batch, query.device)
-        real = torch.arange(t_len, device=query.device)[None, :] >= first[:, None]  # (B, T) non-padding queries
-        state.errors[module.layer_idx] = float(
-            torch.linalg.vector_norm((out - exact)[real].float()) / torch.linalg.vector_norm(exact[real].float())
-        )
+        first = _first_of_mask(attention_mask, query.shape[0], query.device)
+        state.errors[module.layer_idx] = relative_error(out, exact, first)
     return exact, None
 
 
