@@ -6,7 +6,8 @@
   (`sink_eval.patch.attend_heads`, one call, each head with its KV group);
 - the streamed heads, in one call: in a full pass (no earlier context) `sink_eval.banded.banded_attention`, work
   O(N (s + w)); in a decode step (or a chunk after it) `sink_eval.banded.keyed_attention` over the s sinks and the
-  last w + T keys only. Streamed heads that make up whole KV groups share their groups' keys (GQA); others get their
+  last w (+ T) keys only, or, once every one of those slots holds a key the new token sees, plain SDPA over them
+  without a mask. Streamed heads that make up whole KV groups share their groups' keys (GQA); others get their
   group's keys gathered per head.
 A layer without streamed heads runs transformers' own SDPA function, so an empty plan is the unpatched model.
 
