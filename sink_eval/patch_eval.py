@@ -225,13 +225,18 @@ class _Context:
 def calibrate(
     loaded: LoadedModel, policies: list[Policy], calibration: list[TokenizedPrompt], progress: bool, what: str
 ) -> list[PromptStats]:
-    """Attention statistics of calibration prompts (none when every policy plans per prompt): sink scores, and the
-    streaming score at the policies' (s, w) when a streaming policy is among them."""
-    if all(p.per_prompt() for p in policies):
+    """Attention statistics of calibration prompts for `policies`, those that calibrate (none: none): sink scores,
+    and the streaming score at their (s, w) when a streaming policy is among them."""
+    if not policies:
         return []
     streaming = [p for p in policies if p.streaming]
     windows = [(streaming[0].options.sink, streaming[0].options.window)] if streaming else []
     return [r.stats[0] for r in _probe_all(loaded, calibration, what, progress, windows)]
+
+
+def calibrates(policy: Policy) -> bool:
+    """Whether a policy's plan comes from calibration statistics (not per prompt, not streaming_llm)."""
+    return not policy.per_prompt() and policy.name != "streaming_llm"
 
 
 def plan(ctx: _Context, policy: Policy, stats: PromptStats | None) -> Plan:
@@ -371,10 +376,13 @@ def run(
     model = loaded.model
     device = next(model.parameters()).device
     streaming = [p for p in policies if p.streaming]
-    calibrated_streaming = [p for p in streaming if p.name != "streaming_llm"]
-    calibration_stats = calibrate(loaded, policies, calibration, progress, "calibration prompts")
-    default = EvaluationSet("default", evaluation, _probe_all(loaded, evaluation, "evaluation prompts", progress))
-    default = _with_greedy(model, default, generations, new_tokens, 2, device)
+    calibrated = [p for p in policies if calibrates(p)]
+    calibration_stats = calibrate(loaded, calibrated, calibration, progress, "calibration prompts")
+    default = EvaluationSet("default", evaluation, [])
+    if len(streaming) < len(policies) or (streaming and long is None):  # a copy policy, or "given" prompts
+        default.reference = _probe_all(loaded, evaluation, "evaluation prompts", progress)
+    if len(streaming) < len(policies):
+        default = _with_greedy(model, default, generations, new_tokens, 2, device)
     long_set, extra_stats = None, []
     extra_calibration: list[TokenizedPrompt] = []
     if streaming:
@@ -384,6 +392,7 @@ def run(
         else:
             extra_calibration, prompts, name = long
             long_set = EvaluationSet(name, prompts, _probe_all(loaded, prompts, f"{name} evaluation prompts", progress))
+            calibrated_streaming = [p for p in calibrated if p.streaming]
             extra_stats = calibrate(loaded, calibrated_streaming, extra_calibration, progress, f"{name} calibration")
         long_set = _with_greedy(model, long_set, generations, new_tokens, span, device)
     ctx = _Context(

@@ -6,7 +6,8 @@
   (`sink_eval.patch.attend_heads`, one call, each head with its KV group);
 - the streamed heads, in one call: in a full pass (no earlier context) `sink_eval.banded.banded_attention`, work
   O(N (s + w)); in a decode step (or a chunk after it) `sink_eval.banded.keyed_attention` over the s sinks and the
-  last w + T keys only. Streamed heads that make up whole KV groups share their groups' keys (GQA); others get their
+  last w (+ T) keys only, or, once every one of those slots holds a key the new token sees, plain SDPA over them
+  without a mask. Streamed heads that make up whole KV groups share their groups' keys (GQA); others get their
   group's keys gathered per head.
 A layer without streamed heads runs transformers' own SDPA function, so an empty plan is the unpatched model.
 
@@ -26,6 +27,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -189,11 +191,17 @@ def _planned_output(
         keys, values, positions = _window_kv(
             state.plan, layer.streamed_kv, kv_index, stream_index, key, value, step, first, t_len
         )
-        per_head = torch.tensor([layer.streamed_kv.index(h // g) for h in layer.streamed], device=key.device)
-        keys, values, positions = (x.index_select(1, per_head) for x in (keys, values, positions))
-        query_pos = torch.arange(key.shape[2] - t_len, key.shape[2], device=key.device)
         plan = state.plan
-        streamed = keyed_attention(q, query_pos, keys, values, positions, first, plan.sink, plan.window, scaling)
+        last_first = state.cache.last_first if state.cache is not None else int(first.max())
+        if layer.whole and t_len == 1 and key.shape[2] >= last_first + plan.sink + plan.window:
+            # every slot holds a key the new token sees: no mask, each KV group read once
+            streamed = F.scaled_dot_product_attention(q, keys, values, scale=scaling, enable_gqa=g > 1)
+            streamed = streamed.transpose(1, 2)
+        else:
+            per_head = torch.tensor([layer.streamed_kv.index(h // g) for h in layer.streamed], device=key.device)
+            keys, values, positions = (x.index_select(1, per_head) for x in (keys, values, positions))
+            query_pos = torch.arange(key.shape[2] - t_len, key.shape[2], device=key.device)
+            streamed = keyed_attention(q, query_pos, keys, values, positions, first, plan.sink, plan.window, scaling)
     parts.append((layer.streamed, streamed))
     return _assemble(parts, heads)
 
@@ -249,14 +257,15 @@ def _window_kv(
     t_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The key set of a decode step (T new tokens, N positions in all) for KV groups `groups`: keys/values
-    (B, k, M, D) and their positions (B, k, M), M = s + w + T. A kept group's sinks and last w + T keys are gathered
-    from its full cache; a streamed group's are its slots and the new keys (the step its cache layer left)."""
+    (B, k, M, D) and their positions (B, k, M). A kept group's sinks and last w + T − 1 keys (w + T after T > 1: the
+    size of a streamed group's step) are gathered from its full cache; a streamed group's are the step its cache
+    layer left (M = s + w for one new token, s + w + T otherwise)."""
     s, w = plan.sink, plan.window
     n = key.shape[2]
     device = key.device
     sink_pos = first[:, None] + torch.arange(s, device=device)  # (B, s)
     sink_pos = torch.where(sink_pos < n, sink_pos, -1)
-    recent = torch.arange(n - t_len - w, n, device=device).expand(len(first), -1)  # (B, w + T)
+    recent = torch.arange(n - w - t_len + (t_len == 1), n, device=device).expand(len(first), -1)
     recent = torch.where((recent >= 0) & (recent - first[:, None] >= s), recent, -1)
     gathered_pos = torch.cat([sink_pos, recent], dim=1)  # (B, M); a sink is held by its sink slot only
     rows = gathered_pos.clamp(min=0)[:, :, None].expand(-1, -1, key.shape[-1])
