@@ -17,20 +17,15 @@ STREAMING_POLICY_NAMES = ("streaming", "random", "streaming_llm")
 POLICY_NAMES = COPY_POLICY_NAMES + STREAMING_POLICY_NAMES
 HYBRID_DEFAULT_MAX_TOKENS = 64  # L of a hybrid policy given neither limit
 LONG_TOKENS = 2048  # patch-eval: the long passages are cut to this many tokens for the streaming policies
-OUTPUT_KINDS = (
-    "analyze",
-    "patch-eval",
-    "eval",
-    "compare",
-    "scale",
-    "longctx",
-)  # commands whose --out is an output directory of its kind
+# commands whose --out is an output directory of its kind
+OUTPUT_KINDS = ("analyze", "patch-eval", "eval", "compare", "scale", "taxonomy", "longctx")
 OUTPUT_WHAT = {
     "analyze": "results.json, report.md, figures",
     "patch-eval": "results.json, report.md, figure",
     "eval": "results.json, report.md",
     "scale": "results.json, report.md, figure",
     "longctx": "results.json, report.md, figure",
+    "taxonomy": "results.json, report.md, class map",
 }
 CPU_MAX_LENGTH = 4096  # longctx: longer prompts only with --device cuda
 LONGCTX_POLICY_NAMES = ("calibrated", "hybrid", *STREAMING_POLICY_NAMES)  # sink_eval.longctx.STATIC_POLICIES
@@ -313,11 +308,11 @@ def _cmd_longctx(args: argparse.Namespace) -> None:
 
 
 def _lengths(text: str) -> list[int]:
-    """--lengths: comma-separated token counts, each at least 1, no repeats."""
+    """--lengths of longctx and taxonomy: comma-separated token counts, each at least 1, no repeats; sorted."""
     values = [_positive_int(part.strip()) for part in text.split(",") if part.strip()]
     if not values or len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"expected distinct whole numbers separated by commas, not {text!r}")
-    return values
+    return sorted(values)
 
 
 def _depths(text: str) -> list[float]:
@@ -350,6 +345,36 @@ def _check_longctx(args: argparse.Namespace) -> None:
             f"--lengths {longest}: prompts longer than {CPU_MAX_LENGTH} tokens take hours on a CPU; pass "
             "--device cuda or shorter --lengths"
         )
+
+
+def _taxonomy_options(args: argparse.Namespace) -> tuple[list[int], list[tuple[int, int]]]:
+    """--lengths and --windows parsed and checked against each other (every length > s + w)."""
+    from sink_eval.taxonomy import check_lengths, parse_windows
+
+    windows = parse_windows(args.windows)
+    check_lengths(args.lengths, windows)
+    return args.lengths, windows
+
+
+def _cmd_taxonomy(args: argparse.Namespace) -> None:
+    import json
+
+    from sink_eval.models import load_model
+    from sink_eval.taxonomy import Thresholds, check_repeats_fit, passage_inputs, probe_inputs, results
+    from sink_eval.taxonomy_report import headline_table, write_taxonomy
+
+    lengths, windows = _taxonomy_options(args)
+    command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    loaded = load_model(args.model)
+    passages = passage_inputs(loaded, lengths)
+    check_repeats_fit(loaded, args.period)
+    probed = probe_inputs(loaded, passages, windows, seeds=args.seeds, period=args.period)
+    thresholds = Thresholds(sink=args.tau, streaming=args.threshold, induction=args.induction_threshold)
+    res = results(loaded, probed, windows, thresholds, args.period, command)
+    if args.out is not None:
+        write_taxonomy(res, args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}/results.json, {args.out}/report.md and the class map", file=sys.stderr)
+    print(json.dumps(res.to_json()) if args.json else headline_table(res))
 
 
 def _threshold(text: str) -> float:
@@ -447,6 +472,8 @@ def validate(args: argparse.Namespace) -> None:
         _check_device(args.device)
     if args.command == "longctx":
         _check_longctx(args)
+    if args.command == "taxonomy":
+        _taxonomy_options(args)
 
 
 def _nonnegative_int(text: str) -> int:
@@ -591,6 +618,31 @@ def build_parser() -> argparse.ArgumentParser:
     longctx.add_argument("--device", default="cpu", help=f"torch device; lengths > {CPU_MAX_LENGTH} need cuda (cpu)")
     _output_arguments(longctx, "longctx")
     longctx.set_defaults(func=_cmd_longctx)
+
+    taxonomy = sub.add_parser(
+        "taxonomy",
+        help="head taxonomy: sink, streaming (sink + window), previous-token, induction and echo heads",
+        description="Sink, previous-token and streaming heads on the long passages cut to each length; induction "
+        "and echo heads on random sequences of period --period repeated 4 times. Definitions: sink_eval.taxonomy.",
+    )
+    taxonomy.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
+    taxonomy.add_argument(
+        "--lengths", type=_lengths, default=[1024, 2048, 4096], help="input lengths in tokens (1024,2048,4096)"
+    )
+    taxonomy.add_argument(
+        "--windows",
+        default="1:16,1:64,1:256,4:16,4:64,4:256",
+        help="streaming windows s:w, s sink tokens and w recent keys (1:16,1:64,1:256,4:16,4:64,4:256)",
+    )
+    taxonomy.add_argument("--threshold", type=_threshold, default=0.9, help="streaming score threshold p (0.9)")
+    taxonomy.add_argument("--tau", type=_threshold, default=0.8, help="sink and previous-token threshold (0.8)")
+    taxonomy.add_argument(
+        "--induction-threshold", type=_threshold, default=0.5, help="induction and echo threshold theta (0.5)"
+    )
+    taxonomy.add_argument("--period", type=_positive_int, default=256, help="period T of the random sequences (256)")
+    taxonomy.add_argument("--seeds", type=_positive_int, default=4, help="random sequences, seeds 0..n-1 (4)")
+    _output_arguments(taxonomy, "taxonomy")
+    taxonomy.set_defaults(func=_cmd_taxonomy)
 
     compare = sub.add_parser("compare", help="two result sets side by side")
     compare.add_argument("first", type=Path, help="a directory written by `sink-eval analyze`")

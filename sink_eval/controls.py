@@ -19,24 +19,13 @@ from sink_eval.errors import SinkEvalError
 from sink_eval.shape import Shape
 
 
-def whole_groups(heads: dict[int, frozenset[int]], shape: Shape) -> set[tuple[int, int]]:
-    """(layer, group) pairs all of whose query heads are in `heads`."""
-    g = shape.group_size
-    return {
-        (layer, k)
-        for layer, hs in heads.items()
-        for k in range(shape.kv_heads)
-        if all(k * g + i in hs for i in range(g))
-    }
-
-
 def random_heads(
     heads: dict[int, frozenset[int]], shape: Shape, candidate_layers: Sequence[int], seed: int
 ) -> dict[int, frozenset[int]]:
     """The heads of the seed's control of a plan planning `heads` (module doc)."""
     g = shape.group_size
     n_heads = sum(len(h) for h in heads.values())
-    n_whole = len(whole_groups(heads, shape))
+    n_whole = shape.n_whole_groups(heads)
     outside = [layer for layer in heads if layer not in candidate_layers]
     if outside:
         raise SinkEvalError(

@@ -26,19 +26,23 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
+from transformers import DynamicCache
 
-from sink_eval import plan_kinds
 from sink_eval.analysis import model_info
 from sink_eval.controls import Verdict, random_heads, verdict
 from sink_eval.errors import SinkEvalError
 from sink_eval.models import LoadedModel
 from sink_eval.passkey import NEW_TOKENS, evaluation_passages, is_correct, make_trial, min_length
+from sink_eval.patch import kv_cache_bytes, pad_id
 from sink_eval.perplexity import token_nll
+from sink_eval.plans import Plan, candidate_layers, kv_groups_removed, patched, with_heads
+from sink_eval.plans import generate as plan_generate
 from sink_eval.policies import Policy, Target, make_plan
 from sink_eval.probe import PromptStats, probe
 from sink_eval.prompts import (
@@ -66,7 +70,7 @@ class NamedPlan:
 
     label: str
     policy: str | None
-    plan: plan_kinds.Plan | None
+    plan: Plan | None
 
 
 @dataclass
@@ -226,7 +230,7 @@ def streaming_llm_reproduction(
         plan = None if sink is None or window is None else StreamingPlan.of(every, sink, window)
         nll = []
         for ids in passages:
-            with plan_kinds.apply_plan(model, plan):
+            with _under(model, plan):
                 nll.append(float(token_nll(model, ids).mean()))
             bar.update()
         t = torch.tensor(nll)
@@ -282,10 +286,10 @@ def policy_plans(
     ]
 
 
-def plans_every_candidate(loaded: LoadedModel, plan: plan_kinds.Plan) -> bool:
+def plans_every_candidate(loaded: LoadedModel, plan: Plan) -> bool:
     """Whether the plan plans every head of its candidate layers (streaming_llm): its random control is itself."""
     heads = model_shape(loaded.model).heads
-    layers = plan_kinds.candidate_layers(loaded.model, plan)
+    layers = candidate_layers(loaded.model, plan)
     return all(len(plan.heads.get(layer, ())) == heads for layer in layers)
 
 
@@ -294,12 +298,39 @@ def control_plans(loaded: LoadedModel, policy: NamedPlan, seeds: Sequence[int]) 
     plan = policy.plan
     assert plan is not None, "the unpatched model has no control"
     shape = model_shape(loaded.model)
-    layers = plan_kinds.candidate_layers(loaded.model, plan)
+    layers = candidate_layers(loaded.model, plan)
     out = []
     for seed in seeds:
-        control = plan_kinds.with_heads(plan, random_heads(dict(plan.heads), shape, layers, seed))
+        control = with_heads(plan, random_heads(dict(plan.heads), shape, layers, seed))
         out.append(NamedPlan(f"random({policy.label}) seed={seed}", policy.policy, control))
     return out
+
+
+def _under(model: torch.nn.Module, plan: Plan | None) -> AbstractContextManager[None]:
+    """Run `model` under `plan` inside the block (None: unchanged)."""
+    return nullcontext() if plan is None else patched(model, plan)
+
+
+@torch.no_grad()
+def _generate(
+    model: torch.nn.Module, plan: Plan | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int
+) -> tuple[torch.Tensor, int]:
+    """Greedy generation of exactly `new_tokens` tokens after input_ids (B, N) with the plan's own KV cache: (the new
+    ids (B, new_tokens), the KV bytes its cache holds at the end). None: the model's own `DynamicCache`."""
+    if plan is not None:
+        ids, cache = plan_generate(model, plan, input_ids, attention_mask, new_tokens)
+        return ids[:, input_ids.shape[1] :], kv_cache_bytes(cache)
+    cache = DynamicCache(config=model.config)
+    ids = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id(model),
+    )
+    return ids[:, input_ids.shape[1] :], kv_cache_bytes(cache)
 
 
 def _se(p: float, n: int) -> float:
@@ -316,23 +347,21 @@ class _Measured:
     kv_bytes: int
 
 
-def _measure(
-    loaded: LoadedModel, plan: plan_kinds.Plan | None, length: int, settings: LongctxSettings, bar
-) -> _Measured:
+def _measure(loaded: LoadedModel, plan: Plan | None, length: int, settings: LongctxSettings, bar) -> _Measured:
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
     cells, seconds, kv_bytes = [], [], 0
     if settings.warm_up:
         first = make_trial(tokenizer, settings.seed, 0, length, settings.depths[0])
         ids = torch.tensor([first.input_ids], device=device)
-        plan_kinds.generate_with(model, plan, ids, torch.ones_like(ids), settings.new_tokens)  # untimed
+        _generate(model, plan, ids, torch.ones_like(ids), settings.new_tokens)  # untimed
     for depth in settings.depths:
         keys, answers, correct = [], [], []
         for trial in range(settings.trials):
             t = make_trial(tokenizer, settings.seed, trial, length, depth)
             ids = torch.tensor([t.input_ids], device=device)
             start = time.perf_counter()
-            new, kv_bytes = plan_kinds.generate_with(model, plan, ids, torch.ones_like(ids), settings.new_tokens)
+            new, kv_bytes = _generate(model, plan, ids, torch.ones_like(ids), settings.new_tokens)
             seconds.append(time.perf_counter() - start)
             answer = tokenizer.decode(new[0], skip_special_tokens=True)
             keys.append(t.key)
@@ -343,7 +372,7 @@ def _measure(
     nll = []
     for passage in evaluation_passages():
         ids = torch.tensor([tokenizer(passage.text)["input_ids"][:length]], device=device)
-        with plan_kinds.apply_plan(model, plan):
+        with _under(model, plan):
             nll.append(float(token_nll(model, ids).mean()))
         bar.update()
     return _Measured(cells, seconds, nll, kv_bytes)
@@ -459,7 +488,7 @@ def run(
                 if entry.plan is None
                 else {length: _measure(loaded, entry.plan, length, settings, bar) for length in lengths}
             )
-            groups = plan_kinds.kv_groups_removed(entry.plan, shape)
+            groups = 0 if entry.plan is None else kv_groups_removed(entry.plan, shape)
             runs.append(
                 Run(
                     label=entry.label,

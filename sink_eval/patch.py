@@ -245,11 +245,16 @@ def error_attention(
     if out is not None:
         batch, _, t_len, _ = query.shape
         first = _first_positions(state, attention_mask, batch, t_len, query.device)
-        real = torch.arange(t_len, device=query.device)[None, :] >= first[:, None]  # (B, T) non-padding queries
-        state.errors[module.layer_idx] = float(
-            torch.linalg.vector_norm((out - exact)[real].float()) / torch.linalg.vector_norm(exact[real].float())
-        )
+        state.errors[module.layer_idx] = relative_error(out, exact, first)
     return exact, None
+
+
+def relative_error(out: torch.Tensor, exact: torch.Tensor, first: torch.Tensor) -> float:
+    """||out - exact|| / ||exact|| over the non-padding queries: outputs (B, T, H, D), `first` (B,) the first real
+    position of each row (the per-layer error of `layer_errors`, for either patch)."""
+    t_len = exact.shape[1]
+    real = torch.arange(t_len, device=exact.device)[None, :] >= first[:, None]  # (B, T) non-padding queries
+    return float(torch.linalg.vector_norm((out - exact)[real].float()) / torch.linalg.vector_norm(exact[real].float()))
 
 
 def _planned_output(
@@ -326,6 +331,13 @@ def _copy_rows(
     return torch.where(copied[:, None, :, None], first_values.to(exact.dtype), exact)
 
 
+def select_heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """x[:, heads] for x (B, H, ...): a view where the heads are a contiguous range, else a gathered copy."""
+    if heads and heads == list(range(heads[0], heads[0] + len(heads))):
+        return x[:, heads[0] : heads[0] + len(heads)]
+    return x[:, heads]
+
+
 def attend_heads(
     attending: list[int],
     kept_groups: list[int],
@@ -350,7 +362,7 @@ def attend_heads(
     if t_len > 1:
         kv = torch.tensor([kv_index[h // group_size] for h in attending], device=key.device)
         result = sdpa(
-            query[:, attending],
+            select_heads(query, attending),
             key.index_select(1, kv),
             value.index_select(1, kv),
             attn_mask=mask,
@@ -363,7 +375,7 @@ def attend_heads(
     if rows != list(range(key.shape[1])):
         index = torch.tensor(rows, device=key.device)
         key, value = key.index_select(1, index), value.index_select(1, index)
-    result = sdpa(query[:, heads], key, value, attn_mask=mask, scale=scaling, enable_gqa=group_size > 1)
+    result = sdpa(select_heads(query, heads), key, value, attn_mask=mask, scale=scaling, enable_gqa=group_size > 1)
     return heads, result
 
 

@@ -41,7 +41,7 @@ from sink_eval.plans import Plan, generate, layer_errors, patched, work_removed
 from sink_eval.policies import Policy, Target, make_plan
 from sink_eval.probe import ProbeResult, PromptStats, probe
 from sink_eval.prompts import TokenizedPrompt, prompt_set_sha256
-from sink_eval.results import ModelInfo, Provenance, TopLevel, from_json, provenance, with_schema, without_schema
+from sink_eval.results import ModelInfo, Provenance, TopLevel, provenance
 from sink_eval.shape import Shape, model_shape
 from sink_eval.speed import SpeedResult, ceiling, measure
 
@@ -162,14 +162,12 @@ class PatchEvalResult(TopLevel):
     policies: list[PolicyRow]
     provenance: Provenance
 
-    def to_json(self) -> dict:
-        return with_schema(SCHEMA, self)
-
     @classmethod
     def from_json(cls, data: dict, source: str | Path) -> PatchEvalResult:
+        """Also reads a results file of `OLDER_SCHEMA`, as copy runs (`_from_older`)."""
         if isinstance(data, dict) and data.get("schema") == OLDER_SCHEMA:
             data = _from_older(data)
-        return from_json(cls, without_schema(data, SCHEMA, source), source)
+        return super().from_json(data, source)
 
 
 def _from_older(data: dict) -> dict:
@@ -227,27 +225,24 @@ class _Context:
 def calibrate(
     loaded: LoadedModel, policies: list[Policy], calibration: list[TokenizedPrompt], progress: bool, what: str
 ) -> list[PromptStats]:
-    """Attention statistics of calibration prompts (none when every policy plans per prompt): sink scores, and the
-    streaming score at the policies' (s, w) when a streaming policy is among them."""
-    if all(p.per_prompt() for p in policies):
+    """Attention statistics of calibration prompts for `policies`, those that calibrate (none: none): sink scores,
+    and the streaming score at their (s, w) when a streaming policy is among them."""
+    if not policies:
         return []
     streaming = [p for p in policies if p.streaming]
     windows = [(streaming[0].options.sink, streaming[0].options.window)] if streaming else []
     return [r.stats[0] for r in _probe_all(loaded, calibration, what, progress, windows)]
 
 
+def calibrates(policy: Policy) -> bool:
+    """Whether a policy's plan comes from calibration statistics (not per prompt, not streaming_llm)."""
+    return not policy.per_prompt() and policy.name != "streaming_llm"
+
+
 def plan(ctx: _Context, policy: Policy, stats: PromptStats | None) -> Plan:
     """The policy's plan for a prompt of these statistics (None: a static policy's own plan)."""
     calibration = ctx.streaming_calibration if policy.streaming else ctx.calibration
     return make_plan(policy.name, policy.options, stats, calibration, Target.of(ctx.loaded.model))
-
-
-def planned_groups(plan: Plan, shape: Shape) -> int:
-    """KV groups all of whose query heads the plan copies or streams."""
-    g = shape.group_size
-    return sum(
-        all(k * g + i in heads for i in range(g)) for heads in plan.heads.values() for k in range(shape.kv_heads)
-    )
 
 
 def scored_prompts(policy: Policy, prompts: list[TokenizedPrompt]) -> list[int]:
@@ -275,7 +270,7 @@ def fidelity(ctx: _Context, policy: Policy, progress: bool) -> Fidelity:
         prompt_plan = plan(ctx, policy, evaluation.reference[i].stats[0])
         ids = _ids(tp, ctx.device)
         fractions.append(prompt_plan.fraction(shape.layers, shape.heads))
-        groups.append(planned_groups(prompt_plan, shape) / (shape.layers * shape.kv_heads))
+        groups.append(shape.n_whole_groups(prompt_plan.heads) / (shape.layers * shape.kv_heads))
         per_layer.append([n / shape.heads for n in prompt_plan.per_layer(shape.layers)])
         with patched(model, prompt_plan):
             logits = model(input_ids=ids, use_cache=False, logits_to_keep=positions(len(tp.input_ids))).logits
@@ -373,10 +368,13 @@ def run(
     model = loaded.model
     device = next(model.parameters()).device
     streaming = [p for p in policies if p.streaming]
-    calibrated_streaming = [p for p in streaming if p.name != "streaming_llm"]
-    calibration_stats = calibrate(loaded, policies, calibration, progress, "calibration prompts")
-    default = EvaluationSet("default", evaluation, _probe_all(loaded, evaluation, "evaluation prompts", progress))
-    default = _with_greedy(model, default, generations, new_tokens, 2, device)
+    calibrated = [p for p in policies if calibrates(p)]
+    calibration_stats = calibrate(loaded, calibrated, calibration, progress, "calibration prompts")
+    default = EvaluationSet("default", evaluation, [])
+    if len(streaming) < len(policies) or (streaming and long is None):  # a copy policy, or "given" prompts
+        default.reference = _probe_all(loaded, evaluation, "evaluation prompts", progress)
+    if len(streaming) < len(policies):
+        default = _with_greedy(model, default, generations, new_tokens, 2, device)
     long_set, extra_stats = None, []
     extra_calibration: list[TokenizedPrompt] = []
     if streaming:
@@ -386,6 +384,7 @@ def run(
         else:
             extra_calibration, prompts, name = long
             long_set = EvaluationSet(name, prompts, _probe_all(loaded, prompts, f"{name} evaluation prompts", progress))
+            calibrated_streaming = [p for p in calibrated if p.streaming]
             extra_stats = calibrate(loaded, calibrated_streaming, extra_calibration, progress, f"{name} calibration")
         long_set = _with_greedy(model, long_set, generations, new_tokens, span, device)
     ctx = _Context(

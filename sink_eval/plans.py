@@ -1,8 +1,9 @@
 """One interface over the two plan kinds: copy (`sink_eval.patch`) and streaming (`sink_eval.streaming_patch`).
 
 `patched`, `new_cache`, `generate` and `layer_errors` run a plan of either kind through its own patch; `applies` says
-whether a plan changes a forward pass; `work_removed` is the fraction of the model's attention work a plan skips,
-the f of the speed ceilings (`sink_eval.speed.ceiling`):
+whether a plan changes a forward pass; `candidate_layers` and `with_heads` are what a random control of a plan needs
+(`sink_eval.controls`); `kv_groups_removed` counts the KV groups whose decode cache a plan shrinks; `work_removed`
+is the fraction of the model's attention work a plan skips, the f of the speed ceilings (`sink_eval.speed.ceiling`):
 - copy plan: the fraction of (layer, head) pairs it copies, in a forward pass where it applies (else 0);
 - streaming plan: the fraction of heads it streams times (1 − ρ), ρ the share of a head's attention work a streamed
   head still does (`streamed_share`).
@@ -10,6 +11,7 @@ the f of the speed ceilings (`sink_eval.speed.ceiling`):
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 
 import torch
@@ -17,8 +19,9 @@ from transformers import DynamicCache
 
 from sink_eval import patch, streaming_patch
 from sink_eval.patch import CopyPlan
-from sink_eval.shape import Shape
+from sink_eval.shape import Shape, model_shape
 from sink_eval.streaming import StreamingPlan
+from sink_eval.streaming import candidate_layers as streaming_layers
 
 Plan = CopyPlan | StreamingPlan
 
@@ -60,6 +63,28 @@ def applies(plan: Plan, seq_len: int, decode_step: int) -> bool:
     if isinstance(plan, StreamingPlan):
         return bool(plan.heads) and seq_len > plan.sink + plan.window
     return bool(plan.heads) and patch.plan_applies(plan, seq_len, decode_step)
+
+
+def candidate_layers(model: torch.nn.Module, plan: Plan) -> list[int]:
+    """The layers a plan of this kind may name: every layer for a copy plan, the full-attention layers for a
+    streaming plan."""
+    if isinstance(plan, StreamingPlan):
+        return streaming_layers(model)
+    return list(range(model_shape(model).layers))
+
+
+def with_heads(plan: Plan, heads: Mapping[int, Iterable[int]]) -> Plan:
+    """A plan of the same kind and conditions (s and w; L and k) as `plan`, planning `heads` instead."""
+    if isinstance(plan, StreamingPlan):
+        return StreamingPlan.of(heads, plan.sink, plan.window)
+    return CopyPlan.of(heads, max_tokens=plan.max_tokens, decode_steps=plan.decode_steps)
+
+
+def kv_groups_removed(plan: Plan, shape: Shape) -> int:
+    """KV groups whose decode cache the plan shrinks: those all of whose query heads it plans (a copy plan does not
+    cache them beyond V[first]; a streaming plan keeps s + w entries of them), none for a conditional (hybrid) plan,
+    which keeps the whole cache."""
+    return 0 if plan.conditional else shape.n_whole_groups(plan.heads)
 
 
 def streamed_share(n: int, sink: int, window: int, decode: bool) -> float:

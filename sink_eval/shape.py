@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,22 @@ class Shape:
     @property
     def group_size(self) -> int:
         return self.heads // self.kv_heads
+
+    def whole_groups(self, heads: Mapping[int, Iterable[int]]) -> dict[int, frozenset[int]]:
+        """Per layer, the KV groups all of whose query heads are in `heads` (layer -> query heads); layers with none
+        are left out."""
+        g = self.group_size
+        groups = {}
+        for layer, hs in heads.items():
+            chosen = set(hs)
+            kv = frozenset(k for k in range(self.kv_heads) if all(k * g + i in chosen for i in range(g)))
+            if kv:
+                groups[layer] = kv
+        return groups
+
+    def n_whole_groups(self, heads: Mapping[int, Iterable[int]]) -> int:
+        """How many KV groups all of whose query heads are in `heads`."""
+        return sum(len(kv) for kv in self.whole_groups(heads).values())
 
 
 def config_shape(config: PretrainedConfig) -> Shape:

@@ -66,15 +66,10 @@ class StreamingPlan:
 
     def streamed_groups(self, shape: Shape) -> dict[int, frozenset[int]]:
         """Per layer, the KV groups all of whose query heads stream (their cache keeps s + w entries)."""
-        g = shape.group_size
-        groups = {
-            layer: frozenset(k for k in range(shape.kv_heads) if all(k * g + i in heads for i in range(g)))
-            for layer, heads in self.heads.items()
-        }
-        return {layer: kv for layer, kv in groups.items() if kv}
+        return shape.whole_groups(self.heads)
 
     def n_streamed_groups(self, shape: Shape) -> int:
-        return sum(len(kv) for kv in self.streamed_groups(shape).values())
+        return shape.n_whole_groups(self.heads)
 
     def to_json(self) -> dict:
         return {

@@ -11,9 +11,11 @@ stream) is a `StreamingLayer`; the other layers are the model's own (`DynamicLay
   slot s + p mod w (`stream_keys`, `stream_values`: (B, streamed groups, s + w, D); `stream_positions` (B, s + w):
   the position each slot holds, −1 for none). Keys are cached after RoPE, so a kept key keeps its own rotation and
   the ring buffer is exact. A position among a row's first s real tokens is held by its sink slot only.
-Each update also leaves `step`: the streamed groups' slots as they were before it, followed by the new keys, which
-the streaming attention (`sink_eval.streaming_patch`) reads once and releases, so between forward passes a streamed
-group holds exactly s + w entries whatever the number of steps. The cache accepts updates only while the streaming
+Each update also leaves `step`, the streamed groups' key set of that forward pass, which the streaming attention
+(`sink_eval.streaming_patch`) reads once and releases, so between forward passes a streamed group holds exactly
+s + w entries whatever the number of steps: in a decode step (one new token) the slots once it is written (the
+position it overwrites, i − w, is out of its window); in a pass over T > 1 tokens the slots as they were before it,
+followed by the new keys. The cache accepts updates only while the streaming
 patch runs with it (`in_use`): the model's own attention would read the kept groups only.
 
 KV bytes (`sink_eval.patch.kv_cache_bytes`) count every floating-point tensor a cache layer holds.
@@ -62,6 +64,7 @@ class StreamingLayer(DynamicLayer):
         self.kv_index = {group: j for j, group in enumerate(self.full)}  # a kept group's row in `keys`
         self.stream_index = {group: j for j, group in enumerate(streamed)}  # a streamed group's row in the slots
         self.first = first  # (B,) first non-padding position of each row
+        self.last_first = int(first.max())  # the latest of them
         self.use = use
         self.seen = 0
         self.stream_keys: torch.Tensor | None = None
@@ -86,12 +89,16 @@ class StreamingLayer(DynamicLayer):
         streamed = torch.tensor(self.streamed, device=device)
         keys, values = key_states.index_select(1, streamed), value_states.index_select(1, streamed)
         positions = torch.arange(self.seen, self.seen + t_len, device=device)
-        self.step = StepKV(
-            torch.cat([self.stream_keys, keys], dim=2),
-            torch.cat([self.stream_values, values], dim=2),
-            torch.cat([self.stream_positions, positions.expand(batch, t_len)], dim=1),
-        )
-        self._write(keys, values, positions)
+        if t_len == 1 and self.seen > 0:  # a decode step: the slots once written are exactly its key set
+            self._write(keys, values, positions)
+            self.step = StepKV(self.stream_keys, self.stream_values, self.stream_positions)
+        else:
+            self.step = StepKV(
+                torch.cat([self.stream_keys, keys], dim=2),
+                torch.cat([self.stream_values, values], dim=2),
+                torch.cat([self.stream_positions, positions.expand(batch, t_len)], dim=1),
+            )
+            self._write(keys, values, positions)
         self.seen += t_len
         full = torch.tensor(self.full, dtype=torch.long, device=device)
         return super().update(key_states.index_select(1, full), value_states.index_select(1, full))
@@ -101,10 +108,10 @@ class StreamingLayer(DynamicLayer):
         the last w positions in the ring."""
         assert self.stream_keys is not None and self.stream_values is not None and self.stream_positions is not None
         batch, groups, t_len, dim = keys.shape
-        s, first = self.sink, self.first.to(keys.device)
-        if s > 0:
+        s, first, start = self.sink, self.first.to(keys.device), self.seen
+        if s > 0 and start < self.last_first + s:  # a row's sink may arrive
             sink_pos = first[:, None] + torch.arange(s, device=keys.device)  # (B, s)
-            offset = sink_pos - int(positions[0])
+            offset = sink_pos - start
             arriving = (offset >= 0) & (offset < t_len)
             index = offset.clamp(0, t_len - 1)[:, None, :, None].expand(batch, groups, s, dim)
             here = arriving[:, None, :, None]
@@ -112,6 +119,15 @@ class StreamingLayer(DynamicLayer):
             self.stream_values[:, :, :s] = torch.where(here, values.gather(2, index), self.stream_values[:, :, :s])
             self.stream_positions[:, :s] = torch.where(arriving, sink_pos, self.stream_positions[:, :s])
         last = min(t_len, self.window)
+        if t_len == 1:
+            slot = s + start % self.window
+            self.stream_keys[:, :, slot] = keys[:, :, 0]
+            self.stream_values[:, :, slot] = values[:, :, 0]
+            if start >= self.last_first + s:  # no row's sink: every row keeps it
+                self.stream_positions[:, slot] = start
+            else:
+                self.stream_positions[:, slot] = torch.where(start - first >= s, start, -1)
+            return
         ring_pos = positions[-last:]
         slots = s + ring_pos % self.window
         self.stream_keys[:, :, slots] = keys[:, :, -last:]
@@ -150,7 +166,8 @@ class StreamingCache(DynamicCache):
         shape = check_streaming_plan(model, plan)
         super().__init__(config=model.config)
         self.plan = plan
-        self.first = first_positions(attention_mask)
+        self.first = first_positions(attention_mask)  # (B,) first non-padding position of each row
+        self.last_first = int(self.first.max())
         self.use = _Use()
         for index, groups in plan.streamed_groups(shape).items():
             if type(self.layers[index]) is not DynamicLayer:

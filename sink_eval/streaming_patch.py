@@ -6,7 +6,8 @@
   (`sink_eval.patch.attend_heads`, one call, each head with its KV group);
 - the streamed heads, in one call: in a full pass (no earlier context) `sink_eval.banded.banded_attention`, work
   O(N (s + w)); in a decode step (or a chunk after it) `sink_eval.banded.keyed_attention` over the s sinks and the
-  last w + T keys only. Streamed heads that make up whole KV groups share their groups' keys (GQA); others get their
+  last w (+ T) keys only, or, once every one of those slots holds a key the new token sees, plain SDPA over them
+  without a mask. Streamed heads that make up whole KV groups share their groups' keys (GQA); others get their
   group's keys gathered per head.
 A layer without streamed heads runs transformers' own SDPA function, so an empty plan is the unpatched model.
 
@@ -26,13 +27,14 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from sink_eval import attention
 from sink_eval.banded import BandLayout, band_layout, banded_attention, keyed_attention
 from sink_eval.errors import SinkEvalError
-from sink_eval.patch import attend_heads, first_positions, is_index, pad_id
+from sink_eval.patch import attend_heads, first_positions, is_index, pad_id, relative_error, select_heads
 from sink_eval.shape import Shape
 from sink_eval.streaming import StreamingPlan, check_streaming_plan
 from sink_eval.streaming_cache import StepKV, StreamingCache, StreamingLayer
@@ -137,12 +139,8 @@ def error_attention(
     out = _planned_output(state, module, query, key, value, attention_mask, scaling)
     exact, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if out is not None:
-        batch, _, t_len, _ = query.shape
-        first = _first_of_mask(attention_mask, batch, query.device)
-        real = torch.arange(t_len, device=query.device)[None, :] >= first[:, None]  # (B, T) non-padding queries
-        state.errors[module.layer_idx] = float(
-            torch.linalg.vector_norm((out - exact)[real].float()) / torch.linalg.vector_norm(exact[real].float())
-        )
+        first = _first_of_mask(attention_mask, query.shape[0], query.device)
+        state.errors[module.layer_idx] = relative_error(out, exact, first)
     return exact, None
 
 
@@ -159,7 +157,7 @@ def _planned_output(
     layer = state.layers.get(module.layer_idx)
     if layer is None:
         return None
-    batch, heads, t_len, dim = query.shape
+    batch, heads, t_len, _ = query.shape
     cache_layer = None if state.cache is None else state.cache.layers[module.layer_idx]
     streaming = cache_layer if isinstance(cache_layer, StreamingLayer) else None
     kv_index = streaming.kv_index if streaming is not None else {k: k for k in range(state.shape.kv_heads)}
@@ -167,7 +165,7 @@ def _planned_output(
         first = state.cache.first.to(query.device)
     else:
         first = _first_of_mask(attention_mask, batch, query.device)
-    out = query.new_empty(batch, t_len, heads, dim)
+    parts: list[tuple[list[int], torch.Tensor]] = []  # (query heads, their output (B, T, h, D)), in order
     if layer.attending:
         attend, result = attend_heads(
             layer.attending,
@@ -180,26 +178,44 @@ def _planned_output(
             kv_index,
             scaling,
         )
-        out[:, :, attend] = result.transpose(1, 2)
+        parts.append((attend, result.transpose(1, 2)))
     step = None if streaming is None else streaming.release_step()
     stream_index = {} if streaming is None else streaming.stream_index
-    q = query[:, layer.streamed]
+    q = select_heads(query, layer.streamed)
     g = state.shape.group_size
     if key.shape[2] == t_len:  # a full pass: no earlier context
         groups = layer.streamed_kv if layer.whole else [h // g for h in layer.streamed]
         keys, values = _full_pass_kv(groups, kv_index, stream_index, key, value, step)
-        out[:, :, layer.streamed] = banded_attention(q, keys, values, state.layout(t_len, first, q.dtype), scaling)
+        streamed = banded_attention(q, keys, values, state.layout(t_len, first, q.dtype), scaling)
     else:
         keys, values, positions = _window_kv(
             state.plan, layer.streamed_kv, kv_index, stream_index, key, value, step, first, t_len
         )
-        per_head = torch.tensor([layer.streamed_kv.index(h // g) for h in layer.streamed], device=key.device)
-        keys, values, positions = (x.index_select(1, per_head) for x in (keys, values, positions))
-        query_pos = torch.arange(key.shape[2] - t_len, key.shape[2], device=key.device)
         plan = state.plan
-        out[:, :, layer.streamed] = keyed_attention(
-            q, query_pos, keys, values, positions, first, plan.sink, plan.window, scaling
-        )
+        last_first = state.cache.last_first if state.cache is not None else int(first.max())
+        if layer.whole and t_len == 1 and key.shape[2] >= last_first + plan.sink + plan.window:
+            # every slot holds a key the new token sees: no mask, each KV group read once
+            streamed = F.scaled_dot_product_attention(q, keys, values, scale=scaling, enable_gqa=g > 1)
+            streamed = streamed.transpose(1, 2)
+        else:
+            per_head = torch.tensor([layer.streamed_kv.index(h // g) for h in layer.streamed], device=key.device)
+            keys, values, positions = (x.index_select(1, per_head) for x in (keys, values, positions))
+            query_pos = torch.arange(key.shape[2] - t_len, key.shape[2], device=key.device)
+            streamed = keyed_attention(q, query_pos, keys, values, positions, first, plan.sink, plan.window, scaling)
+    parts.append((layer.streamed, streamed))
+    return _assemble(parts, heads)
+
+
+def _assemble(parts: list[tuple[list[int], torch.Tensor]], heads: int) -> torch.Tensor:
+    """The layer's output (B, T, H, D) from (query heads, output (B, T, h, D)) parts, a later part overwriting an
+    earlier one where they share heads: one concatenation where the parts are consecutive ranges of heads."""
+    ordered = sorted(parts, key=lambda part: part[0][0])
+    if [h for part, _ in ordered for h in part] == list(range(heads)):
+        return torch.cat([out for _, out in ordered], dim=2)
+    first = parts[0][1]
+    out = first.new_empty(first.shape[0], first.shape[1], heads, first.shape[3])
+    for part, values in parts:
+        out[:, :, part] = values
     return out
 
 
@@ -241,14 +257,15 @@ def _window_kv(
     t_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The key set of a decode step (T new tokens, N positions in all) for KV groups `groups`: keys/values
-    (B, k, M, D) and their positions (B, k, M), M = s + w + T. A kept group's sinks and last w + T keys are gathered
-    from its full cache; a streamed group's are its slots and the new keys (the step its cache layer left)."""
+    (B, k, M, D) and their positions (B, k, M). A kept group's sinks and last w + T − 1 keys (w + T after T > 1: the
+    size of a streamed group's step) are gathered from its full cache; a streamed group's are the step its cache
+    layer left (M = s + w for one new token, s + w + T otherwise)."""
     s, w = plan.sink, plan.window
     n = key.shape[2]
     device = key.device
     sink_pos = first[:, None] + torch.arange(s, device=device)  # (B, s)
     sink_pos = torch.where(sink_pos < n, sink_pos, -1)
-    recent = torch.arange(n - t_len - w, n, device=device).expand(len(first), -1)  # (B, w + T)
+    recent = torch.arange(n - w - t_len + (t_len == 1), n, device=device).expand(len(first), -1)
     recent = torch.where((recent >= 0) & (recent - first[:, None] >= s), recent, -1)
     gathered_pos = torch.cat([sink_pos, recent], dim=1)  # (B, M); a sink is held by its sink slot only
     rows = gathered_pos.clamp(min=0)[:, :, None].expand(-1, -1, key.shape[-1])

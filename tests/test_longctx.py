@@ -12,8 +12,8 @@ import torch
 from helpers import random_model, read_committed_baseline
 from transformers import DynamicCache
 
-from sink_eval import baselines, cli, longctx, plan_kinds
-from sink_eval.controls import CHOOSES_WELL, CHOOSES_WORSE, NOT_DISTINGUISHABLE, random_heads, verdict, whole_groups
+from sink_eval import baselines, cli, longctx, plans
+from sink_eval.controls import CHOOSES_WELL, CHOOSES_WORSE, NOT_DISTINGUISHABLE, random_heads, verdict
 from sink_eval.errors import SinkEvalError
 from sink_eval.longctx import LongctxResult
 from sink_eval.models import load_model
@@ -136,7 +136,7 @@ def test_a_control_plans_as_many_heads_and_whole_kv_groups_from_the_same_layers(
     for seed in range(5):
         control = random_heads(heads, shape, layers, seed)
         assert sum(map(len, control.values())) == sum(map(len, heads.values()))
-        assert len(whole_groups(control, shape)) == len(whole_groups(heads, shape))
+        assert shape.n_whole_groups(control) == shape.n_whole_groups(heads)
         assert set(control) <= set(layers)
         assert control == random_heads(heads, shape, layers, seed)
     assert (
@@ -281,9 +281,8 @@ def test_kv_groups_removed_counts_whole_groups_and_none_for_a_conditional_plan(t
     shape = model_shape(tiny.model)
     g = shape.group_size
     plan = CopyPlan.of({0: range(g), 1: [0]})
-    assert plan_kinds.kv_groups_removed(plan, shape) == 1
-    assert plan_kinds.kv_groups_removed(CopyPlan(plan.heads, max_tokens=64), shape) == 0
-    assert plan_kinds.kv_groups_removed(None, shape) == 0
+    assert plans.kv_groups_removed(plan, shape) == 1
+    assert plans.kv_groups_removed(CopyPlan(plan.heads, max_tokens=64), shape) == 0
 
 
 def test_a_streaming_plan_runs_through_the_seam_with_controls_in_its_candidate_layers():
