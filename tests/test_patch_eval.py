@@ -77,7 +77,7 @@ def test_patch_eval_writes_a_row_per_policy_with_fidelity_speed_and_kv(tmp_path,
         share = row.ceilings.plan_fraction
         assert row.ceilings.prefill == pytest.approx(1 / (1 - share * row.speed.prefill_share), rel=1e-12)
         assert row.ceilings.decode == pytest.approx(1 / (1 - share * row.speed.decode_share), rel=1e-12)
-    assert any(row.ceilings.prefill > 1 for row in res.policies), "no plan copied a head"
+    assert any(row.ceilings.plan_fraction > 0 for row in res.policies), "no plan copied a head"
     assert set(res.settings.calibration_prompts).isdisjoint(res.settings.evaluation_prompts)
     assert (out / "speedup_vs_fidelity.png").exists()
     assert "| policy" in (out / "report.md").read_text()

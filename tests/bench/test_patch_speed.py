@@ -24,11 +24,11 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
 from sink_eval.patch import CopyPlan, kv_cache_bytes, new_cache, patched
 from sink_eval.prompts import default_prompts
-from sink_eval.speed import Paired, ceiling, clock, gate_passes, paired, without_attention
+from sink_eval.speed import Paired, ceiling, clock, gate_passes, growth_free_cache, paired, without_attention
 
 pytestmark = pytest.mark.bench
 
@@ -163,7 +163,7 @@ def test_whole_model_prefill_speedup_with_its_ceiling(benchmark, smollm, tokens,
     assert_within_ceilings(report(benchmark, "prefill", tokens, fractions, timings))
 
 
-def _filled(cache: DynamicCache, model, tokens: int) -> DynamicCache:
+def _filled(cache: Cache, model, tokens: int) -> Cache:
     """`cache` holding `tokens` positions of random keys and values in every layer."""
     config = model.config
     gen = torch.Generator().manual_seed(0)
@@ -193,7 +193,7 @@ def test_whole_model_decode_speedup_with_its_ceiling(benchmark, smollm, tokens):
     layers = list(range(model.config.num_hidden_layers))
     heads = model.config.num_attention_heads
     mask = torch.ones(1, tokens, dtype=torch.long)
-    caches: dict[str, DynamicCache] = {}
+    caches: dict[str, Cache] = {}
 
     def decode(name: str, make_cache, context) -> Callable[[], float]:
         def run() -> float:
@@ -211,7 +211,10 @@ def test_whole_model_decode_speedup_with_its_ceiling(benchmark, smollm, tokens):
         return DynamicCache(config=model.config)
 
     plans = {f: forced_plan(layers, heads, f) for f in FRACTIONS}
-    variants = {"without": decode("without", plain, lambda cache: without_attention(model))}
+    without = decode(
+        "without", lambda: growth_free_cache(model, tokens + DECODE_STEPS), lambda cache: without_attention(model)
+    )
+    variants = {"without": without}
     for f, plan in plans.items():
         variants[f"f={f:g}"] = decode(
             f"f={f:g}",

@@ -13,7 +13,14 @@ recorded beside it as `ceiling_all_keys`.
   gated at 8192 (a streamed head's band is 260 of 8192 keys): the patch saves at least 80 % of what the ceiling
   allows, judged on the lower quartile of the paired ratios (`sink_eval.speed.gate_passes`).
 - whole model, prefill and decode (a cache of 2048 / 8192 random keys and values, then `DECODE_STEPS` greedy steps),
-  reported with their ceilings; a speed-up must stay within its ceiling plus `NOISE`. Decode is gated on memory at
+  reported with their ceilings; a speed-up must stay within its ceiling plus `NOISE`. In decode, the work a streamed
+  group saves is attention *and* the growth of its cache: transformers' `DynamicCache` appends each step's key and
+  value by concatenation, copying the whole cache (at 8192 tokens, 377 MB per step on smollm2-135m, as much as
+  attention reads), where the constant-size cache writes one slot. So decode's share a is measured with attention
+  returning at once *and* a preallocated `StaticCache` (one in-place write per step) in place of the growing cache;
+  a with attention alone would put the ceiling below what the patch really achieves (`sink_eval.speed`'s definition of
+  a; measured here: a = 0.30 with attention alone, 0.52 with the cache's growth, and a speed-up of 1.36 above the
+  first ceiling, 1.17). Decode is gated on memory at
   8192: the constant-size cache holds at most 55 % of the unpatched cache's KV bytes, both measured from the cache
   objects (`sink_eval.patch.kv_cache_bytes`), and exactly what the plan keeps.
 """
@@ -25,12 +32,12 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
 from sink_eval.patch import kv_cache_bytes
 from sink_eval.plans import streamed_share
 from sink_eval.shape import model_shape
-from sink_eval.speed import Paired, ceiling, clock, gate_passes, paired, without_attention
+from sink_eval.speed import Paired, ceiling, clock, gate_passes, growth_free_cache, paired, without_attention
 from sink_eval.streaming import StreamingPlan
 from sink_eval.streaming_cache import StreamingCache, StreamingLayer
 from sink_eval.streaming_patch import new_cache, patched
@@ -40,7 +47,7 @@ pytestmark = pytest.mark.bench
 SINK, WINDOW = 4, 256
 FRACTION = 0.5  # of the KV groups, streamed whole
 ATTENTION_LAYERS = 4
-GATED_ROUNDS = 7
+GATED_ROUNDS = 15  # the gate reads the lower quartile; with 7 rounds it moved from 1.47 to 1.37 between two runs
 ROUNDS = 3
 DECODE_STEPS = 8
 NOISE = 0.15  # how far a measured speed-up may exceed its ceiling before the measurement is called wrong
@@ -66,8 +73,11 @@ def real_ids(tokenizer, tokens: int) -> torch.Tensor:
     return torch.tensor([ids[:tokens]])
 
 
-def report(benchmark, what: str, tokens: int, fraction: float, rho: float, timings: dict[str, Paired]) -> dict:
-    """Paired speed-up, attention share, ceilings and gate; recorded in extra_info and printed."""
+def report(
+    benchmark, what: str, tokens: int, fraction: float, rho: float, timings: dict[str, Paired], gated: bool = False
+) -> dict:
+    """Paired speed-up, attention share, ceilings and whether it saves 80 % of what its ceiling allows (the gate where
+    `gated`, else reported only); recorded in extra_info and printed."""
     share = max(0.0, 1 - 1 / timings["without"].speedup)
     t = timings["streaming"]
     c = ceiling(fraction * (1 - rho), share)
@@ -79,15 +89,21 @@ def report(benchmark, what: str, tokens: int, fraction: float, rho: float, timin
         "speedup_iqr": t.iqr,
         "ceiling": c,
         "ceiling_all_keys": ceiling(fraction * (1 - (SINK + WINDOW) / tokens), share),
+        "gated": gated,
         "gate": gate_passes(t.lower_quartile, c),
         "unpatched_s": t.unpatched_s,
         "patched_s": t.variant_s,
+        "ratios": t.ratios,
     }
     print(
         f"{what} {tokens:>5} tokens streaming f={fraction:.3f} rho={rho:.4f}: {t.unpatched_s:.4f} s -> "
         f"{t.variant_s:.4f} s, paired speed-up {t.speedup:.2f} (IQR {t.iqr:.2f}, lower quartile "
         f"{t.lower_quartile:.2f}; ceiling {c:.2f}, all-keys ceiling {row['ceiling_all_keys']:.2f}, a={share:.3f}) "
-        f"gate {'pass' if row['gate'] else 'FAIL'}"
+        + (
+            f"gate {'pass' if row['gate'] else 'FAIL'}"
+            if gated
+            else f"80 % of ceiling: {'yes' if row['gate'] else 'no'}"
+        )
     )
     benchmark.extra_info.update(
         {"what": what, "tokens": tokens, "sink": SINK, "window": WINDOW, "attention_share": share, "plan": row}
@@ -136,14 +152,16 @@ def test_attention_layer_streaming_speedup_saves_80_percent_of_its_ceiling(bench
         iterations=1,
     )
     fraction = plan.n_heads() / (len(layers) * shape.heads)
-    row = report(benchmark, "attention layers", tokens, fraction, streamed_share(tokens, SINK, WINDOW, False), timings)
+    rho = streamed_share(tokens, SINK, WINDOW, False)
+    row = report(benchmark, "attention layers", tokens, fraction, rho, timings, gated=tokens == 8192)
     if tokens == 8192:
         assert row["gate"], f"gate failed at {tokens} tokens (on the lower quartile of the paired ratios): {row}"
 
 
-@pytest.mark.parametrize("tokens, rounds, warmup", [(2048, 3, True), (8192, 1, False)])
+@pytest.mark.parametrize("tokens, rounds, warmup", [(2048, 3, True), (8192, 3, False)])
 def test_whole_model_streaming_prefill_with_its_ceiling(benchmark, smollm, tokens, rounds, warmup):
-    """8192 tokens: one round without warm-up (about 100 s a forward here)."""
+    """8192 tokens: no warm-up (about 40 s a forward here); one round proved too noisy to hold its ceiling (patched
+    25-33 s over two runs)."""
     model = smollm.model
     shape = model_shape(model)
     ids = real_ids(smollm.tokenizer, tokens)
@@ -169,7 +187,7 @@ def test_whole_model_streaming_prefill_with_its_ceiling(benchmark, smollm, token
     )
 
 
-def _filled(cache: DynamicCache, model, tokens: int) -> DynamicCache:
+def _filled(cache: Cache, model, tokens: int) -> Cache:
     """`cache` holding `tokens` positions of random keys and values in every layer."""
     config = model.config
     gen = torch.Generator().manual_seed(0)
@@ -201,7 +219,7 @@ def test_whole_model_streaming_decode_with_its_ceiling_and_constant_cache(benchm
     shape = model_shape(model)
     mask = torch.ones(1, tokens, dtype=torch.long)
     plan = half_groups_plan(list(range(shape.layers)), shape.kv_heads, shape.group_size)
-    caches: dict[str, DynamicCache] = {}
+    caches: dict[str, Cache] = {}
 
     def decode(name: str, make_cache, context) -> Callable[[], float]:
         def run() -> float:
@@ -219,7 +237,9 @@ def test_whole_model_streaming_decode_with_its_ceiling_and_constant_cache(benchm
         return DynamicCache(config=model.config)
 
     variants = {
-        "without": decode("without", plain, lambda cache: without_attention(model)),
+        "without": decode(
+            "without", lambda: growth_free_cache(model, tokens + DECODE_STEPS), lambda cache: without_attention(model)
+        ),
         "streaming": decode(
             "streaming", lambda: new_cache(model, plan, mask), lambda cache: patched(model, plan, cache)
         ),
