@@ -306,7 +306,6 @@ def test_an_existing_taxonomy_output_is_replaced_only_with_overwrite(taxonomy_ru
         (["--windows", "4/16"], "--windows '4/16': write each window as s:w"),
         (["--windows", "1:0"], "w >= 1 keys"),
         (["--windows=-2:8"], "s >= 0 sink tokens"),
-        (["--lengths", "1024,1024"], "expected distinct whole numbers"),
         (["--lengths", "16,128"], "length 16 is not longer than s + w = 4 + 16 = 20 of window 4:16"),
         (["--lengths", "64,99999"], "exceeds tiny-llama's context of 4096 tokens"),
     ],
@@ -322,6 +321,14 @@ def test_bad_taxonomy_input_is_a_one_line_error_and_exit_2_before_any_probe(
     err = capsys.readouterr().err
     assert err.startswith("sink-eval: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("lengths", ["1024,1024", "1024,x", "0"])
+def test_a_bad_taxonomy_length_list_is_refused_by_the_parser(tmp_path, capsys, lengths):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*_taxonomy_args(tmp_path / "out"), "--lengths", lengths])
+    assert exit_info.value.code == 2
+    assert "argument --lengths" in capsys.readouterr().err
 
 
 def test_cli_defaults_are_the_taxonomy_defaults():
