@@ -467,7 +467,6 @@ def validate(args: argparse.Namespace) -> None:
         _check_long_tokens(args, _policies(args, default=COPY_POLICY_NAMES))
     if args.command == "eval":
         _policies(args, default=COPY_POLICY_NAMES)
-    if args.command == "eval":
         _tasks(args)
         _check_device(args.device)
     if args.command == "longctx":

@@ -11,7 +11,7 @@ Metrics, per run (the unpatched model, a policy's plan, or one seed of its rando
   the per-passage ΔNLL;
 - **fraction of heads** / **of KV groups** the plan changes / whose decode cache it shrinks; **KV bytes saved** =
   the unpatched cache's bytes minus the plan's, both measured from the cache objects after a passkey trial of L
-  tokens and `NEW_TOKENS` decode steps;
+  tokens and its `NEW_TOKENS` new tokens (a prefill and NEW_TOKENS − 1 decode steps);
 - **passkey speed-up** = Σ unpatched / Σ run wall seconds of the passkey generate calls (prefill + decode) at L,
   over the same trials, each run's calls after one untimed warm-up call (`warm_up`): an end-to-end timing on a
   machine that may be shared, not a kernel benchmark.

@@ -37,7 +37,7 @@ from sink_eval.analysis import bootstrap_se, model_info
 from sink_eval.errors import SinkEvalError
 from sink_eval.models import LoadedModel
 from sink_eval.patch import CopyPlan
-from sink_eval.plans import Plan, generate, layer_errors, patched, work_removed
+from sink_eval.plans import Plan, generate, kv_groups_removed, layer_errors, patched, work_removed
 from sink_eval.policies import Policy, Target, make_plan
 from sink_eval.probe import ProbeResult, PromptStats, probe
 from sink_eval.prompts import TokenizedPrompt, prompt_set_sha256
@@ -45,8 +45,9 @@ from sink_eval.results import ModelInfo, Provenance, TopLevel, provenance
 from sink_eval.shape import Shape, model_shape
 from sink_eval.speed import SpeedResult, ceiling, measure
 
-SCHEMA = "sink_eval.patch_eval/3"
+SCHEMA = "sink_eval.patch_eval/4"
 OLDER_SCHEMA = "sink_eval.patch_eval/2"  # copy policies only; read as such (`_from_older`)
+NO_GROWTH_SCHEMA = "sink_eval.patch_eval/3"  # decode ceilings of attention alone; read with the growth fields None
 KL_POSITIONS = 32
 
 
@@ -104,6 +105,7 @@ class Ceilings:
     plan_fraction: float  # fraction of heads the speed prompt's plan copies or streams
     prefill_removed: float | None  # f of the prefill ceiling: fraction of attention work removed (None: older file)
     decode_removed: float | None  # mean f over the timed decode steps
+    decode_groups_removed: float | None  # f_g: fraction of KV groups whose cache stops growing (None: older file)
     prefill: float
     decode: float
 
@@ -164,10 +166,27 @@ class PatchEvalResult(TopLevel):
 
     @classmethod
     def from_json(cls, data: dict, source: str | Path) -> PatchEvalResult:
-        """Also reads a results file of `OLDER_SCHEMA`, as copy runs (`_from_older`)."""
+        """Also reads a results file of `OLDER_SCHEMA`, as copy runs (`_from_older`), and of `NO_GROWTH_SCHEMA`
+        (`_without_growth`)."""
         if isinstance(data, dict) and data.get("schema") == OLDER_SCHEMA:
             data = _from_older(data)
+        if isinstance(data, dict) and data.get("schema") == NO_GROWTH_SCHEMA:
+            data = _without_growth(data)
         return super().from_json(data, source)
+
+
+def _without_growth(data: dict) -> dict:
+    """A results file whose decode ceilings counted attention alone, in this schema's terms: no growth share and no
+    fraction of groups (their ceilings read as recorded)."""
+    policies = [
+        {
+            **row,
+            "speed": {**row["speed"], "decode_growth_share": None},
+            "ceilings": {**row["ceilings"], "decode_groups_removed": None},
+        }
+        for row in data.get("policies", [])
+    ]
+    return {**data, "schema": SCHEMA, "policies": policies}
 
 
 def _from_older(data: dict) -> dict:
@@ -187,7 +206,7 @@ def _from_older(data: dict) -> dict:
         "long_evaluation_prompts": [],
         "long_greedy_prompts": [],
     }
-    return {**data, "schema": SCHEMA, "settings": settings, "policies": policies}
+    return _without_growth({**data, "schema": NO_GROWTH_SCHEMA, "settings": settings, "policies": policies})
 
 
 @dataclass
@@ -313,19 +332,24 @@ def greedy_generations(ctx: _Context, policy: Policy, new_tokens: int) -> Greedy
 def speed(
     ctx: _Context, policy: Policy, ids: torch.Tensor, stats: PromptStats | None, rounds: int
 ) -> tuple[SpeedResult, Ceilings]:
-    """Speed of the policy's plan on the speed prompt, and its ceilings 1 / (1 - f a)."""
+    """Speed of the policy's plan on the speed prompt, and its ceilings 1 / (1 - f a) and, in decode,
+    1 / (1 - f a - f_g g) (`sink_eval.speed`)."""
     shape = ctx.shape
     speed_plan = plan(ctx, policy, stats)
     measured = measure(ctx.loaded.model, speed_plan, ids, rounds=rounds)
     f_prefill = work_removed(speed_plan, shape, measured.tokens, 0)
     steps = range(1, measured.decode_steps + 1)
     f_decode = sum(work_removed(speed_plan, shape, measured.tokens + k, k) for k in steps) / measured.decode_steps
+    f_groups = kv_groups_removed(speed_plan, shape) / (shape.layers * shape.kv_heads)
+    growth = measured.decode_growth_share
+    assert growth is not None, "a fresh measurement records its growth share"
     return measured, Ceilings(
         plan_fraction=speed_plan.fraction(shape.layers, shape.heads),
         prefill_removed=f_prefill,
         decode_removed=f_decode,
+        decode_groups_removed=f_groups,
         prefill=ceiling(f_prefill, measured.prefill_share),
-        decode=ceiling(f_decode, measured.decode_share),
+        decode=ceiling(f_decode, measured.decode_share, f_groups, growth),
     )
 
 

@@ -3,12 +3,16 @@
 Speed figures are ratios measured in one run, patched and unpatched interleaved round by round; absolute medians
 are kept for reference only. Definitions:
 - attention share a of a timed region = (t - t_without) / t, where t_without is the same region with every attention
-  call returning at once (the "sink_none" implementation): the time the attention computation itself takes. In
-  decode, t_without also runs on a preallocated cache written in place (`growth_free_cache`): transformers'
-  `DynamicCache` concatenates each step's keys and values onto the whole cache (a copy of all of it, per layer and
-  step), and a plan whose smaller cache skips that copy for its groups saves it too, so it counts as attention work;
-- ceiling of a plan removing a fraction f of the attention work = 1 / (1 - f * a): the speed-up if the removed work
-  cost nothing and the rest cost what it did (f of a copy or a streaming plan: `sink_eval.plans.work_removed`);
+  call returning at once (the "sink_none" implementation): the time the attention computation itself takes;
+- growth share g of decode = (t_without - t_static) / t, t_static the "without" region on a cache of full-attention
+  layers preallocated and written in place (`growth_free_cache`): transformers' `DynamicCache` concatenates each
+  step's keys and values onto the whole cache, a copy of all of it per layer and step (377 MB a step at 8 192
+  tokens on smollm2-135m), which a KV group whose cache stops growing (dropped by a copy plan, a ring of s + w by a
+  streaming plan) no longer pays;
+- ceiling of a plan removing a fraction f of the attention work and stopping the growth of a fraction f_g of the KV
+  groups' caches = 1 / (1 - f * a - f_g * g): the speed-up if the removed work cost nothing and the rest cost what
+  it did (f of a copy or a streaming plan: `sink_eval.plans.work_removed`; f_g: `sink_eval.plans.kv_groups_removed`
+  over all KV groups; f_g = 0 in prefill, which builds the cache once);
 - a gate passes when the patch saves at least 80 % of what the ceiling says can be saved:
   t_unpatched - t_patched >= 0.8 * (t_unpatched - t_unpatched / ceiling), i.e. with the speed-up s = t_unpatched /
   t_patched: 1 - 1/s >= 0.8 * (1 - 1/ceiling);
@@ -28,7 +32,8 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers import Cache, DynamicCache, StaticCache
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 from transformers.masking_utils import sdpa_mask
 
 from sink_eval import attention
@@ -40,9 +45,10 @@ GATE_SHARE = 0.8
 CPU = torch.device("cpu")
 
 
-def ceiling(fraction: float, share: float) -> float:
-    """1 / (1 - f * a): the best speed-up from skipping a fraction f of work that takes a share a of the time."""
-    return 1.0 / (1.0 - fraction * share)
+def ceiling(fraction: float, share: float, growth_fraction: float = 0.0, growth_share: float = 0.0) -> float:
+    """1 / (1 - f * a - f_g * g): the best speed-up from skipping a fraction f of work that takes a share a of the time
+    and a fraction f_g of the cache growth that takes a share g (module doc)."""
+    return 1.0 / (1.0 - fraction * share - growth_fraction * growth_share)
 
 
 def gate_passes(speedup: float, ceiling_: float, share: float = GATE_SHARE) -> bool:
@@ -142,14 +148,30 @@ class SpeedResult:
     decode_patched_s: float
     decode_speedup: float
     decode_share: float
+    decode_growth_share: float | None  # g: the share of a decode step the cache's growth takes (None: older file)
     kv_bytes_unpatched: int
     kv_bytes_patched: int
 
 
-def growth_free_cache(model: torch.nn.Module, positions: int) -> StaticCache:
-    """A cache of `positions` slots per layer, preallocated and written in place: the decode "without" region's cache
-    (module doc: decode's attention share counts the growing cache's copies)."""
-    return StaticCache(config=model.config, max_cache_len=positions)
+def growth_free_cache(model: torch.nn.Module, positions: int) -> DynamicCache:
+    """The model's own cache with every full-attention layer preallocated for `positions` positions and written in
+    place (a transformers `StaticLayer`); sliding-window layers keep their own bounded layer, which no plan shrinks.
+    For the growth share g (module doc)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [
+        StaticLayer(max_cache_len=positions) if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
+    return cache
+
+
+def attention_share(without: Paired) -> float:
+    """a = (t - t_without) / t from the paired ratio of the "without" region (module doc), at least 0."""
+    return max(0.0, 1 - 1 / without.speedup)
+
+
+def growth_share(without: Paired, static: Paired) -> float:
+    """g = (t_without - t_static) / t from the paired ratios of the two "without" regions (module doc), at least 0."""
+    return max(0.0, 1 / without.speedup - 1 / static.speedup)
 
 
 @torch.no_grad()
@@ -187,8 +209,9 @@ def measure(model: torch.nn.Module, plan: Plan, input_ids: torch.Tensor, rounds:
 
     decode_runs = {
         "patched": decode("patched", lambda: new_cache(model, plan, mask), lambda cache: patched(model, plan, cache)),
-        "without": decode(
-            "without",
+        "without": decode("without", plain, lambda cache: without_attention(model)),
+        "static": decode(
+            "static",
             lambda: growth_free_cache(model, input_ids.shape[1] + decode_steps),
             lambda cache: without_attention(model),
         ),
@@ -200,12 +223,13 @@ def measure(model: torch.nn.Module, plan: Plan, input_ids: torch.Tensor, rounds:
         prefill_unpatched_s=prefill_t["patched"].unpatched_s,
         prefill_patched_s=prefill_t["patched"].variant_s,
         prefill_speedup=prefill_t["patched"].speedup,
-        prefill_share=max(0.0, 1 - 1 / prefill_t["without"].speedup),
+        prefill_share=attention_share(prefill_t["without"]),
         decode_steps=decode_steps,
         decode_unpatched_s=decode_t["patched"].unpatched_s,
         decode_patched_s=decode_t["patched"].variant_s,
         decode_speedup=decode_t["patched"].speedup,
-        decode_share=max(0.0, 1 - 1 / decode_t["without"].speedup),
+        decode_share=attention_share(decode_t["without"]),
+        decode_growth_share=growth_share(decode_t["without"], decode_t["static"]),
         kv_bytes_unpatched=kv_cache_bytes(caches["unpatched"]),
         kv_bytes_patched=kv_cache_bytes(caches["patched"]),
     )

@@ -62,7 +62,7 @@ def test_patch_eval_writes_a_row_per_policy_with_fidelity_speed_and_kv(tmp_path,
     out = tmp_path / "out"
     assert _run(tmp_path, prompt_files, "--threshold", "0.05", "--hybrid-max-tokens", "16", "--out", str(out)) == 0
     data = json.loads((out / "results.json").read_text())
-    assert data["schema"] == "sink_eval.patch_eval/3"
+    assert data["schema"] == "sink_eval.patch_eval/4"
     res = PatchEvalResult.from_json(data, out / "results.json")
     assert [row.policy for row in res.policies] == ["first_layer", "calibrated", "oracle", "hybrid"]
     for row in res.policies:
@@ -76,12 +76,19 @@ def test_patch_eval_writes_a_row_per_policy_with_fidelity_speed_and_kv(tmp_path,
             continue
         share = row.ceilings.plan_fraction
         assert row.ceilings.prefill == pytest.approx(1 / (1 - share * row.speed.prefill_share), rel=1e-12)
-        assert row.ceilings.decode == pytest.approx(1 / (1 - share * row.speed.decode_share), rel=1e-12)
+        removed = row.ceilings.decode_removed * row.speed.decode_share
+        growth = row.ceilings.decode_groups_removed * row.speed.decode_growth_share
+        assert row.ceilings.decode == pytest.approx(1 / (1 - removed - growth), rel=1e-12)
     assert any(row.ceilings.plan_fraction > 0 for row in res.policies), "no plan copied a head"
     assert set(res.settings.calibration_prompts).isdisjoint(res.settings.evaluation_prompts)
     assert (out / "speedup_vs_fidelity.png").exists()
     assert "| policy" in (out / "report.md").read_text()
     assert PatchEvalResult.from_json(res.to_json(), "x") == res and res.to_json() == data
+    for row in data["policies"]:  # the same run as a schema-3 file, whose decode ceilings counted attention alone
+        del row["speed"]["decode_growth_share"], row["ceilings"]["decode_groups_removed"]
+    older = PatchEvalResult.from_json({**data, "schema": "sink_eval.patch_eval/3"}, "x")
+    assert [row.ceilings.decode for row in older.policies] == [row.ceilings.decode for row in res.policies]
+    assert all(row.speed.decode_growth_share is row.ceilings.decode_groups_removed is None for row in older.policies)
 
 
 def test_patch_eval_refuses_overlapping_calibration_prompts(tmp_path, prompt_files, capsys):
@@ -132,6 +139,7 @@ def test_an_older_results_file_is_read_as_copy_policies_on_the_default_prompts()
     res = PatchEvalResult.from_json(json.loads(path.read_text()), path)
     assert {(row.kind, row.evaluation) for row in res.policies} == {("copy", "default")}
     assert all(row.fidelity.fraction_groups is None for row in res.policies)
+    assert all(row.speed.decode_growth_share is row.ceilings.decode_groups_removed is None for row in res.policies)
 
 
 @pytest.mark.parametrize(

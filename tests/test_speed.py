@@ -34,3 +34,30 @@ def test_paired_speedup_is_the_median_ratio_with_its_quartiles_and_iqr():
     assert result.ratios == [2.0, 4.0, 1.0, 2.0, 4.0]
     assert result.speedup == 2.0
     assert result.lower_quartile == 2.0 and result.iqr == 2.0
+
+
+def test_the_growth_free_cache_preallocates_only_full_attention_layers_and_fills_in_place():
+    from transformers.cache_utils import DynamicSlidingWindowLayer, StaticLayer
+
+    from sink_eval.models import load_model
+
+    model = load_model("tiny-gemma3").model
+    cache = speed.growth_free_cache(model, 40)
+    kinds = [type(layer) for layer in cache.layers]
+    assert kinds == [
+        DynamicSlidingWindowLayer if kind == "sliding_attention" else StaticLayer for kind in model.config.layer_types
+    ]
+    with torch.no_grad():
+        model(input_ids=torch.ones(1, 32, dtype=torch.long), past_key_values=cache)
+        model(input_ids=torch.ones(1, 1, dtype=torch.long), past_key_values=cache)
+    full = kinds.index(StaticLayer)
+    assert cache.layers[full].keys.shape[-2] == 40 and cache.get_seq_length(full) == 33
+
+
+def test_the_ceiling_adds_the_growth_a_plan_stops_to_the_attention_it_removes():
+    assert speed.ceiling(0.5, 0.4) == pytest.approx(1 / 0.8)
+    assert speed.ceiling(0.5, 0.4, growth_fraction=0.25, growth_share=0.4) == pytest.approx(1 / 0.7)
+    without, static = speed.Paired(1.25, 1.0, 0.8, [1.25]), speed.Paired(2.0, 1.0, 0.5, [2.0])
+    assert speed.attention_share(without) == pytest.approx(0.2)
+    assert speed.growth_share(without, static) == pytest.approx(0.3)
+    assert speed.growth_share(static, without) == 0.0  # noise never makes a negative share
