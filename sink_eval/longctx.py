@@ -39,7 +39,7 @@ from sink_eval.controls import Verdict, random_heads, verdict
 from sink_eval.errors import SinkEvalError
 from sink_eval.models import LoadedModel
 from sink_eval.passkey import NEW_TOKENS, evaluation_passages, is_correct, make_trial, min_length
-from sink_eval.patch import kv_cache_bytes, pad_id
+from sink_eval.patch import greedy, kv_cache_bytes
 from sink_eval.perplexity import token_nll
 from sink_eval.plans import Plan, candidate_layers, kv_groups_removed, patched, with_heads
 from sink_eval.plans import generate as plan_generate
@@ -321,15 +321,7 @@ def _generate(
         ids, cache = plan_generate(model, plan, input_ids, attention_mask, new_tokens)
         return ids[:, input_ids.shape[1] :], kv_cache_bytes(cache)
     cache = DynamicCache(config=model.config)
-    ids = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        past_key_values=cache,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=pad_id(model),
-    )
+    ids = greedy(model, input_ids, attention_mask, cache, new_tokens)
     return ids[:, input_ids.shape[1] :], kv_cache_bytes(cache)
 
 

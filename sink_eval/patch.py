@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -507,16 +507,24 @@ def generate(
         attention_mask = torch.ones_like(input_ids)
     cache = new_cache(model, plan, attention_mask)
     with patched(model, plan, cache):
-        ids = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id(model),
-        )
+        ids = greedy(model, input_ids, attention_mask, cache, max_new_tokens)
     return ids, cache
+
+
+def greedy(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Cache, new_tokens: int
+) -> torch.Tensor:
+    """Plain `model.generate`, greedy, of exactly `new_tokens` tokens after input_ids (B, N) into `cache`: the
+    prompt and new ids (B, N + new_tokens)."""
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        cache=cache,  # generate's name for past_key_values since transformers 5.x
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id(model),
+    )
 
 
 def pad_id(model: torch.nn.Module) -> int:

@@ -34,7 +34,7 @@ from transformers.masking_utils import sdpa_mask
 from sink_eval import attention
 from sink_eval.banded import BandLayout, band_layout, banded_attention, keyed_attention
 from sink_eval.errors import SinkEvalError
-from sink_eval.patch import attend_heads, first_positions, is_index, pad_id, relative_error, select_heads
+from sink_eval.patch import attend_heads, first_positions, greedy, is_index, relative_error, select_heads
 from sink_eval.shape import Shape
 from sink_eval.streaming import StreamingPlan, check_streaming_plan
 from sink_eval.streaming_cache import StepKV, StreamingCache, StreamingLayer
@@ -326,15 +326,7 @@ def generate(
         attention_mask = torch.ones_like(input_ids)
     cache = new_cache(model, plan, attention_mask)
     with patched(model, plan, cache):
-        ids = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            cache=cache,  # generate's name for past_key_values since transformers 5.x
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id(model),
-        )
+        ids = greedy(model, input_ids, attention_mask, cache, max_new_tokens)
     return ids, cache
 
 
