@@ -27,6 +27,7 @@ OUTPUT_WHAT = {
     "longctx": "results.json, report.md, figure",
     "taxonomy": "results.json, report.md, class map",
 }
+RESUMABLE = ("analyze", "longctx")  # commands that save partial results beside --out (sink_eval.resume)
 CPU_MAX_LENGTH = 4096  # longctx: longer prompts only with --device cuda
 LONGCTX_POLICY_NAMES = ("calibrated", "hybrid", *STREAMING_POLICY_NAMES)  # sink_eval.longctx.STATIC_POLICIES
 
@@ -300,9 +301,14 @@ def _cmd_longctx(args: argparse.Namespace) -> None:
         args.passkey_seed,
         command=command,
         streaming_llm=args.streaming_llm,
+        out=args.out,
+        resume_run=args.resume,
     )
     if args.out is not None:
+        from sink_eval import resume
+
         write_longctx(res, args.out, overwrite=args.overwrite)
+        resume.finish(resume.work_dir(args.out, "longctx"))
         print(f"wrote {args.out}/results.json, {args.out}/report.md and a figure", file=sys.stderr)
     print(json.dumps(res.to_json()) if args.json else summary_table(res))
 
@@ -405,6 +411,14 @@ def _output_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--json", action="store_true", help="print the results JSON to stdout")
 
 
+def _resume_argument(parser: argparse.ArgumentParser, units: str) -> None:
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue an interrupted run of the same --out, model, prompts and options from its saved {units}",
+    )
+
+
 def _inputs(args: argparse.Namespace) -> list[Path]:
     """The files and directories the command reads, which its output must never replace."""
     names = ("prompts", "calibration_prompts", "data_dir", "first", "second")
@@ -457,11 +471,11 @@ def validate(args: argparse.Namespace) -> None:
     _check_data_dir(args)
     if args.command in OUTPUT_KINDS:
         _check_output(args)
-    if args.command == "analyze" and args.out is not None and not args.resume:
+    if args.command in RESUMABLE and args.out is not None and not args.resume:
         from sink_eval.resume import check_no_interrupted_run
 
-        check_no_interrupted_run(args.out)
-    if args.command == "analyze" and args.resume and args.out is None:
+        check_no_interrupted_run(args.out, args.command)
+    if args.command in RESUMABLE and args.resume and args.out is None:
         raise SinkEvalError("--resume continues an interrupted run of the same --out DIR: give --out")
     if args.command == "patch-eval":
         _check_long_tokens(args, _policies(args, default=COPY_POLICY_NAMES))
@@ -550,11 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS, help="longest prompt allowed")
     analyze.add_argument("--truncate", action="store_true", help="cut longer prompts to --max-tokens")
     _output_arguments(analyze, "analyze")
-    analyze.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted run of the same --out, model, prompts and options from its saved prompts",
-    )
+    _resume_argument(analyze, "prompts")
     analyze.set_defaults(func=_cmd_analyze)
 
     patch_eval = sub.add_parser(
@@ -616,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     longctx.add_argument("--device", default="cpu", help=f"torch device; lengths > {CPU_MAX_LENGTH} need cuda (cpu)")
     _output_arguments(longctx, "longctx")
+    _resume_argument(longctx, "runs")
     longctx.set_defaults(func=_cmd_longctx)
 
     taxonomy = sub.add_parser(

@@ -3,8 +3,9 @@
 Metrics, per run (the unpatched model, a policy's plan, or one seed of its random control) and length L:
 - **passkey accuracy** of an (L, d) cell = fraction of its trials (`sink_eval.passkey`) answered correctly, ± the
   binomial SE √(p (1 − p) / n). A cell where the *unpatched* model's accuracy is below `INFORMATIVE_FLOOR` is
-  *uninformative*: it is reported, but a run's accuracy at L pools only the trials of informative cells (None where
-  no cell is informative);
+  *uninformative*: the unpatched model's accuracy there is reported, but no plan is run on its trials (a plan's
+  answers there would measure nothing the comparison uses), and a run's accuracy at L pools only the trials of
+  informative cells (None where no cell is informative);
 - **perplexity** at L = exp(mean over the evaluation long passages of their mean token NLL over the first L tokens),
   each passage scored in one forward pass (`sink_eval.perplexity`); **perplexity ratio** = ppl(run) / ppl(unpatched)
   = exp(mean ΔNLL); SEs by the delta method: ppl × SE over passages of their mean NLL, ratio × SE over passages of
@@ -13,11 +14,14 @@ Metrics, per run (the unpatched model, a policy's plan, or one seed of its rando
   the unpatched cache's bytes minus the plan's, both measured from the cache objects after a passkey trial of L
   tokens and its `NEW_TOKENS` new tokens (a prefill and NEW_TOKENS − 1 decode steps);
 - **passkey speed-up** = Σ unpatched / Σ run wall seconds of the passkey generate calls (prefill + decode) at L,
-  over the same trials, each run's calls after one untimed warm-up call (`warm_up`): an end-to-end timing on a
-  machine that may be shared, not a kernel benchmark.
+  over the same trials (those of the informative cells; None where there are none), each run's calls after one
+  untimed warm-up call (`warm_up`): an end-to-end timing on a machine that may be shared, not a kernel benchmark.
 
 Controls (`sink_eval.controls`): every policy's plan gets `seeds` random plans of the same size from the same
 candidate layers; the verdict per length says whether the policy beats them by more than their spread.
+
+Resumable (`sink_eval.resume`): with a work directory, each (run, length) measurement is saved as it finishes and
+reused by a rerun with the same model, plans and settings.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
+from sink_eval import resume
 from sink_eval.analysis import model_info
 from sink_eval.controls import Verdict, random_heads, verdict
 from sink_eval.errors import SinkEvalError
@@ -54,12 +60,12 @@ from sink_eval.prompts import (
     prompt_set_sha256,
     tokenize,
 )
-from sink_eval.results import ModelInfo, Provenance, TopLevel, provenance
+from sink_eval.results import ModelInfo, Provenance, TopLevel, from_json, provenance, to_json
 from sink_eval.shape import model_shape
 from sink_eval.streaming import StreamingPlan
 from sink_eval.streaming import candidate_layers as streaming_layers
 
-SCHEMA = "sink_eval.longctx/1"
+SCHEMA = "sink_eval.longctx/2"  # /2: a plan runs no trial in an uninformative cell
 INFORMATIVE_FLOOR = 0.5
 UNPATCHED = "unpatched"
 
@@ -79,8 +85,8 @@ class PasskeyCell:
     keys: list[str]
     answers: list[str]  # the decoded greedy continuations
     correct: list[bool]
-    accuracy: float
-    se: float
+    accuracy: float | None  # None: a plan's uninformative cell, where no trial is run
+    se: float | None
     informative: bool  # the unpatched model's accuracy here is >= INFORMATIVE_FLOOR
 
 
@@ -98,7 +104,7 @@ class LengthRow:
     kv_bytes: int
     kv_saved_bytes: int
     passkey_seconds: float
-    speedup: float | None  # None for the unpatched run
+    speedup: float | None  # None for the unpatched run and where no cell is informative
 
 
 @dataclass
@@ -330,54 +336,73 @@ def _se(p: float, n: int) -> float:
 
 
 @dataclass
+class _Trials:
+    """The passkey trials of one (L, d) cell of one run (none: a plan's uninformative cell)."""
+
+    depth: float
+    keys: list[str]
+    answers: list[str]
+    correct: list[bool]
+    seconds: list[float]  # wall seconds of each trial's generate call
+
+
+@dataclass
 class _Measured:
     """One run at one length, before the unpatched reference is known."""
 
-    cells: list[tuple[float, list[str], list[str], list[bool]]]  # depth, keys, answers, correct
-    seconds: list[float]  # per trial, in cell order
+    cells: list[_Trials]
     nll: list[float]
-    kv_bytes: int
+    kv_bytes: int  # held by the cache after a generate call of L + NEW_TOKENS tokens (the same for every trial)
 
 
-def _measure(loaded: LoadedModel, plan: Plan | None, length: int, settings: LongctxSettings, bar) -> _Measured:
+def _measure(
+    loaded: LoadedModel, plan: Plan | None, length: int, settings: LongctxSettings, run_cell: list[bool], bar
+) -> _Measured:
+    """The run's trials in the cells where `run_cell` is True, then its perplexity."""
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
-    cells, seconds, kv_bytes = [], [], 0
-    if settings.warm_up:
+    cells, kv_bytes = [], 0
+    if settings.warm_up or not any(run_cell):  # untimed: a warm-up, or the one call that measures the KV bytes
         first = make_trial(tokenizer, settings.seed, 0, length, settings.depths[0])
         ids = torch.tensor([first.input_ids], device=device)
-        _generate(model, plan, ids, torch.ones_like(ids), settings.new_tokens)  # untimed
-    for depth in settings.depths:
-        keys, answers, correct = [], [], []
-        for trial in range(settings.trials):
+        _, kv_bytes = _generate(model, plan, ids, torch.ones_like(ids), settings.new_tokens)
+    for depth, run_it in zip(settings.depths, run_cell, strict=True):
+        cell = _Trials(depth, [], [], [], [])
+        for trial in range(settings.trials if run_it else 0):
             t = make_trial(tokenizer, settings.seed, trial, length, depth)
             ids = torch.tensor([t.input_ids], device=device)
             start = time.perf_counter()
             new, kv_bytes = _generate(model, plan, ids, torch.ones_like(ids), settings.new_tokens)
-            seconds.append(time.perf_counter() - start)
+            cell.seconds.append(time.perf_counter() - start)
             answer = tokenizer.decode(new[0], skip_special_tokens=True)
-            keys.append(t.key)
-            answers.append(answer)
-            correct.append(is_correct(t.key, answer))
+            cell.keys.append(t.key)
+            cell.answers.append(answer)
+            cell.correct.append(is_correct(t.key, answer))
             bar.update()
-        cells.append((depth, keys, answers, correct))
+        cells.append(cell)
     nll = []
     for passage in evaluation_passages():
         ids = torch.tensor([tokenizer(passage.text)["input_ids"][:length]], device=device)
         with _under(model, plan):
             nll.append(float(token_nll(model, ids).mean()))
         bar.update()
-    return _Measured(cells, seconds, nll, kv_bytes)
+    return _Measured(cells, nll, kv_bytes)
+
+
+def _informative(reference: _Measured, floor: float) -> list[bool]:
+    """Per cell: whether the unpatched model's accuracy there is at least `floor`."""
+    return [sum(cell.correct) / len(cell.correct) >= floor for cell in reference.cells]
 
 
 def _row(length: int, measured: _Measured, reference: _Measured | None, floor: float) -> LengthRow:
     """The row of a run at one length; `reference` is the unpatched run's measurement (None: this is it)."""
     base = reference or measured
     cells = []
-    for (depth, keys, answers, correct), (_, _, _, base_correct) in zip(measured.cells, base.cells, strict=True):
-        accuracy = sum(correct) / len(correct)
-        informative = sum(base_correct) / len(base_correct) >= floor
-        cells.append(PasskeyCell(depth, keys, answers, correct, accuracy, _se(accuracy, len(correct)), informative))
+    for cell, informative in zip(measured.cells, _informative(base, floor), strict=True):
+        n = len(cell.correct)
+        accuracy = sum(cell.correct) / n if n else None
+        se = None if accuracy is None else _se(accuracy, n)
+        cells.append(PasskeyCell(cell.depth, cell.keys, cell.answers, cell.correct, accuracy, se, informative))
     pooled = [c for cell in cells if cell.informative for c in cell.correct]
     pooled_accuracy = sum(pooled) / len(pooled) if pooled else None
     nll = torch.tensor(measured.nll)
@@ -390,7 +415,11 @@ def _row(length: int, measured: _Measured, reference: _Measured | None, floor: f
         delta = torch.tensor(measured.nll) - torch.tensor(reference.nll)
         ratio = math.exp(float(delta.mean()))
         ratio_se = ratio * float(delta.std()) / math.sqrt(len(delta)) if len(delta) > 1 else 0.0
-        speedup = sum(reference.seconds) / sum(measured.seconds)
+        ran = [i for i, cell in enumerate(measured.cells) if cell.seconds]
+        if ran:
+            speedup = sum(sum(reference.cells[i].seconds) for i in ran) / sum(
+                sum(measured.cells[i].seconds) for i in ran
+            )
     return LengthRow(
         length=length,
         passkey=cells,
@@ -403,7 +432,7 @@ def _row(length: int, measured: _Measured, reference: _Measured | None, floor: f
         perplexity_ratio_se=ratio_se,
         kv_bytes=measured.kv_bytes,
         kv_saved_bytes=base.kv_bytes - measured.kv_bytes,
-        passkey_seconds=sum(measured.seconds),
+        passkey_seconds=sum(sum(cell.seconds) for cell in measured.cells),
         speedup=speedup,
     )
 
@@ -439,10 +468,14 @@ def run(
     command: str = "",
     warm_up: bool = True,
     streaming_llm: bool = False,
+    out: Path | None = None,
+    resume_run: bool = False,
 ) -> LongctxResult:
     """The unpatched model, each plan and each plan's controls at every length (see the module doc). `warm_up`: one
     untimed generate call before each run's timed ones at each length (False where the speed-up is not read).
-    `streaming_llm`: add the StreamingLLM reproduction at the longest length."""
+    `streaming_llm`: add the StreamingLLM reproduction at the longest length. `out`: save each (run, length) in
+    `resume.work_dir(out, "longctx")` as it finishes (the caller removes it once the results are written);
+    `resume_run`: continue from the measurements an interrupted run with the same key saved there."""
     check_lengths(loaded, lengths)
     model = loaded.model
     shape = model_shape(model)
@@ -470,15 +503,40 @@ def run(
             continue
         for control_seed, control in zip(control_seeds, control_plans(loaded, plan, control_seeds), strict=True):
             named.append((control, "control", plan.label, control_seed))
-    steps = len(named) * len(lengths) * (len(depths) * trials + len(passages))
+    work = None
+    if out is not None:
+        key = {
+            "model": loaded.fingerprint,
+            "settings": to_json(settings),
+            "plans": {entry.label: entry.plan.to_json() for entry, *_ in named if entry.plan is not None},
+        }
+        work = resume.open_work_dir(out, key, resume_run, "longctx")
+
+    def measure(index: int, plan: Plan | None, length: int, run_cell: list[bool], bar) -> _Measured:
+        """Run `index` of `named` at `length`, or its saved measurement."""
+        name = f"run-{index:03d}-L{length}.json"
+        saved = None if work is None else resume.load_json(work, name)
+        if saved is not None:
+            bar.update(sum(run_cell) * trials + len(passages))
+            return from_json(_Measured, saved, work / name)
+        measured = _measure(loaded, plan, length, settings, run_cell, bar)
+        if work is not None:
+            resume.save_json(work, name, to_json(measured))
+        return measured
+
+    every_cell = [True] * len(depths)
+    steps = len(lengths) * (len(depths) * trials + len(passages))
     runs = []
     with tqdm(total=steps, desc="longctx", unit="pass", disable=not progress, file=sys.stderr) as bar:
-        reference = {length: _measure(loaded, None, length, settings, bar) for length in lengths}
-        for entry, role, control_of, s in named:
+        reference = {length: measure(0, None, length, every_cell, bar) for length in lengths}
+        informative = {length: _informative(reference[length], INFORMATIVE_FLOOR) for length in lengths}
+        bar.total += (len(named) - 1) * sum(sum(informative[n]) * trials + len(passages) for n in lengths)
+        bar.refresh()
+        for index, (entry, role, control_of, s) in enumerate(named):
             measured = (
                 reference
                 if entry.plan is None
-                else {length: _measure(loaded, entry.plan, length, settings, bar) for length in lengths}
+                else {length: measure(index, entry.plan, length, informative[length], bar) for length in lengths}
             )
             groups = 0 if entry.plan is None else kv_groups_removed(entry.plan, shape)
             runs.append(
@@ -503,11 +561,21 @@ def run(
                     ],
                 )
             )
+    reproduction = None
+    if streaming_llm:
+        name = "streaming-llm.json"
+        saved = None if work is None else resume.load_json(work, name)
+        if saved is None:
+            reproduction = streaming_llm_reproduction(loaded, max(lengths), progress=progress)
+            if work is not None:
+                resume.save_json(work, name, to_json(reproduction))
+        else:
+            reproduction = from_json(StreamingLLMReproduction, saved, work / name)
     return LongctxResult(
         model=model_info(loaded),
         settings=settings,
         runs=runs,
         comparisons=comparisons(runs),
-        streaming_llm=streaming_llm_reproduction(loaded, max(lengths), progress=progress) if streaming_llm else None,
+        streaming_llm=reproduction,
         provenance=provenance(command),
     )

@@ -88,16 +88,21 @@ def _heatmap(res: LongctxResult, out: Path) -> str:
     lengths, depths = res.settings.lengths, res.settings.depths
     fig, axes = plt.subplots(1, len(shown), figsize=(1.5 + 2.6 * len(shown), 1.2 + 0.5 * len(depths)), squeeze=False)
     for ax, r in zip(axes[0], shown, strict=True):
-        grid = np.array([[cell.accuracy for cell in row.passkey] for row in r.lengths]).T  # (depths, lengths)
+        grid = np.array(
+            [[np.nan if cell.accuracy is None else cell.accuracy for cell in row.passkey] for row in r.lengths]
+        ).T  # (depths, lengths); NaN: a plan's uninformative cell, not run
         image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
         for j, row in enumerate(r.lengths):
             for i, cell in enumerate(row.passkey):
-                ax.text(j, i, f"{cell.accuracy:.1f}" + ("" if cell.informative else "*"), ha="center", va="center")
+                value = "-" if cell.accuracy is None else f"{cell.accuracy:.1f}"
+                ax.text(j, i, value + ("" if cell.informative else "*"), ha="center", va="center")
         ax.set_xticks(range(len(lengths)), [str(length) for length in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set(xlabel="tokens L", ylabel="needle depth d", title=r.label[:40])
     fig.colorbar(image, ax=axes[0].tolist())
-    fig.suptitle(f"{res.model.name}: passkey accuracy (* uninformative: unpatched < {INFORMATIVE_FLOOR:g})")
+    fig.suptitle(
+        f"{res.model.name}: passkey accuracy (* uninformative: unpatched < {INFORMATIVE_FLOOR:g}; - not run there)"
+    )
     name = save_figure(fig, out, HEATMAP)
     plt.close("all")
     return name
@@ -115,10 +120,11 @@ def markdown(res: LongctxResult, figure: str) -> str:
             f"evaluation long passages {', '.join(s.passages)}; {s.threads} threads on {s.device}; versions "
             f"{json.dumps(res.provenance.versions)}.",
             "Passkey: a 5-digit key at depth d of real text, L tokens in all; correct iff the greedy answer starts "
-            f"with the key. A cell where the unpatched model scores below {INFORMATIVE_FLOOR:g} is uninformative and "
-            "left out of a run's accuracy. Perplexity ratio = ppl(run) / ppl(unpatched) over the same passages, each "
-            "in one forward pass. KV saved is measured from the cache objects; the passkey speed-up is the ratio of "
-            "wall times of the same generate calls on a machine that may be shared.",
+            f"with the key. A cell where the unpatched model scores below {INFORMATIVE_FLOOR:g} is uninformative: no "
+            "plan is run on its trials, and it is left out of a run's accuracy. Perplexity ratio = ppl(run) / "
+            "ppl(unpatched) over the same passages, each in one forward pass. KV saved is measured from the cache "
+            "objects; the passkey speed-up is the ratio of wall times of the same generate calls (those of the "
+            "informative cells) on a machine that may be shared.",
             "## Policy x length",
             summary_table(res),
             "## Against random plans of the same size",

@@ -1,9 +1,11 @@
-"""Resumable `sink-eval analyze`: per-prompt partial results in a hidden work directory beside --out.
+"""Resumable long commands (`sink-eval analyze`, `sink-eval longctx`): partial results in a hidden work directory
+beside --out.
 
-The work directory `.<out>.analyze-work` holds `key.json` (model fingerprint, prompt-set SHA-256 and settings) and
-one `prompt-NNNNN.pt` per probed prompt, each written atomically as soon as it is probed. `--resume` continues from
-them when the key is the same (another model, prompt set or setting is refused); the finished results equal an
-uninterrupted run's. The directory is removed once the results are written.
+The work directory `.<out>.<command>-work` holds `key.json` (model fingerprint, prompt-set SHA-256 and settings) and
+one file per finished unit of work, each written atomically as soon as it is done: `prompt-NNNNN.pt` per probed
+prompt of `analyze`, one JSON per (run, length) of `longctx`. `--resume` continues from them when the key is the
+same (another model, prompt set or setting is refused); the finished results equal an uninterrupted run's. The
+directory is removed once the results are written.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from sink_eval.prompts import TokenizedPrompt
 KEY_FILE = "key.json"
 
 
-def work_dir(out: Path) -> Path:
-    return Path(out).parent / f".{Path(out).name}.analyze-work"
+def work_dir(out: Path, command: str = "analyze") -> Path:
+    return Path(out).parent / f".{Path(out).name}.{command}-work"
 
 
-def check_no_interrupted_run(out: Path) -> None:
+def check_no_interrupted_run(out: Path, command: str = "analyze") -> None:
     """Refuse to start afresh over the partial results of an interrupted run (they would be lost silently)."""
-    work = work_dir(out)
+    work = work_dir(out, command)
     if work.exists():
         raise SinkEvalError(
             f"{work} holds the partial results of an interrupted run for --out {out}; pass --resume to continue "
@@ -42,12 +44,12 @@ def check_no_interrupted_run(out: Path) -> None:
         )
 
 
-def open_work_dir(out: Path, key: dict, resume: bool) -> Path:
+def open_work_dir(out: Path, key: dict, resume: bool, command: str = "analyze") -> Path:
     """The work directory for `out`, created with `key`; with `resume`, an existing one whose key is `key`."""
-    work = work_dir(out)
+    work = work_dir(out, command)
     if work.exists():
         if not resume:
-            check_no_interrupted_run(out)
+            check_no_interrupted_run(out, command)
         _check_key(work, key)
         return work
     work.mkdir(parents=True)
@@ -100,6 +102,21 @@ def probe_resumable(loaded: LoadedModel, prompts: list[TokenizedPrompt], work: P
         out[i] = probe_prompts(loaded, [prompts[i]], progress=False)[0]
         _save(work, i, out[i])
     return [out[i] for i in range(len(prompts))]
+
+
+def load_json(work: Path, name: str) -> dict | None:
+    """The unit of work saved as `name` (a JSON object), or None if it was not done yet."""
+    path = work / name
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise SinkEvalError(f"{path} is unreadable; delete it to redo that part, or {work} to start over") from err
+
+
+def save_json(work: Path, name: str, data: dict) -> None:
+    write_text_atomically(work / name, json.dumps(data))
 
 
 def finish(work: Path) -> None:

@@ -222,7 +222,8 @@ def test_longctx_writes_results_report_and_heatmap_with_unpatched_policy_and_con
     for r in res.runs:
         assert [row.length for row in r.lengths] == [128, 160]
         for row in r.lengths:
-            assert [c.depth for c in row.passkey] == [0.25, 0.75] and all(len(c.correct) == 1 for c in row.passkey)
+            assert [c.depth for c in row.passkey] == [0.25, 0.75]
+            assert all(len(c.correct) == (1 if c.informative or r.role == "unpatched" else 0) for c in row.passkey)
     assert res.runs[0].lengths[0].perplexity_ratio is None and policy.lengths[0].perplexity_ratio is not None
     assert [(c.label, c.length) for c in res.comparisons] == [(policy.label, 128), (policy.label, 160)]
     assert (out / "passkey_heatmap.png").stat().st_size > 0
@@ -233,6 +234,68 @@ def test_longctx_writes_results_report_and_heatmap_with_unpatched_policy_and_con
 def tiny_result(tiny):
     plan = CopyPlan.of({0: [0, 1, 2, 3], 1: [1]})
     return longctx.run(tiny, [longctx.NamedPlan("fixed", "calibrated", plan)], [128], [0.5], 1, [0], progress=False)
+
+
+@pytest.mark.parametrize("unpatched_right", [True, False])
+def test_a_plan_runs_the_trials_of_informative_cells_only(tiny, monkeypatch, unpatched_right):
+    """A random tiny model answers no passkey: `is_correct` is replaced by one that marks every trial of the
+    unpatched run right (every cell informative) or none (every cell uninformative)."""
+    calls = []
+
+    def scored(key: str, answer: str) -> bool:
+        calls.append(key)
+        return unpatched_right and len(calls) <= 2  # the unpatched run's 2 trials come first
+
+    monkeypatch.setattr(longctx, "is_correct", scored)
+    plan = StreamingPlan.of({0: range(model_shape(tiny.model).heads)}, sink=2, window=16)
+    res = longctx.run(tiny, [longctx.NamedPlan("s", "streaming", plan)], [128], [0.5], 2, [0], progress=False)
+    unpatched, policy, control = (r.lengths[0] for r in res.runs)
+    assert len(unpatched.passkey[0].correct) == 2 and unpatched.passkey[0].informative is unpatched_right
+    for row in (policy, control):
+        cell = row.passkey[0]
+        assert len(cell.correct) == (2 if unpatched_right else 0)
+        assert (cell.accuracy is None) is (not unpatched_right) and (row.speedup is None) is (not unpatched_right)
+        assert row.kv_saved_bytes > 0  # measured from the cache even where no trial runs
+    assert len(calls) == (6 if unpatched_right else 2)
+
+
+def test_an_interrupted_longctx_run_resumes_to_the_uninterrupted_runs_result(tmp_path, monkeypatch, capsys):
+    from sink_eval.resume import work_dir
+
+    calibration, evaluation = longctx.default_split()
+    monkeypatch.setattr(longctx, "default_split", lambda: (calibration[:4], evaluation))
+    monkeypatch.setattr(longctx, "make_plan", lambda *args: CopyPlan.of({0: [0, 1, 2, 3], 1: [1]}))
+    args = ["--lengths", "128,160", "--depths", "0.5", "--trials", "1", "--seeds", "1"]
+    whole = tmp_path / "whole"
+    assert cli.main(["longctx", "--model", "tiny-llama", *args, "--out", str(whole)]) == 0
+    real, calls = longctx._measure, []
+
+    def killed_after_three(*a, **k):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(longctx, "_measure", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["longctx", "--model", "tiny-llama", *args, "--out", str(out)])
+    monkeypatch.setattr(longctx, "_measure", real)
+    assert not out.exists() and len(list(work_dir(out, "longctx").glob("run-*.json"))) == 3
+    capsys.readouterr()
+    assert cli.main(["longctx", "--model", "tiny-llama", *args, "--out", str(out)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert cli.main(["longctx", "--model", "tiny-llama", *args, "--trials", "2", "--out", str(out), "--resume"]) == 2
+    assert "another settings" in capsys.readouterr().err
+    assert cli.main(["longctx", "--model", "tiny-llama", *args, "--out", str(out), "--resume"]) == 0
+    assert not work_dir(out, "longctx").exists()
+    results = [json.loads((d / "results.json").read_text()) for d in (whole, out)]
+    for res in results:
+        del res["provenance"]
+        for run in res["runs"]:
+            for row in run["lengths"]:
+                del row["passkey_seconds"], row["speedup"]
+    assert results[1] == results[0]
 
 
 def test_a_longctx_baseline_bands_every_run_and_refuses_a_widened_band(tiny_result, tmp_path):
