@@ -237,8 +237,8 @@ def measure(model: torch.nn.Module, plan: Plan, input_ids: torch.Tensor, rounds:
 
 def _decode_per_step(model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache, steps: int) -> float:
     """Prefill `input_ids` into `cache`, then the mean seconds of one greedy decode step over `steps` steps."""
-    token = model(input_ids=input_ids, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+    token = model(input_ids=input_ids, cache=cache, logits_to_keep=1).logits.argmax(-1)
     start = clock(input_ids.device)
     for _ in range(steps):
-        token = model(input_ids=token, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+        token = model(input_ids=token, cache=cache, logits_to_keep=1).logits.argmax(-1)
     return (clock(input_ids.device) - start) / steps

@@ -1,7 +1,7 @@
 """The constant-size decode cache of a streaming plan: a transformers `Cache` whose streamed KV groups keep s + w
 entries.
 
-`StreamingCache(model, plan, attention_mask)` is a `DynamicCache` (so `model.generate(..., past_key_values=cache)`
+`StreamingCache(model, plan, attention_mask)` is a `DynamicCache` (so `model.generate(..., cache=cache)`
 uses it as it is) in which every layer with a streamed group (`StreamingPlan.streamed_groups`: all its query heads
 stream) is a `StreamingLayer`; the other layers are the model's own (`DynamicLayer`, Gemma 3's
 `DynamicSlidingWindowLayer`). A `StreamingLayer` keeps

@@ -104,7 +104,7 @@ def _step_by_step_nll(model, ids: torch.Tensor) -> torch.Tensor:
     cache = DynamicCache(config=model.config)
     out = []
     for t in range(ids.shape[1] - 1):
-        logits = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1].float()
+        logits = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits[0, -1].float()
         out.append(-torch.log_softmax(logits, -1)[ids[0, t + 1]])
     return torch.stack(out)
 

@@ -153,7 +153,7 @@ def test_generate_with_a_plan_equals_a_manual_step_by_step_decode(shape, length,
     eos = model.generation_config.eos_token_id  # None for a config without one (Qwen2's): nothing to suppress
     with torch.no_grad(), patched(model, plan, cache):
         for _ in range(6):
-            logits = model(input_ids=tokens, attention_mask=step_mask, past_key_values=cache).logits[:, -1:]
+            logits = model(input_ids=tokens, attention_mask=step_mask, cache=cache).logits[:, -1:]
             if eos is not None:
                 logits[..., eos] = -torch.inf
             tokens = logits.argmax(-1)

@@ -48,8 +48,8 @@ def test_the_growth_free_cache_preallocates_only_full_attention_layers_and_fills
         DynamicSlidingWindowLayer if kind == "sliding_attention" else StaticLayer for kind in model.config.layer_types
     ]
     with torch.no_grad():
-        model(input_ids=torch.ones(1, 32, dtype=torch.long), past_key_values=cache)
-        model(input_ids=torch.ones(1, 1, dtype=torch.long), past_key_values=cache)
+        model(input_ids=torch.ones(1, 32, dtype=torch.long), cache=cache)
+        model(input_ids=torch.ones(1, 1, dtype=torch.long), cache=cache)
     full = kinds.index(StaticLayer)
     assert cache.layers[full].keys.shape[-2] == 40 and cache.get_seq_length(full) == 33
 

@@ -232,7 +232,7 @@ def test_whole_model_decode_speedup_with_its_ceiling(benchmark, smollm, tokens):
             with torch.no_grad(), context(cache):
                 start = clock(model.device)
                 for _ in range(DECODE_STEPS):
-                    token = model(input_ids=token, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+                    token = model(input_ids=token, cache=cache, logits_to_keep=1).logits.argmax(-1)
                 return (clock(model.device) - start) / DECODE_STEPS
 
         return run
