@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tabulate import tabulate
 
@@ -72,19 +74,23 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> None:
-    import json
-
     from sink_eval.analysis import probe_prompts, results
     from sink_eval.models import load_model
     from sink_eval.prompts import check_max_tokens, default_prompts, prompt_set_sha256, read_prompt_file, tokenize
-    from sink_eval.report import NO_NONTRIVIAL_PROMPT, has_scored_prompts, write_analysis
+    from sink_eval.report import (
+        NO_NONTRIVIAL_PROMPT,
+        agreement_table,
+        has_scored_prompts,
+        prevalence_table,
+        write_analysis,
+    )
 
     prompts = read_prompt_file(args.prompts) if args.prompts else default_prompts()
     loaded = load_model(args.model)
     check_max_tokens(args.max_tokens, loaded.model, args.model)
     tokenized = tokenize(loaded.tokenizer, prompts, args.max_tokens, args.truncate)
     thresholds = tuple(args.threshold or DEFAULT_THRESHOLDS)
-    command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    command = _command_line()
     if args.out is None:
         probed = probe_prompts(loaded, tokenized)
     else:
@@ -106,13 +112,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     if args.out is not None:
         write_analysis(res, args.out, overwrite=args.overwrite)
         resume.finish(work)
-        print(f"wrote {args.out}/results.json, {args.out}/report.md and figures", file=sys.stderr)
-    if args.json:
-        print(json.dumps(res.to_json()))
-    else:
-        from sink_eval.report import agreement_table, prevalence_table
-
-        print(prevalence_table(res), agreement_table(res), sep="\n\n")
+    _print_results(args, res, lambda r: f"{prevalence_table(r)}\n\n{agreement_table(r)}")
     if args.out is not None and not has_scored_prompts(res):
         raise SinkEvalError(
             f"{NO_NONTRIVIAL_PROMPT}; wrote {args.out} without figures. Give prompts of at least two tokens"
@@ -128,18 +128,15 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_scale(args: argparse.Namespace) -> None:
-    import json
-
     from sink_eval.scale import read_inputs, scale
     from sink_eval.scale_report import claims_table, write_scale
 
     inputs = read_inputs(args.dirs)
-    command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    command = _command_line()
     res = scale(inputs, command)
     if args.out is not None:
         write_scale(res, args.out, overwrite=args.overwrite, inputs=args.dirs)
-        print(f"wrote {args.out}/results.json, {args.out}/report.md and a figure", file=sys.stderr)
-    print(json.dumps(res.to_json()) if args.json else claims_table(res))
+    _print_results(args, res, claims_table)
 
 
 def _policies(args: argparse.Namespace, default: tuple[str, ...]) -> list:
@@ -195,26 +192,21 @@ def _hybrid_max_tokens(args: argparse.Namespace) -> int | None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    import json
-
     from sink_eval.evaluate import run_eval
     from sink_eval.models import load_model
     from sink_eval.report import eval_table, write_eval
 
     tasks = _tasks(args)
     policies = _policies(args, default=("calibrated",))
-    command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    command = _command_line()
     loaded = load_model(args.model, device=args.device)
     res = run_eval(loaded, policies, tasks, args.limit, args.data_dir, args.batch_size, command)
     if args.out is not None:
         write_eval(res, args.out, overwrite=args.overwrite)
-        print(f"wrote {args.out}/results.json and {args.out}/report.md", file=sys.stderr)
-    print(json.dumps(res.to_json()) if args.json else eval_table(res))
+    _print_results(args, res, eval_table)
 
 
 def _cmd_patch_eval(args: argparse.Namespace) -> None:
-    import json
-
     from sink_eval.models import load_model
     from sink_eval.patch_eval import run
     from sink_eval.policies import check_disjoint
@@ -259,7 +251,7 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
     candidates = calib_t + eval_t + ([tp for group in long[:2] for tp in group] if long else [])
     longest = max(candidates, key=lambda tp: len(tp.input_ids))
     speed_prompt = type(longest)(longest.prompt, longest.input_ids[: args.speed_tokens])
-    command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    command = _command_line()
     res = run(
         loaded,
         policies,
@@ -275,19 +267,16 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
     )
     if args.out is not None:
         write_patch_eval(res, args.out, overwrite=args.overwrite)
-        print(f"wrote {args.out}/results.json, {args.out}/report.md and a figure", file=sys.stderr)
-    print(json.dumps(res.to_json()) if args.json else patch_table(res))
+    _print_results(args, res, patch_table)
 
 
 def _cmd_longctx(args: argparse.Namespace) -> None:
-    import json
-
     from sink_eval.longctx import check_lengths, policy_plans, run
     from sink_eval.longctx_report import summary_table, write_longctx
     from sink_eval.models import load_model
 
     policies = _policies(args, default=("calibrated",))
-    command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    command = _command_line()
     loaded = load_model(args.model, device=args.device)
     check_lengths(loaded, args.lengths)
     plans = policy_plans(loaded, policies, args.long_tokens)
@@ -309,8 +298,7 @@ def _cmd_longctx(args: argparse.Namespace) -> None:
 
         write_longctx(res, args.out, overwrite=args.overwrite)
         resume.finish(resume.work_dir(args.out, "longctx"))
-        print(f"wrote {args.out}/results.json, {args.out}/report.md and a figure", file=sys.stderr)
-    print(json.dumps(res.to_json()) if args.json else summary_table(res))
+    _print_results(args, res, summary_table)
 
 
 def _lengths(text: str) -> list[int]:
@@ -363,14 +351,12 @@ def _taxonomy_options(args: argparse.Namespace) -> tuple[list[int], list[tuple[i
 
 
 def _cmd_taxonomy(args: argparse.Namespace) -> None:
-    import json
-
     from sink_eval.models import load_model
     from sink_eval.taxonomy import Thresholds, check_repeats_fit, passage_inputs, probe_inputs, results
     from sink_eval.taxonomy_report import headline_table, write_taxonomy
 
     lengths, windows = _taxonomy_options(args)
-    command = "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    command = _command_line()
     loaded = load_model(args.model)
     passages = passage_inputs(loaded, lengths)
     check_repeats_fit(loaded, args.period)
@@ -379,8 +365,7 @@ def _cmd_taxonomy(args: argparse.Namespace) -> None:
     res = results(loaded, probed, windows, thresholds, args.period, command)
     if args.out is not None:
         write_taxonomy(res, args.out, overwrite=args.overwrite)
-        print(f"wrote {args.out}/results.json, {args.out}/report.md and the class map", file=sys.stderr)
-    print(json.dumps(res.to_json()) if args.json else headline_table(res))
+    _print_results(args, res, headline_table)
 
 
 def _threshold(text: str) -> float:
@@ -409,6 +394,21 @@ def _output_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="replace an existing --out directory, only one that sink-eval wrote as this command's output",
     )
     parser.add_argument("--json", action="store_true", help="print the results JSON to stdout")
+
+
+def _command_line() -> str:
+    """The command as typed, for provenance ("" where sink_eval runs other than as the sink-eval script)."""
+    return "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+
+
+def _print_results(args: argparse.Namespace, res, table: Callable[[Any], str]) -> None:
+    """After the command wrote its --out directory (if any): say so on stderr, then print the results JSON (--json)
+    or the command's table."""
+    import json
+
+    if args.out is not None:
+        print(f"wrote {args.out}: {OUTPUT_WHAT[args.command]}", file=sys.stderr)
+    print(json.dumps(res.to_json()) if args.json else table(res))
 
 
 def _resume_argument(parser: argparse.ArgumentParser, units: str) -> None:
