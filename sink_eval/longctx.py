@@ -60,7 +60,7 @@ from sink_eval.prompts import (
     prompt_set_sha256,
     tokenize,
 )
-from sink_eval.results import ModelInfo, Provenance, TopLevel, from_json, provenance, to_json
+from sink_eval.results import ModelInfo, Provenance, TopLevel, provenance, to_json
 from sink_eval.shape import model_shape
 from sink_eval.streaming import StreamingPlan
 from sink_eval.streaming import candidate_layers as streaming_layers
@@ -514,14 +514,14 @@ def run(
 
     def measure(index: int, plan: Plan | None, length: int, run_cell: list[bool], bar) -> _Measured:
         """Run `index` of `named` at `length`, or its saved measurement."""
-        name = f"run-{index:03d}-L{length}.json"
-        saved = None if work is None else resume.load_json(work, name)
-        if saved is not None:
+        measured, reused = resume.once(
+            work,
+            f"run-{index:03d}-L{length}.json",
+            _Measured,
+            lambda: _measure(loaded, plan, length, settings, run_cell, bar),
+        )
+        if reused:
             bar.update(sum(run_cell) * trials + len(passages))
-            return from_json(_Measured, saved, work / name)
-        measured = _measure(loaded, plan, length, settings, run_cell, bar)
-        if work is not None:
-            resume.save_json(work, name, to_json(measured))
         return measured
 
     every_cell = [True] * len(depths)
@@ -563,14 +563,12 @@ def run(
             )
     reproduction = None
     if streaming_llm:
-        name = "streaming-llm.json"
-        saved = None if work is None else resume.load_json(work, name)
-        if saved is None:
-            reproduction = streaming_llm_reproduction(loaded, max(lengths), progress=progress)
-            if work is not None:
-                resume.save_json(work, name, to_json(reproduction))
-        else:
-            reproduction = from_json(StreamingLLMReproduction, saved, work / name)
+        reproduction, _ = resume.once(
+            work,
+            "streaming-llm.json",
+            StreamingLLMReproduction,
+            lambda: streaming_llm_reproduction(loaded, max(lengths), progress=progress),
+        )
     return LongctxResult(
         model=model_info(loaded),
         settings=settings,

@@ -15,7 +15,9 @@ import io
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
@@ -26,8 +28,10 @@ from sink_eval.files import write_bytes_atomically, write_text_atomically
 from sink_eval.models import LoadedModel
 from sink_eval.probe import PromptStats
 from sink_eval.prompts import TokenizedPrompt
+from sink_eval.results import from_json, to_json
 
 KEY_FILE = "key.json"
+T = TypeVar("T")
 
 
 def work_dir(out: Path, command: str = "analyze") -> Path:
@@ -104,19 +108,20 @@ def probe_resumable(loaded: LoadedModel, prompts: list[TokenizedPrompt], work: P
     return [out[i] for i in range(len(prompts))]
 
 
-def load_json(work: Path, name: str) -> dict | None:
-    """The unit of work saved as `name` (a JSON object), or None if it was not done yet."""
+def once(work: Path | None, name: str, cls: type[T], compute: Callable[[], T]) -> tuple[T, bool]:
+    """A unit of work (a dataclass `cls`): the one an earlier run saved in `work` as `name` (JSON), and True; or
+    `compute()`, saved there as `name` (unless `work` is None), and False."""
+    if work is None:
+        return compute(), False
     path = work / name
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise SinkEvalError(f"{path} is unreadable; delete it to redo that part, or {work} to start over") from err
-
-
-def save_json(work: Path, name: str, data: dict) -> None:
-    write_text_atomically(work / name, json.dumps(data))
+    if path.exists():
+        try:
+            return from_json(cls, json.loads(path.read_text(encoding="utf-8")), path), True
+        except (ValueError, SinkEvalError) as err:
+            raise SinkEvalError(f"{path} is unreadable; delete it to redo that part, or {work} to start over") from err
+    value = compute()
+    write_text_atomically(path, json.dumps(to_json(value)))
+    return value, False
 
 
 def finish(work: Path) -> None:
