@@ -106,7 +106,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
                 "chance_corrected": args.chance_corrected,
             },
         }
-        work = resume.open_work_dir(args.out, key, args.resume)
+        work = resume.open_work_dir(args.out, key, args.resume, "analyze")
         probed = resume.probe_resumable(loaded, tokenized, work)
     res = results(loaded, probed, thresholds, args.chance_corrected, command, args.max_tokens)
     if args.out is not None:
@@ -297,7 +297,7 @@ def _cmd_longctx(args: argparse.Namespace) -> None:
         from sink_eval import resume
 
         write_longctx(res, args.out, overwrite=args.overwrite)
-        resume.finish(resume.work_dir(args.out, "longctx"))
+        resume.finish(resume.work_dir(args.out, args.command))
     _print_results(args, res, summary_table)
 
 

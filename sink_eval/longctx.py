@@ -15,7 +15,9 @@ Metrics, per run (the unpatched model, a policy's plan, or one seed of its rando
   tokens and its `NEW_TOKENS` new tokens (a prefill and NEW_TOKENS − 1 decode steps);
 - **passkey speed-up** = Σ unpatched / Σ run wall seconds of the passkey generate calls (prefill + decode) at L,
   over the same trials (those of the informative cells; None where there are none), each run's calls after one
-  untimed warm-up call (`warm_up`): an end-to-end timing on a machine that may be shared, not a kernel benchmark.
+  untimed warm-up call (`warm_up`): an end-to-end timing on a machine that may be shared, not a kernel benchmark;
+  **prefill** and **decode speed-up** = the same ratio of the calls' prefill seconds (to the end of the prompt's
+  forward pass) and decode seconds (the NEW_TOKENS − 1 decode forwards after it), read by `speed.StepClock`.
 
 Controls (`sink_eval.controls`): every policy's plan gets `seeds` random plans of the same size from the same
 candidate layers; the verdict per length says whether the policy beats them by more than their spread.
@@ -37,7 +39,7 @@ from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessorList
 
 from sink_eval import resume
 from sink_eval.analysis import model_info
@@ -62,6 +64,7 @@ from sink_eval.prompts import (
 )
 from sink_eval.results import ModelInfo, Provenance, TopLevel, provenance, to_json
 from sink_eval.shape import model_shape
+from sink_eval.speed import StepClock
 from sink_eval.streaming import StreamingPlan
 from sink_eval.streaming import candidate_layers as streaming_layers
 
@@ -103,8 +106,10 @@ class LengthRow:
     perplexity_ratio_se: float | None
     kv_bytes: int
     kv_saved_bytes: int
-    passkey_seconds: float
+    passkey_seconds: float  # Σ over the trials this run ran (a plan: those of the informative cells)
     speedup: float | None  # None for the unpatched run and where no cell is informative
+    prefill_speedup: float | None
+    decode_speedup: float | None
 
 
 @dataclass
@@ -319,15 +324,22 @@ def _under(model: torch.nn.Module, plan: Plan | None) -> AbstractContextManager[
 
 @torch.no_grad()
 def _generate(
-    model: torch.nn.Module, plan: Plan | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int
+    model: torch.nn.Module,
+    plan: Plan | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    new_tokens: int,
+    clock: StepClock | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Greedy generation of exactly `new_tokens` tokens after input_ids (B, N) with the plan's own KV cache: (the new
-    ids (B, new_tokens), the KV bytes its cache holds at the end). None: the model's own `DynamicCache`."""
+    ids (B, new_tokens), the KV bytes its cache holds at the end). None: the model's own `DynamicCache`. `clock`
+    times its steps."""
+    processors = None if clock is None else LogitsProcessorList([clock])
     if plan is not None:
-        ids, cache = plan_generate(model, plan, input_ids, attention_mask, new_tokens)
+        ids, cache = plan_generate(model, plan, input_ids, attention_mask, new_tokens, processors)
         return ids[:, input_ids.shape[1] :], kv_cache_bytes(cache)
     cache = DynamicCache(config=model.config)
-    ids = greedy(model, input_ids, attention_mask, cache, new_tokens)
+    ids = greedy(model, input_ids, attention_mask, cache, new_tokens, processors)
     return ids[:, input_ids.shape[1] :], kv_cache_bytes(cache)
 
 
@@ -344,22 +356,25 @@ class _Trials:
     answers: list[str]
     correct: list[bool]
     seconds: list[float]  # wall seconds of each trial's generate call
+    prefill_seconds: list[float]  # of each call, to the end of the prompt's forward pass
+    decode_seconds: list[float]  # of each call, its NEW_TOKENS - 1 decode forwards
 
 
 @dataclass
 class _Measured:
     """One run at one length, before the unpatched reference is known."""
 
+    label: str  # the run's
     cells: list[_Trials]
     nll: list[float]
     kv_bytes: int  # held by the cache after a generate call of L + NEW_TOKENS tokens (the same for every trial)
 
 
 def _measure(
-    loaded: LoadedModel, plan: Plan | None, length: int, settings: LongctxSettings, run_cell: list[bool], bar
+    loaded: LoadedModel, entry: NamedPlan, length: int, settings: LongctxSettings, run_cell: list[bool], bar
 ) -> _Measured:
     """The run's trials in the cells where `run_cell` is True, then its perplexity."""
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer, plan = loaded.model, loaded.tokenizer, entry.plan
     device = next(model.parameters()).device
     cells, kv_bytes = [], 0
     if settings.warm_up or not any(run_cell):  # untimed: a warm-up, or the one call that measures the KV bytes
@@ -367,13 +382,15 @@ def _measure(
         ids = torch.tensor([first.input_ids], device=device)
         _, kv_bytes = _generate(model, plan, ids, torch.ones_like(ids), settings.new_tokens)
     for depth, run_it in zip(settings.depths, run_cell, strict=True):
-        cell = _Trials(depth, [], [], [], [])
+        cell = _Trials(depth, [], [], [], [], [], [])
         for trial in range(settings.trials if run_it else 0):
             t = make_trial(tokenizer, settings.seed, trial, length, depth)
             ids = torch.tensor([t.input_ids], device=device)
-            start = time.perf_counter()
-            new, kv_bytes = _generate(model, plan, ids, torch.ones_like(ids), settings.new_tokens)
-            cell.seconds.append(time.perf_counter() - start)
+            clock = StepClock(device)
+            new, kv_bytes = _generate(model, plan, ids, torch.ones_like(ids), settings.new_tokens, clock)
+            cell.seconds.append(time.perf_counter() - clock.start)
+            cell.prefill_seconds.append(clock.prefill_seconds())
+            cell.decode_seconds.append(clock.decode_seconds())
             answer = tokenizer.decode(new[0], skip_special_tokens=True)
             cell.keys.append(t.key)
             cell.answers.append(answer)
@@ -386,7 +403,42 @@ def _measure(
         with _under(model, plan):
             nll.append(float(token_nll(model, ids).mean()))
         bar.update()
-    return _Measured(cells, nll, kv_bytes)
+    return _Measured(entry.label, cells, nll, kv_bytes)
+
+
+def _work_key(
+    loaded: LoadedModel, named: list[tuple[NamedPlan, str, str | None, int | None]], settings: LongctxSettings
+) -> dict[str, Any]:
+    """What a saved (run, length) depends on (`sink_eval.resume`): the model, the settings, the runs in order."""
+    runs = [[entry.label, None if entry.plan is None else entry.plan.to_json()] for entry, *_ in named]
+    return {"model": loaded.fingerprint, "settings": to_json(settings), "runs": runs}
+
+
+def _measure_or_load(
+    work: Path | None,
+    index: int,
+    entry: NamedPlan,
+    length: int,
+    run_cell: list[bool],
+    loaded: LoadedModel,
+    settings: LongctxSettings,
+    bar,
+) -> _Measured:
+    """`_measure` of run `index` (`entry`) at `length`, saved in `work`; or what an interrupted run saved there, which
+    must be of the same run and have run the same cells."""
+    name = f"run-{index:03d}-L{length}.json"
+    measured, reused = resume.once(
+        work, name, _Measured, lambda: _measure(loaded, entry, length, settings, run_cell, bar)
+    )
+    if reused:
+        ran = [len(cell.correct) == settings.trials for cell in measured.cells]
+        if measured.label != entry.label or ran != run_cell:
+            raise SinkEvalError(
+                f"{work}/{name} is of run {measured.label!r} with trials in cells {ran}, not of {entry.label!r} "
+                f"with {run_cell}; delete {work} to start over"
+            )
+        bar.update(sum(run_cell) * settings.trials + len(settings.passages))
+    return measured
 
 
 def _informative(reference: _Measured, floor: float) -> list[bool]:
@@ -394,15 +446,15 @@ def _informative(reference: _Measured, floor: float) -> list[bool]:
     return [sum(cell.correct) / len(cell.correct) >= floor for cell in reference.cells]
 
 
-def _row(length: int, measured: _Measured, reference: _Measured | None, floor: float) -> LengthRow:
+def _row(length: int, measured: _Measured, reference: _Measured | None, informative: list[bool]) -> LengthRow:
     """The row of a run at one length; `reference` is the unpatched run's measurement (None: this is it)."""
     base = reference or measured
     cells = []
-    for cell, informative in zip(measured.cells, _informative(base, floor), strict=True):
+    for cell, useful in zip(measured.cells, informative, strict=True):
         n = len(cell.correct)
         accuracy = sum(cell.correct) / n if n else None
         se = None if accuracy is None else _se(accuracy, n)
-        cells.append(PasskeyCell(cell.depth, cell.keys, cell.answers, cell.correct, accuracy, se, informative))
+        cells.append(PasskeyCell(cell.depth, cell.keys, cell.answers, cell.correct, accuracy, se, useful))
     pooled = [c for cell in cells if cell.informative for c in cell.correct]
     pooled_accuracy = sum(pooled) / len(pooled) if pooled else None
     nll = torch.tensor(measured.nll)
@@ -410,16 +462,10 @@ def _row(length: int, measured: _Measured, reference: _Measured | None, floor: f
     ppl_se = ppl * float(nll.std()) / math.sqrt(len(nll)) if len(nll) > 1 else 0.0
     ratio: float | None = None
     ratio_se: float | None = None
-    speedup: float | None = None
     if reference is not None:
         delta = torch.tensor(measured.nll) - torch.tensor(reference.nll)
         ratio = math.exp(float(delta.mean()))
         ratio_se = ratio * float(delta.std()) / math.sqrt(len(delta)) if len(delta) > 1 else 0.0
-        ran = [i for i, cell in enumerate(measured.cells) if cell.seconds]
-        if ran:
-            speedup = sum(sum(reference.cells[i].seconds) for i in ran) / sum(
-                sum(measured.cells[i].seconds) for i in ran
-            )
     return LengthRow(
         length=length,
         passkey=cells,
@@ -432,9 +478,23 @@ def _row(length: int, measured: _Measured, reference: _Measured | None, floor: f
         perplexity_ratio_se=ratio_se,
         kv_bytes=measured.kv_bytes,
         kv_saved_bytes=base.kv_bytes - measured.kv_bytes,
-        passkey_seconds=sum(sum(cell.seconds) for cell in measured.cells),
-        speedup=speedup,
+        passkey_seconds=sum(sum(cell.seconds) for cell in measured.cells),  # of the trials this run ran
+        speedup=_speedup(measured, reference, "seconds"),
+        prefill_speedup=_speedup(measured, reference, "prefill_seconds"),
+        decode_speedup=_speedup(measured, reference, "decode_seconds"),
     )
+
+
+def _speedup(measured: _Measured, reference: _Measured | None, seconds: str) -> float | None:
+    """Σ reference / Σ run `seconds` (a `_Trials` field) over the trials the run ran; None for the reference itself
+    and where the run ran none."""
+    if reference is None:
+        return None
+    ran = [i for i, cell in enumerate(measured.cells) if cell.seconds]
+    if not ran:
+        return None
+    total = [sum(sum(getattr(m.cells[i], seconds)) for i in ran) for m in (reference, measured)]
+    return total[0] / total[1]
 
 
 def comparisons(runs: list[Run]) -> list[Comparison]:
@@ -503,32 +563,13 @@ def run(
             continue
         for control_seed, control in zip(control_seeds, control_plans(loaded, plan, control_seeds), strict=True):
             named.append((control, "control", plan.label, control_seed))
-    work = None
-    if out is not None:
-        key = {
-            "model": loaded.fingerprint,
-            "settings": to_json(settings),
-            "plans": {entry.label: entry.plan.to_json() for entry, *_ in named if entry.plan is not None},
-        }
-        work = resume.open_work_dir(out, key, resume_run, "longctx")
-
-    def measure(index: int, plan: Plan | None, length: int, run_cell: list[bool], bar) -> _Measured:
-        """Run `index` of `named` at `length`, or its saved measurement."""
-        measured, reused = resume.once(
-            work,
-            f"run-{index:03d}-L{length}.json",
-            _Measured,
-            lambda: _measure(loaded, plan, length, settings, run_cell, bar),
-        )
-        if reused:
-            bar.update(sum(run_cell) * trials + len(passages))
-        return measured
-
+    work = None if out is None else resume.open_work_dir(out, _work_key(loaded, named, settings), resume_run, "longctx")
     every_cell = [True] * len(depths)
     steps = len(lengths) * (len(depths) * trials + len(passages))
     runs = []
     with tqdm(total=steps, desc="longctx", unit="pass", disable=not progress, file=sys.stderr) as bar:
-        reference = {length: measure(0, None, length, every_cell, bar) for length in lengths}
+        first = named[0][0]
+        reference = {n: _measure_or_load(work, 0, first, n, every_cell, loaded, settings, bar) for n in lengths}
         informative = {length: _informative(reference[length], INFORMATIVE_FLOOR) for length in lengths}
         bar.total += (len(named) - 1) * sum(sum(informative[n]) * trials + len(passages) for n in lengths)
         bar.refresh()
@@ -536,7 +577,9 @@ def run(
             measured = (
                 reference
                 if entry.plan is None
-                else {length: measure(index, entry.plan, length, informative[length], bar) for length in lengths}
+                else {
+                    n: _measure_or_load(work, index, entry, n, informative[n], loaded, settings, bar) for n in lengths
+                }
             )
             groups = 0 if entry.plan is None else kv_groups_removed(entry.plan, shape)
             runs.append(
@@ -551,13 +594,8 @@ def run(
                     kv_groups=groups,
                     fraction_kv_groups=groups / (shape.layers * shape.kv_heads),
                     lengths=[
-                        _row(
-                            length,
-                            measured[length],
-                            None if entry.plan is None else reference[length],
-                            INFORMATIVE_FLOOR,
-                        )
-                        for length in lengths
+                        _row(n, measured[n], None if entry.plan is None else reference[n], informative[n])
+                        for n in lengths
                     ],
                 )
             )

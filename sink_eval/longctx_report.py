@@ -8,7 +8,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from sink_eval.files import write_output_dir
-from sink_eval.longctx import INFORMATIVE_FLOOR, LongctxResult, Run
+from sink_eval.longctx import INFORMATIVE_FLOOR, LengthRow, LongctxResult, Run
 from sink_eval.report import pyplot, save_figure
 
 HEATMAP = "passkey_heatmap.png"
@@ -22,6 +22,11 @@ def _acc(value: float | None, se: float | None) -> str:
 
 def _bytes(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+def _speedups(row: LengthRow) -> str:
+    values = (row.speedup, row.prefill_speedup, row.decode_speedup)
+    return " / ".join("-" if v is None else f"{v:.2f}" for v in values)
 
 
 def summary_table(res: LongctxResult) -> str:
@@ -44,10 +49,20 @@ def summary_table(res: LongctxResult) -> str:
                     f"{100 * r.fraction_heads:.1f} %",
                     f"{100 * r.fraction_kv_groups:.1f} %",
                     f"{_bytes(row.kv_saved_bytes)} of {_bytes(row.kv_bytes + row.kv_saved_bytes)}",
-                    "-" if row.speedup is None else f"{row.speedup:.2f}",
+                    _speedups(row),
                 ]
             )
-    headers = ["run", "L", "passkey", "ppl", "ppl ratio", "heads", "KV groups", "KV saved", "passkey speed-up"]
+    headers = [
+        "run",
+        "L",
+        "passkey",
+        "ppl",
+        "ppl ratio",
+        "heads",
+        "KV groups",
+        "KV saved",
+        "speed-up: all / prefill / decode",
+    ]
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
@@ -123,8 +138,9 @@ def markdown(res: LongctxResult, figure: str) -> str:
             f"with the key. A cell where the unpatched model scores below {INFORMATIVE_FLOOR:g} is uninformative: no "
             "plan is run on its trials, and it is left out of a run's accuracy. Perplexity ratio = ppl(run) / "
             "ppl(unpatched) over the same passages, each in one forward pass. KV saved is measured from the cache "
-            "objects; the passkey speed-up is the ratio of wall times of the same generate calls (those of the "
-            "informative cells) on a machine that may be shared.",
+            "objects; the speed-ups are ratios of wall times of the same generate calls (those of the informative "
+            "cells): whole calls, their prefill (to the end of the prompt's forward pass) and their decode steps, on "
+            "a machine that may be shared.",
             "## Policy x length",
             summary_table(res),
             "## Against random plans of the same size",

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from transformers import LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -498,24 +499,30 @@ def generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 32,
+    logits_processor: LogitsProcessorList | None = None,
 ) -> tuple[torch.Tensor, DynamicCache]:
     """Greedy generation under `plan` with the plan's KV cache: (prompt + new token ids, the cache).
-    `max_new_tokens` is at least 1."""
+    `max_new_tokens` is at least 1; `logits_processor` as in `greedy`."""
     if not is_index(max_new_tokens) or max_new_tokens < 1:
         raise SinkEvalError(f"max_new_tokens is the number of tokens to generate, at least 1, not {max_new_tokens!r}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     cache = new_cache(model, plan, attention_mask)
     with patched(model, plan, cache):
-        ids = greedy(model, input_ids, attention_mask, cache, max_new_tokens)
+        ids = greedy(model, input_ids, attention_mask, cache, max_new_tokens, logits_processor)
     return ids, cache
 
 
 def greedy(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Cache, new_tokens: int
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: Cache,
+    new_tokens: int,
+    logits_processor: LogitsProcessorList | None = None,
 ) -> torch.Tensor:
     """Plain `model.generate`, greedy, of exactly `new_tokens` tokens after input_ids (B, N) into `cache`: the
-    prompt and new ids (B, N + new_tokens)."""
+    prompt and new ids (B, N + new_tokens). `logits_processor`: generate's, e.g. a `speed.StepClock`."""
     return model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -524,6 +531,7 @@ def greedy(
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=pad_id(model),
+        logits_processor=logits_processor,
     )
 
 

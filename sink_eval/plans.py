@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessorList
 
 from sink_eval import patch, streaming_patch
 from sink_eval.patch import CopyPlan
@@ -46,10 +46,11 @@ def generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 32,
+    logits_processor: LogitsProcessorList | None = None,
 ) -> tuple[torch.Tensor, DynamicCache]:
     if isinstance(plan, StreamingPlan):
-        return streaming_patch.generate(model, plan, input_ids, attention_mask, max_new_tokens)
-    return patch.generate(model, plan, input_ids, attention_mask, max_new_tokens)
+        return streaming_patch.generate(model, plan, input_ids, attention_mask, max_new_tokens, logits_processor)
+    return patch.generate(model, plan, input_ids, attention_mask, max_new_tokens, logits_processor)
 
 
 def layer_errors(model: torch.nn.Module, plan: Plan, input_ids: torch.Tensor) -> dict[int, float]:

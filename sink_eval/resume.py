@@ -1,11 +1,13 @@
 """Resumable long commands (`sink-eval analyze`, `sink-eval longctx`): partial results in a hidden work directory
 beside --out.
 
-The work directory `.<out>.<command>-work` holds `key.json` (model fingerprint, prompt-set SHA-256 and settings) and
-one file per finished unit of work, each written atomically as soon as it is done: `prompt-NNNNN.pt` per probed
-prompt of `analyze`, one JSON per (run, length) of `longctx`. `--resume` continues from them when the key is the
-same (another model, prompt set or setting is refused); the finished results equal an uninterrupted run's. The
-directory is removed once the results are written.
+The work directory `.<out>.<command>-work` holds `key.json` (what the results depend on: the model fingerprint and
+settings, and the prompt-set SHA-256 of `analyze` or the plans in run order of `longctx`) and one file per finished
+unit of work, each written atomically as soon as it is done: `prompt-NNNNN.pt` per probed prompt of `analyze`; one
+JSON per (run, length) and `streaming-llm.json` of `longctx`. `--resume` continues from them when the key is the
+same (another model, prompt set, plan or setting is refused); the finished results equal an uninterrupted run's
+(timings aside: those of a resumed run come from two processes). The directory is removed once the results are
+written.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ KEY_FILE = "key.json"
 T = TypeVar("T")
 
 
-def work_dir(out: Path, command: str = "analyze") -> Path:
+def work_dir(out: Path, command: str) -> Path:
     return Path(out).parent / f".{Path(out).name}.{command}-work"
 
 
-def check_no_interrupted_run(out: Path, command: str = "analyze") -> None:
+def check_no_interrupted_run(out: Path, command: str) -> None:
     """Refuse to start afresh over the partial results of an interrupted run (they would be lost silently)."""
     work = work_dir(out, command)
     if work.exists():
@@ -48,7 +50,7 @@ def check_no_interrupted_run(out: Path, command: str = "analyze") -> None:
         )
 
 
-def open_work_dir(out: Path, key: dict, resume: bool, command: str = "analyze") -> Path:
+def open_work_dir(out: Path, key: dict, resume: bool, command: str) -> Path:
     """The work directory for `out`, created with `key`; with `resume`, an existing one whose key is `key`."""
     work = work_dir(out, command)
     if work.exists():

@@ -32,7 +32,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers import Cache, DynamicCache
+from transformers import Cache, DynamicCache, LogitsProcessor
 from transformers.cache_utils import DynamicLayer, StaticLayer
 from transformers.masking_utils import sdpa_mask
 
@@ -66,6 +66,28 @@ def clock(device: torch.device) -> float:
     """`time.perf_counter()` once `device` has finished its queued work."""
     synchronize(device)
     return time.perf_counter()
+
+
+class StepClock(LogitsProcessor):
+    """A logits processor that reads the clock (`clock`) at the end of each forward pass of a `generate` call, as
+    generate hands it that step's logits: `times[0]` ends the prefill, `times[k]` decode step k. With the clock read
+    before the call (`start`): prefill seconds = times[0] - start, decode seconds = times[-1] - times[0] (the
+    new_tokens - 1 decode forwards, each with generate's own per-step work)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = clock(device)
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(clock(self.device))
+        return scores
+
+    def prefill_seconds(self) -> float:
+        return self.times[0] - self.start
+
+    def decode_seconds(self) -> float:
+        return self.times[-1] - self.times[0]
 
 
 @dataclass

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import LogitsProcessorList
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -317,16 +318,17 @@ def generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 32,
+    logits_processor: LogitsProcessorList | None = None,
 ) -> tuple[torch.Tensor, StreamingCache]:
     """Greedy generation under `plan` with its constant-size cache, by plain `model.generate`: (prompt + new token
-    ids, the cache). `max_new_tokens` is at least 1."""
+    ids, the cache). `max_new_tokens` is at least 1; `logits_processor` as in `patch.greedy`."""
     if not is_index(max_new_tokens) or max_new_tokens < 1:
         raise SinkEvalError(f"max_new_tokens is the number of tokens to generate, at least 1, not {max_new_tokens!r}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     cache = new_cache(model, plan, attention_mask)
     with patched(model, plan, cache):
-        ids = greedy(model, input_ids, attention_mask, cache, max_new_tokens)
+        ids = greedy(model, input_ids, attention_mask, cache, max_new_tokens, logits_processor)
     return ids, cache
 
 

@@ -236,8 +236,9 @@ def tiny_result(tiny):
     return longctx.run(tiny, [longctx.NamedPlan("fixed", "calibrated", plan)], [128], [0.5], 1, [0], progress=False)
 
 
+@pytest.mark.parametrize("warm_up", [True, False])
 @pytest.mark.parametrize("unpatched_right", [True, False])
-def test_a_plan_runs_the_trials_of_informative_cells_only(tiny, monkeypatch, unpatched_right):
+def test_a_plan_runs_the_trials_of_informative_cells_only(tiny, monkeypatch, unpatched_right, warm_up):
     """A random tiny model answers no passkey: `is_correct` is replaced by one that marks every trial of the
     unpatched run right (every cell informative) or none (every cell uninformative)."""
     calls = []
@@ -248,14 +249,17 @@ def test_a_plan_runs_the_trials_of_informative_cells_only(tiny, monkeypatch, unp
 
     monkeypatch.setattr(longctx, "is_correct", scored)
     plan = StreamingPlan.of({0: range(model_shape(tiny.model).heads)}, sink=2, window=16)
-    res = longctx.run(tiny, [longctx.NamedPlan("s", "streaming", plan)], [128], [0.5], 2, [0], progress=False)
+    named = [longctx.NamedPlan("s", "streaming", plan)]
+    res = longctx.run(tiny, named, [128], [0.5], 2, [0], progress=False, warm_up=warm_up)
     unpatched, policy, control = (r.lengths[0] for r in res.runs)
     assert len(unpatched.passkey[0].correct) == 2 and unpatched.passkey[0].informative is unpatched_right
     for row in (policy, control):
         cell = row.passkey[0]
         assert len(cell.correct) == (2 if unpatched_right else 0)
-        assert (cell.accuracy is None) is (not unpatched_right) and (row.speedup is None) is (not unpatched_right)
-        assert row.kv_saved_bytes > 0  # measured from the cache even where no trial runs
+        assert (cell.accuracy is None) is (not unpatched_right)
+        for speedup in (row.speedup, row.prefill_speedup, row.decode_speedup):
+            assert (speedup is None) is (not unpatched_right)
+        assert 0 < row.kv_bytes < unpatched.kv_bytes  # measured from the cache even where no trial runs
     assert len(calls) == (6 if unpatched_right else 2)
 
 
@@ -280,7 +284,8 @@ def test_an_interrupted_longctx_run_resumes_to_the_uninterrupted_runs_result(tmp
     monkeypatch.setattr(longctx, "_measure", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
         cli.main(["longctx", "--model", "tiny-llama", *args, "--out", str(out)])
-    monkeypatch.setattr(longctx, "_measure", real)
+    calls.clear()
+    monkeypatch.setattr(longctx, "_measure", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert not out.exists() and len(list(work_dir(out, "longctx").glob("run-*.json"))) == 3
     capsys.readouterr()
     assert cli.main(["longctx", "--model", "tiny-llama", *args, "--out", str(out)]) == 2
@@ -288,13 +293,14 @@ def test_an_interrupted_longctx_run_resumes_to_the_uninterrupted_runs_result(tmp
     assert cli.main(["longctx", "--model", "tiny-llama", *args, "--trials", "2", "--out", str(out), "--resume"]) == 2
     assert "another settings" in capsys.readouterr().err
     assert cli.main(["longctx", "--model", "tiny-llama", *args, "--out", str(out), "--resume"]) == 0
+    assert len(calls) == 3  # of the 6 (run, length) measurements, the 3 saved ones were read back
     assert not work_dir(out, "longctx").exists()
     results = [json.loads((d / "results.json").read_text()) for d in (whole, out)]
     for res in results:
         del res["provenance"]
         for run in res["runs"]:
             for row in run["lengths"]:
-                del row["passkey_seconds"], row["speedup"]
+                del row["passkey_seconds"], row["speedup"], row["prefill_speedup"], row["decode_speedup"]
     assert results[1] == results[0]
 
 

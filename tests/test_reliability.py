@@ -296,7 +296,7 @@ def test_killed_analyze_resumes_to_the_results_of_an_uninterrupted_run(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         _analyze(prompts_file, "--out", str(out))
     monkeypatch.setattr(sink_eval.analysis, "probe", real_probe)
-    assert not out.exists() and len(list(work_dir(out).glob("prompt-*.pt"))) == 2
+    assert not out.exists() and len(list(work_dir(out, "analyze").glob("prompt-*.pt"))) == 2
     capsys.readouterr()
 
     assert _analyze(prompts_file, "--out", str(out)) == 2
@@ -304,7 +304,7 @@ def test_killed_analyze_resumes_to_the_results_of_an_uninterrupted_run(tmp_path,
     assert _analyze(prompts_file, "--out", str(out), "--resume", "--threshold", "0.5") == 2
     assert "another settings" in _error(capsys)
     assert _analyze(prompts_file, "--out", str(out), "--resume") == 0
-    assert not work_dir(out).exists()
+    assert not work_dir(out, "analyze").exists()
     whole, resumed = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("whole", "resumed"))
     for res in (whole, resumed):
         del res["provenance"]["date"]

@@ -61,3 +61,24 @@ def test_the_ceiling_adds_the_growth_a_plan_stops_to_the_attention_it_removes():
     assert speed.attention_share(without) == pytest.approx(0.2)
     assert speed.growth_share(without, static) == pytest.approx(0.3)
     assert speed.growth_share(static, without) == 0.0  # noise never makes a negative share
+
+
+def test_the_step_clock_reads_the_time_after_each_forward_of_a_generate_call_and_before_the_next():
+    from helpers import random_model
+    from transformers import DynamicCache, LogitsProcessorList
+
+    from sink_eval.patch import greedy
+
+    model = random_model("llama", kv_heads=2, groups=2, head_dim=8, window=8)
+    ends: list[float] = []
+    model.register_forward_hook(lambda module, args, output: ends.append(speed.time.perf_counter()))
+    ids = torch.randint(1, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    clock = speed.StepClock(torch.device("cpu"))
+    with torch.no_grad():
+        greedy(model, ids, torch.ones_like(ids), DynamicCache(config=model.config), 5, LogitsProcessorList([clock]))
+    assert len(ends) == len(clock.times) == 5
+    assert clock.start < ends[0]
+    for k, read in enumerate(clock.times):
+        assert ends[k] <= read and (k == 4 or read <= ends[k + 1])
+    assert clock.prefill_seconds() == clock.times[0] - clock.start
+    assert clock.decode_seconds() == clock.times[4] - clock.times[0] > 0
