@@ -4,8 +4,9 @@ Metrics, per run (the unpatched model, a policy's plan, or one seed of its rando
 - **passkey accuracy** of an (L, d) cell = fraction of its trials (`sink_eval.passkey`) answered correctly, ± the
   binomial SE √(p (1 − p) / n). A cell where the *unpatched* model's accuracy is below `INFORMATIVE_FLOOR` is
   *uninformative*: the unpatched model's accuracy there is reported, but no plan is run on its trials (a plan's
-  answers there would measure nothing the comparison uses), and a run's accuracy at L pools only the trials of
-  informative cells (None where no cell is informative);
+  answers there would measure nothing the comparison uses; where no cell at L is informative, a plan runs the first
+  `TIMING_TRIALS` trials of the deepest cell for its speed-ups alone), and a run's accuracy at L pools only the
+  trials of informative cells (None where no cell is informative);
 - **perplexity** at L = exp(mean over the evaluation long passages of their mean token NLL over the first L tokens),
   each passage scored in one forward pass (`sink_eval.perplexity`); **perplexity ratio** = ppl(run) / ppl(unpatched)
   = exp(mean ΔNLL); SEs by the delta method: ppl × SE over passages of their mean NLL, ratio × SE over passages of
@@ -14,7 +15,7 @@ Metrics, per run (the unpatched model, a policy's plan, or one seed of its rando
   the unpatched cache's bytes minus the plan's, both measured from the cache objects after a passkey trial of L
   tokens and its `NEW_TOKENS` new tokens (a prefill and NEW_TOKENS − 1 decode steps);
 - **passkey speed-up** = Σ unpatched / Σ run wall seconds of the passkey generate calls (prefill + decode) at L,
-  over the same trials (those of the informative cells; None where there are none), each run's calls after one
+  over the same trials (those the plan ran: see above), each run's calls after one
   untimed warm-up call (`warm_up`): an end-to-end timing on a machine that may be shared, not a kernel benchmark;
   **prefill** and **decode speed-up** = the same ratio of the calls' prefill seconds (to the end of the prompt's
   forward pass) and decode seconds (the NEW_TOKENS − 1 decode forwards after it), read by `speed.StepClock`.
@@ -70,6 +71,7 @@ from sink_eval.streaming import candidate_layers as streaming_layers
 
 SCHEMA = "sink_eval.longctx/2"  # /2: a plan runs no trial in an uninformative cell
 INFORMATIVE_FLOOR = 0.5
+TIMING_TRIALS = 3  # a plan's trials at a length with no informative cell, timed for the speed-ups only
 UNPATCHED = "unpatched"
 
 
@@ -171,6 +173,7 @@ class LongctxSettings:
     new_tokens: int
     warm_up: bool  # one untimed generate call per run and length before the timed ones
     informative_floor: float
+    timing_trials: int  # TIMING_TRIALS, at most `trials`
     passages: list[str]
     passages_sha256: str
     threads: int
@@ -371,19 +374,19 @@ class _Measured:
 
 
 def _measure(
-    loaded: LoadedModel, entry: NamedPlan, length: int, settings: LongctxSettings, run_cell: list[bool], bar
+    loaded: LoadedModel, entry: NamedPlan, length: int, settings: LongctxSettings, counts: list[int], bar
 ) -> _Measured:
-    """The run's trials in the cells where `run_cell` is True, then its perplexity."""
+    """The run's first counts[i] trials of each cell i, then its perplexity."""
     model, tokenizer, plan = loaded.model, loaded.tokenizer, entry.plan
     device = next(model.parameters()).device
     cells, kv_bytes = [], 0
-    if settings.warm_up or not any(run_cell):  # untimed: a warm-up, or the one call that measures the KV bytes
+    if settings.warm_up or not any(counts):  # untimed: a warm-up, or the one call that measures the KV bytes
         first = make_trial(tokenizer, settings.seed, 0, length, settings.depths[0])
         ids = torch.tensor([first.input_ids], device=device)
         _, kv_bytes = _generate(model, plan, ids, torch.ones_like(ids), settings.new_tokens)
-    for depth, run_it in zip(settings.depths, run_cell, strict=True):
+    for depth, count in zip(settings.depths, counts, strict=True):
         cell = _Trials(depth, [], [], [], [], [], [])
-        for trial in range(settings.trials if run_it else 0):
+        for trial in range(count):
             t = make_trial(tokenizer, settings.seed, trial, length, depth)
             ids = torch.tensor([t.input_ids], device=device)
             clock = StepClock(device)
@@ -419,26 +422,34 @@ def _measure_or_load(
     index: int,
     entry: NamedPlan,
     length: int,
-    run_cell: list[bool],
+    counts: list[int],
     loaded: LoadedModel,
     settings: LongctxSettings,
     bar,
 ) -> _Measured:
     """`_measure` of run `index` (`entry`) at `length`, saved in `work`; or what an interrupted run saved there, which
-    must be of the same run and have run the same cells."""
+    must be of the same run and have run as many trials in each cell."""
     name = f"run-{index:03d}-L{length}.json"
     measured, reused = resume.once(
-        work, name, _Measured, lambda: _measure(loaded, entry, length, settings, run_cell, bar)
+        work, name, _Measured, lambda: _measure(loaded, entry, length, settings, counts, bar)
     )
     if reused:
-        ran = [len(cell.correct) == settings.trials for cell in measured.cells]
-        if measured.label != entry.label or ran != run_cell:
+        ran = [len(cell.correct) for cell in measured.cells]
+        if measured.label != entry.label or ran != counts:
             raise SinkEvalError(
-                f"{work}/{name} is of run {measured.label!r} with trials in cells {ran}, not of {entry.label!r} "
-                f"with {run_cell}; delete {work} to start over"
+                f"{work}/{name} is of run {measured.label!r} with {ran} trials per cell, not of {entry.label!r} "
+                f"with {counts}; delete {work} to start over"
             )
-        bar.update(sum(run_cell) * settings.trials + len(settings.passages))
+        bar.update(sum(counts) + len(settings.passages))
     return measured
+
+
+def _plan_trials(informative: list[bool], settings: LongctxSettings) -> list[int]:
+    """Per cell, the trials a plan runs at one length: an informative cell's all, an uninformative one's none; where
+    no cell is informative, `timing_trials` of the deepest cell, for the speed-ups alone."""
+    if any(informative):
+        return [settings.trials if useful else 0 for useful in informative]
+    return [0] * (len(informative) - 1) + [settings.timing_trials]
 
 
 def _informative(reference: _Measured, floor: float) -> list[bool]:
@@ -486,15 +497,15 @@ def _row(length: int, measured: _Measured, reference: _Measured | None, informat
 
 
 def _speedup(measured: _Measured, reference: _Measured | None, seconds: str) -> float | None:
-    """Σ reference / Σ run `seconds` (a `_Trials` field) over the trials the run ran; None for the reference itself
-    and where the run ran none."""
+    """Σ reference / Σ run `seconds` (a `_Trials` field) over the trials the run ran (the first n of a cell); None for
+    the reference itself and where the run ran none."""
     if reference is None:
         return None
-    ran = [i for i, cell in enumerate(measured.cells) if cell.seconds]
+    ran = [(ref, run) for ref, run in zip(reference.cells, measured.cells, strict=True) if run.seconds]
     if not ran:
         return None
-    total = [sum(sum(getattr(m.cells[i], seconds)) for i in ran) for m in (reference, measured)]
-    return total[0] / total[1]
+    unpatched = sum(sum(getattr(ref, seconds)[: len(run.seconds)]) for ref, run in ran)
+    return unpatched / sum(sum(getattr(run, seconds)) for _, run in ran)
 
 
 def comparisons(runs: list[Run]) -> list[Comparison]:
@@ -549,6 +560,7 @@ def run(
         new_tokens=NEW_TOKENS,
         warm_up=warm_up,
         informative_floor=INFORMATIVE_FLOOR,
+        timing_trials=min(TIMING_TRIALS, trials),
         passages=[p.id for p in passages],
         passages_sha256=prompt_set_sha256(passages),
         threads=torch.get_num_threads(),
@@ -564,22 +576,21 @@ def run(
         for control_seed, control in zip(control_seeds, control_plans(loaded, plan, control_seeds), strict=True):
             named.append((control, "control", plan.label, control_seed))
     work = None if out is None else resume.open_work_dir(out, _work_key(loaded, named, settings), resume_run, "longctx")
-    every_cell = [True] * len(depths)
+    every_cell = [trials] * len(depths)
     steps = len(lengths) * (len(depths) * trials + len(passages))
     runs = []
     with tqdm(total=steps, desc="longctx", unit="pass", disable=not progress, file=sys.stderr) as bar:
         first = named[0][0]
         reference = {n: _measure_or_load(work, 0, first, n, every_cell, loaded, settings, bar) for n in lengths}
         informative = {length: _informative(reference[length], INFORMATIVE_FLOOR) for length in lengths}
-        bar.total += (len(named) - 1) * sum(sum(informative[n]) * trials + len(passages) for n in lengths)
+        counts = {length: _plan_trials(informative[length], settings) for length in lengths}
+        bar.total += (len(named) - 1) * sum(sum(counts[n]) + len(passages) for n in lengths)
         bar.refresh()
         for index, (entry, role, control_of, s) in enumerate(named):
             measured = (
                 reference
                 if entry.plan is None
-                else {
-                    n: _measure_or_load(work, index, entry, n, informative[n], loaded, settings, bar) for n in lengths
-                }
+                else {n: _measure_or_load(work, index, entry, n, counts[n], loaded, settings, bar) for n in lengths}
             )
             groups = 0 if entry.plan is None else kv_groups_removed(entry.plan, shape)
             runs.append(

@@ -223,7 +223,9 @@ def test_longctx_writes_results_report_and_heatmap_with_unpatched_policy_and_con
         assert [row.length for row in r.lengths] == [128, 160]
         for row in r.lengths:
             assert [c.depth for c in row.passkey] == [0.25, 0.75]
-            assert all(len(c.correct) == (1 if c.informative or r.role == "unpatched" else 0) for c in row.passkey)
+            useful = [c.informative for c in row.passkey]
+            planned = [1, 1] if r.role == "unpatched" else longctx._plan_trials(useful, res.settings)
+            assert [len(c.correct) for c in row.passkey] == planned
     assert res.runs[0].lengths[0].perplexity_ratio is None and policy.lengths[0].perplexity_ratio is not None
     assert [(c.label, c.length) for c in res.comparisons] == [(policy.label, 128), (policy.label, 160)]
     assert (out / "passkey_heatmap.png").stat().st_size > 0
@@ -237,30 +239,47 @@ def tiny_result(tiny):
 
 
 @pytest.mark.parametrize("warm_up", [True, False])
-@pytest.mark.parametrize("unpatched_right", [True, False])
-def test_a_plan_runs_the_trials_of_informative_cells_only(tiny, monkeypatch, unpatched_right, warm_up):
-    """A random tiny model answers no passkey: `is_correct` is replaced by one that marks every trial of the
-    unpatched run right (every cell informative) or none (every cell uninformative)."""
+@pytest.mark.parametrize(
+    ("right", "plan_trials"),
+    [((True, True), [4, 4]), ((True, False), [4, 0]), ((False, False), [0, longctx.TIMING_TRIALS])],
+)
+def test_a_plan_runs_the_informative_cells_or_else_timing_trials_of_the_deepest(
+    tiny, monkeypatch, right, plan_trials, warm_up
+):
+    """A random tiny model answers no passkey: `is_correct` is replaced by one that marks the unpatched run's trials
+    (the first 2 x 4 scored) right in the cells `right` says, and every later one wrong."""
     calls = []
 
     def scored(key: str, answer: str) -> bool:
         calls.append(key)
-        return unpatched_right and len(calls) <= 2  # the unpatched run's 2 trials come first
+        return len(calls) <= 8 and right[(len(calls) - 1) // 4]
 
     monkeypatch.setattr(longctx, "is_correct", scored)
     plan = StreamingPlan.of({0: range(model_shape(tiny.model).heads)}, sink=2, window=16)
     named = [longctx.NamedPlan("s", "streaming", plan)]
-    res = longctx.run(tiny, named, [128], [0.5], 2, [0], progress=False, warm_up=warm_up)
+    res = longctx.run(tiny, named, [128], [0.25, 0.75], 4, [0], progress=False, warm_up=warm_up)
     unpatched, policy, control = (r.lengths[0] for r in res.runs)
-    assert len(unpatched.passkey[0].correct) == 2 and unpatched.passkey[0].informative is unpatched_right
+    assert [len(c.correct) for c in unpatched.passkey] == [4, 4]
+    assert [c.informative for c in unpatched.passkey] == list(right)
     for row in (policy, control):
-        cell = row.passkey[0]
-        assert len(cell.correct) == (2 if unpatched_right else 0)
-        assert (cell.accuracy is None) is (not unpatched_right)
-        for speedup in (row.speedup, row.prefill_speedup, row.decode_speedup):
-            assert (speedup is None) is (not unpatched_right)
-        assert 0 < row.kv_bytes < unpatched.kv_bytes  # measured from the cache even where no trial runs
-    assert len(calls) == (6 if unpatched_right else 2)
+        assert [len(c.correct) for c in row.passkey] == plan_trials
+        assert [c.informative for c in row.passkey] == list(right)
+        assert (row.accuracy is None) is (not any(right))  # timing trials never count
+        assert None not in (row.speedup, row.prefill_speedup, row.decode_speedup)
+        assert 0 < row.kv_bytes < unpatched.kv_bytes  # the streamed cache, measured
+    assert len(calls) == 8 + 2 * sum(plan_trials)
+
+
+def test_a_speedup_sets_the_trials_a_plan_ran_beside_the_same_trials_of_the_unpatched_run():
+    def measured(*seconds: list[float]) -> longctx._Measured:
+        cells = [longctx._Trials(0.5, [], [], [], s, s, s) for s in seconds]
+        return longctx._Measured("r", cells, [1.0], 0)
+
+    reference = measured([1.0, 2.0, 3.0, 4.0], [8.0, 8.0, 8.0, 8.0])
+    run = measured([1.0, 1.0, 1.0], [])  # the first 3 trials of the first cell only
+    assert longctx._speedup(run, reference, "decode_seconds") == pytest.approx(6.0 / 3.0)
+    assert longctx._speedup(measured([], []), reference, "seconds") is None
+    assert longctx._speedup(reference, None, "seconds") is None
 
 
 def test_an_interrupted_longctx_run_resumes_to_the_uninterrupted_runs_result(tmp_path, monkeypatch, capsys):
