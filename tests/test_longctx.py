@@ -353,6 +353,14 @@ def test_the_committed_longctx_baseline_is_readable():
     assert set(baseline.passage_nll) == {"unpatched", *baseline.provenance.plans}
 
 
+def test_the_committed_longctx_grids_read_as_this_schemas_results():
+    grids = sorted((Path(__file__).parents[1] / "baselines" / "longctx").glob("*/results.json"))
+    assert grids, "baselines/longctx/ holds the committed grids"
+    for path in grids:
+        res = LongctxResult.from_json(json.loads(path.read_text()), path)
+        assert res.provenance.command.startswith("sink-eval longctx") and res.runs[0].label == longctx.UNPATCHED
+
+
 def test_a_length_past_the_context_or_the_shortest_passage_is_refused(tiny, monkeypatch):
     monkeypatch.setattr(longctx, "model_context", lambda model: 200)
     with pytest.raises(SinkEvalError, match="exceeds tiny-llama's context of 200 tokens"):
