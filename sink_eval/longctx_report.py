@@ -101,8 +101,14 @@ def _heatmap(res: LongctxResult, out: Path) -> str:
     plt = pyplot()
     shown: list[Run] = [r for r in res.runs if r.role != "control"]
     lengths, depths = res.settings.lengths, res.settings.depths
-    fig, axes = plt.subplots(1, len(shown), figsize=(1.5 + 2.6 * len(shown), 1.2 + 0.5 * len(depths)), squeeze=False)
-    for ax, r in zip(axes[0], shown, strict=True):
+    fig, axes = plt.subplots(
+        1,
+        len(shown) + 1,  # the last, narrow: the colour bar's own axes, so that tight_layout keeps it off the panels
+        figsize=(1.8 + 2.6 * len(shown), 1.2 + 0.5 * len(depths)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1.0] * len(shown) + [0.06]},
+    )
+    for ax, r in zip(axes[0][:-1], shown, strict=True):
         grid = np.array(
             [[np.nan if cell.accuracy is None else cell.accuracy for cell in row.passkey] for row in r.lengths]
         ).T  # (depths, lengths); NaN: a plan's uninformative cell, not run
@@ -114,7 +120,7 @@ def _heatmap(res: LongctxResult, out: Path) -> str:
         ax.set_xticks(range(len(lengths)), [str(length) for length in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set(xlabel="tokens L", ylabel="needle depth d", title=r.label[:40])
-    fig.colorbar(image, ax=axes[0].tolist())
+    fig.colorbar(image, cax=axes[0][-1])
     fig.suptitle(
         f"{res.model.name}: passkey accuracy (* uninformative: unpatched < {INFORMATIVE_FLOOR:g}; - not run there)"
     )
