@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -66,6 +65,7 @@ from sink_eval.prompts import (
 from sink_eval.results import ModelInfo, Provenance, TopLevel, provenance, to_json
 from sink_eval.shape import model_shape
 from sink_eval.speed import StepClock
+from sink_eval.speed import clock as speed_clock
 from sink_eval.streaming import StreamingPlan
 from sink_eval.streaming import candidate_layers as streaming_layers
 
@@ -108,8 +108,8 @@ class LengthRow:
     perplexity_ratio_se: float | None
     kv_bytes: int
     kv_saved_bytes: int
-    passkey_seconds: float  # Σ over the trials this run ran (a plan: those of the informative cells)
-    speedup: float | None  # None for the unpatched run and where no cell is informative
+    passkey_seconds: float  # Σ over the trials this run ran (a plan: `_plan_trials`)
+    speedup: float | None  # None for the unpatched run
     prefill_speedup: float | None
     decode_speedup: float | None
 
@@ -370,7 +370,7 @@ class _Measured:
     label: str  # the run's
     cells: list[_Trials]
     nll: list[float]
-    kv_bytes: int  # held by the cache after a generate call of L + NEW_TOKENS tokens (the same for every trial)
+    kv_bytes: int  # held by the cache after a trial's generate call of L + NEW_TOKENS tokens (the same for every trial)
 
 
 def _measure(
@@ -380,10 +380,10 @@ def _measure(
     model, tokenizer, plan = loaded.model, loaded.tokenizer, entry.plan
     device = next(model.parameters()).device
     cells, kv_bytes = [], 0
-    if settings.warm_up or not any(counts):  # untimed: a warm-up, or the one call that measures the KV bytes
+    if settings.warm_up:
         first = make_trial(tokenizer, settings.seed, 0, length, settings.depths[0])
         ids = torch.tensor([first.input_ids], device=device)
-        _, kv_bytes = _generate(model, plan, ids, torch.ones_like(ids), settings.new_tokens)
+        _generate(model, plan, ids, torch.ones_like(ids), settings.new_tokens)  # untimed
     for depth, count in zip(settings.depths, counts, strict=True):
         cell = _Trials(depth, [], [], [], [], [], [])
         for trial in range(count):
@@ -391,7 +391,7 @@ def _measure(
             ids = torch.tensor([t.input_ids], device=device)
             clock = StepClock(device)
             new, kv_bytes = _generate(model, plan, ids, torch.ones_like(ids), settings.new_tokens, clock)
-            cell.seconds.append(time.perf_counter() - clock.start)
+            cell.seconds.append(speed_clock(device) - clock.start)
             cell.prefill_seconds.append(clock.prefill_seconds())
             cell.decode_seconds.append(clock.decode_seconds())
             answer = tokenizer.decode(new[0], skip_special_tokens=True)
