@@ -29,7 +29,7 @@ OUTPUT_WHAT = {
     "longctx": "results.json, report.md, figure",
     "taxonomy": "results.json, report.md, class map",
 }
-RESUMABLE = ("analyze", "longctx")  # commands that save partial results beside --out (sink_eval.resume)
+RESUMABLE = ("analyze", "eval", "longctx")  # commands that save partial results beside --out (sink_eval.resume)
 CPU_MAX_LENGTH = 4096  # longctx: longer prompts only with --device cuda
 LONGCTX_POLICY_NAMES = ("calibrated", "hybrid", *STREAMING_POLICY_NAMES)  # sink_eval.longctx.STATIC_POLICIES
 
@@ -112,11 +112,12 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     if args.out is not None:
         write_analysis(res, args.out, overwrite=args.overwrite)
         resume.finish(work)
+        if not has_scored_prompts(res):
+            raise SinkEvalError(
+                f"{NO_NONTRIVIAL_PROMPT}; wrote {args.out} (results.json, report.md) without figures. Give prompts "
+                "of at least two tokens"
+            )
     _print_results(args, res, lambda r: f"{prevalence_table(r)}\n\n{agreement_table(r)}")
-    if args.out is not None and not has_scored_prompts(res):
-        raise SinkEvalError(
-            f"{NO_NONTRIVIAL_PROMPT}; wrote {args.out} without figures. Give prompts of at least two tokens"
-        )
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
@@ -200,9 +201,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     policies = _policies(args, default=("calibrated",))
     command = _command_line()
     loaded = load_model(args.model, device=args.device)
-    res = run_eval(loaded, policies, tasks, args.limit, args.data_dir, args.batch_size, command)
+    res = run_eval(loaded, policies, tasks, args.limit, args.data_dir, args.batch_size, command, args.out, args.resume)
     if args.out is not None:
+        from sink_eval import resume
+
         write_eval(res, args.out, overwrite=args.overwrite)
+        resume.finish(resume.work_dir(args.out, args.command))
     _print_results(args, res, eval_table)
 
 
@@ -606,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _policy_arguments(evaluate, "calibrated", COPY_POLICY_NAMES)
     _output_arguments(evaluate, "eval")
+    _resume_argument(evaluate, "(run, task) scores")
     evaluate.set_defaults(func=_cmd_eval)
 
     longctx = sub.add_parser(

@@ -35,6 +35,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from sink_eval import resume
 from sink_eval.errors import SinkEvalError
 from sink_eval.files import sha256_files
 from sink_eval.models import LoadedModel, load_model
@@ -49,7 +50,7 @@ from sink_eval.policies import (
     make_copy_plan,
 )
 from sink_eval.probe import probe
-from sink_eval.results import ModelId, Provenance, TopLevel, provenance
+from sink_eval.results import ModelId, Provenance, TopLevel, provenance, to_json
 from sink_eval.shape import model_shape
 
 DATA_ENV = "SINK_EVAL_DATA"
@@ -444,6 +445,30 @@ class EvalResult(TopLevel):
     provenance: Provenance
 
 
+@dataclass
+class _TaskRun:
+    """One task of one run: the unit of work `run_eval` saves as it finishes (`sink_eval.resume`)."""
+
+    score: TaskScore
+    wall_s: float
+    model_s: float
+    copied: float  # the sum over the rows of the task's model calls of the fraction of heads copied
+    rows: int
+
+
+def _evaluate_task(lm: SinkLM, task: str, limit: int | None, data_dir: str | Path | None) -> _TaskRun:
+    seconds, rows = lm.model_seconds, len(lm.fractions)
+    scores, wall_s = evaluate(lm, [task], limit, data_dir)
+    fractions = lm.fractions[rows:]
+    return _TaskRun(scores[task], wall_s, lm.model_seconds - seconds, sum(fractions), len(fractions))
+
+
+def _work_key(loaded: LoadedModel, policies: list[Policy], settings: EvalSettings) -> dict[str, Any]:
+    """What a saved (run, task) depends on (`sink_eval.resume`): the model, the settings, the runs in order."""
+    runs = [None if policy is None else [policy.name, _model_args(policy)] for policy in [None, *policies]]
+    return {"model": loaded.fingerprint, "settings": to_json(settings), "runs": runs}
+
+
 def run_eval(
     loaded: LoadedModel,
     policies: list[Policy],
@@ -452,26 +477,50 @@ def run_eval(
     data_dir: str | Path | None = None,
     batch_size: int = 8,
     command: str = "",
+    out: Path | None = None,
+    resume_run: bool = False,
 ) -> EvalResult:
-    """The unpatched model, then each policy (`sink_eval.patch_eval.Policy`), on `tasks`."""
+    """The unpatched model, then each policy (`sink_eval.patch_eval.Policy`), on `tasks`, one task at a time. `out`:
+    save each (run, task) in `resume.work_dir(out, "eval")` as it finishes (the caller removes it once the results
+    are written); `resume_run`: continue from what an interrupted run with the same key saved there."""
     for task in tasks:
         locate(task, data_dir)
+    settings = EvalSettings(
+        tasks=tasks,
+        limit=limit,
+        splits={task: TASKS[task].split for task in tasks},
+        split_notes={task: TASKS[task].note for task in tasks if TASKS[task].note},
+        data_files={task: str(locate(task, data_dir)) for task in tasks},
+        data_sha256={task: sha256_files([locate(task, data_dir)]) for task in tasks},
+        batch_size=batch_size,
+        device=_device_name(loaded.model.device),
+    )
+    work = None if out is None else resume.open_work_dir(out, _work_key(loaded, policies, settings), resume_run, "eval")
     runs = []
-    for policy in [None, *policies]:
+    for index, policy in enumerate([None, *policies]):
         options = {} if policy is None else _model_args(policy)
         lm = SinkLM(loaded, data_dir=data_dir, batch_size=batch_size, **options)
-        scores, wall_s = evaluate(lm, tasks, limit, data_dir)
+        parts = {
+            task: resume.once(
+                work,
+                f"run-{index:03d}-{task}.json",
+                _TaskRun,
+                functools.partial(_evaluate_task, lm, task, limit, data_dir),
+            )[0]
+            for task in tasks
+        }
+        rows = sum(part.rows for part in parts.values())
         runs.append(
             EvalRun(
                 label="unpatched" if policy is None else policy.label,
                 policy=None if policy is None else policy.name,
                 options=options,
-                fraction_copied=sum(lm.fractions) / len(lm.fractions) if lm.fractions else 0.0,
+                fraction_copied=sum(part.copied for part in parts.values()) / rows if rows else 0.0,
                 plan=None if lm.static_plan is None else lm.static_plan.to_json(),
-                wall_s=wall_s,
-                model_s=lm.model_seconds,
+                wall_s=sum(part.wall_s for part in parts.values()),
+                model_s=sum(part.model_s for part in parts.values()),
                 speedup=None,
-                tasks=scores,
+                tasks={task: part.score for task, part in parts.items()},
             )
         )
     base = runs[0]
@@ -482,16 +531,7 @@ def run_eval(
             score.change, score.change_se = paired_change(score.per_doc, base.tasks[task].per_doc)
     return EvalResult(
         model=ModelId(loaded.spec.name, loaded.fingerprint),
-        settings=EvalSettings(
-            tasks=tasks,
-            limit=limit,
-            splits={task: TASKS[task].split for task in tasks},
-            split_notes={task: TASKS[task].note for task in tasks if TASKS[task].note},
-            data_files={task: str(locate(task, data_dir)) for task in tasks},
-            data_sha256={task: sha256_files([locate(task, data_dir)]) for task in tasks},
-            batch_size=batch_size,
-            device=_device_name(loaded.model.device),
-        ),
+        settings=settings,
         runs=runs,
         provenance=provenance(command, ("sink_eval", "torch", "transformers", "lm_eval")),
     )

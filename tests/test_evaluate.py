@@ -155,6 +155,44 @@ def test_eval_writes_accuracy_per_task_for_unpatched_and_each_policy(tiny_eval):
     assert "piqa acc % (validation)" in (out / "report.md").read_text()
 
 
+def test_an_interrupted_eval_resumes_to_the_uninterrupted_runs_result(tiny_eval, tmp_path, monkeypatch, capsys):
+    from sink_eval import evaluate
+    from sink_eval.resume import work_dir
+
+    whole, whole_out = tiny_eval
+    argv = ["eval", "--model", "tiny-llama", "--tasks", "piqa,lambada_openai", "--limit", "3", "--policy", "oracle"]
+    argv += ["--threshold", "0.05", "--data-dir", str(whole_out.parent / "data")]
+    real, calls = evaluate._evaluate_task, []
+
+    def killed_after_three(*a, **k):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(evaluate, "_evaluate_task", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*argv, "--out", str(out)])
+    assert not out.exists() and len(list(work_dir(out, "eval").glob("run-*.json"))) == 3
+    calls.clear()
+    monkeypatch.setattr(evaluate, "_evaluate_task", lambda *a, **k: calls.append(1) or real(*a, **k))
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", str(out)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert cli.main([*argv, "--limit", "2", "--out", str(out), "--resume"]) == 2
+    assert "another settings" in capsys.readouterr().err
+    assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
+    assert len(calls) == 1  # of the 4 (run, task) scores, the 3 saved ones were read back
+    assert not work_dir(out, "eval").exists()
+    resumed = EvalResult.from_json(json.loads((out / "results.json").read_text()), out)
+
+    def untimed(res: EvalResult) -> list[EvalRun]:
+        return [dataclasses.replace(run, wall_s=0.0, model_s=0.0, speedup=None) for run in res.runs]
+
+    assert resumed.settings == whole.settings and untimed(resumed) == untimed(whole)
+
+
 def test_eval_results_round_trip_through_json_unchanged(tiny_eval):
     res, out = tiny_eval
     assert EvalResult.from_json(json.loads(json.dumps(res.to_json())), "x") == res
