@@ -74,10 +74,36 @@ def bundled_model():
 
 
 @pytest.fixture(scope="session")
-def analysis_result(bundled_model, pytestconfig):
+def probed(bundled_model):
+    """`probed(name, prompts)` -> the `ProbedPrompt` of each `TokenizedPrompt` on the real model `name`, each prompt
+    probed once a session: the analysis bands and the eval tests' calibration share them."""
+    from sink_eval.analysis import probe_prompts
+
+    done: dict = {}
+
+    def get(name: str, prompts: list) -> list:
+        def key(p) -> tuple:
+            return name, p.prompt.id, tuple(p.input_ids)
+
+        todo = [p for p in prompts if key(p) not in done]
+        for probed_prompt in probe_prompts(bundled_model(name), todo, progress=False):
+            done[key(probed_prompt.prompt)] = probed_prompt
+        return [done[key(p)] for p in prompts]
+
+    return get
+
+
+def ci_cut(name: str, prompts: list) -> list:
+    """The prompts CI analyses `name` on: those of at most CI_PROMPT_TOKENS[name] tokens (all, for the others)."""
+    limit = CI_PROMPT_TOKENS.get(name)
+    return [p for p in prompts if limit is None or len(p.input_ids) <= limit]
+
+
+@pytest.fixture(scope="session")
+def analysis_result(bundled_model, probed, pytestconfig):
     """`analysis_result(name)` -> the `AnalysisResult` of the default prompt set (a CI-cut model's prompts of at
     most CI_PROMPT_TOKENS tokens, unless --full-prompt-set) at the default thresholds, once a session per model."""
-    from sink_eval.analysis import probe_prompts, results
+    from sink_eval.analysis import results
     from sink_eval.prompts import default_prompts, tokenize
     from sink_eval.sinks import DEFAULT_THRESHOLDS
 
@@ -88,12 +114,11 @@ def analysis_result(bundled_model, pytestconfig):
             loaded = bundled_model(name)
             prompts = tokenize(loaded.tokenizer, default_prompts())
             command = "pytest -m analysis"
-            if analysis_baseline_name(pytestconfig, name) == name and name in CI_PROMPT_TOKENS:
-                prompts = [p for p in prompts if len(p.input_ids) <= CI_PROMPT_TOKENS[name]]
-            elif name in CI_PROMPT_TOKENS:
+            if analysis_baseline_name(pytestconfig, name) == name:
+                prompts = ci_cut(name, prompts)
+            else:
                 command += " --full-prompt-set"
-            probed = probe_prompts(loaded, prompts, progress=False)
-            computed[name] = results(loaded, probed, DEFAULT_THRESHOLDS, command=command)
+            computed[name] = results(loaded, probed(name, prompts), DEFAULT_THRESHOLDS, command=command)
         return computed[name]
 
     return get

@@ -22,6 +22,7 @@ document; kept per request so that a baseline can tell any change of the numbers
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -49,7 +50,7 @@ from sink_eval.policies import (
     check_policy,
     make_copy_plan,
 )
-from sink_eval.probe import probe
+from sink_eval.probe import PromptStats, probe
 from sink_eval.results import ModelId, Provenance, TopLevel, provenance, to_json
 from sink_eval.shape import model_shape
 
@@ -220,7 +221,8 @@ class SinkLM(HFLM):
     """lm-eval's HFLM around a sink_eval model, each forward pass under the copy plan of `policy` (none: unpatched).
 
     model_args: pretrained (zoo name, hub id or local dir), policy, threshold, consistency, chance_corrected,
-    hybrid_base, max_tokens, decode_steps, data_dir, batch_size.
+    hybrid_base, max_tokens, decode_steps, data_dir, batch_size. From Python, `calibration`: the probe statistics a
+    static policy is calibrated on (default: `calibration_stats`, the calibration half of the default prompt set).
     """
 
     def __init__(
@@ -235,6 +237,7 @@ class SinkLM(HFLM):
         decode_steps: int | None = None,
         data_dir: str | Path | None = None,
         batch_size: int | str = 8,
+        calibration: list[PromptStats] | None = None,
         **kwargs,
     ):
         loaded = pretrained if isinstance(pretrained, LoadedModel) else load_model(pretrained)
@@ -264,7 +267,8 @@ class SinkLM(HFLM):
             if base == "first_layer":
                 self.probe_layers = 1  # the policy reads only layer 0's attention
             if base not in PER_PROMPT:
-                self.static_plan = make_copy_plan(self.policy, self.options, None, calibration_stats(loaded))
+                stats = calibration_stats(loaded) if calibration is None else calibration
+                self.static_plan = make_copy_plan(self.policy, self.options, None, stats)
         if self._plans_per_request and not str(batch_size).isdigit():
             raise SinkEvalError(
                 f"policy {self.policy} plans each request: give a number as batch_size, not {batch_size}"
@@ -463,10 +467,19 @@ def _evaluate_task(lm: SinkLM, task: str, limit: int | None, data_dir: str | Pat
     return _TaskRun(scores[task], wall_s, lm.model_seconds - seconds, sum(fractions), len(fractions))
 
 
-def _work_key(loaded: LoadedModel, policies: list[Policy], settings: EvalSettings) -> dict[str, Any]:
-    """What a saved (run, task) depends on (`sink_eval.resume`): the model, the settings, the runs in order."""
+def _work_key(
+    loaded: LoadedModel, policies: list[Policy], settings: EvalSettings, calibration: list[PromptStats] | None
+) -> dict[str, Any]:
+    """What a saved (run, task) depends on (`sink_eval.resume`): the model, the settings, the runs in order, and a
+    calibration given in place of the default one (the SHA-256 of its sink scores and token counts)."""
     runs = [None if policy is None else [policy.name, _model_args(policy)] for policy in [None, *policies]]
-    return {"model": loaded.fingerprint, "settings": to_json(settings), "runs": runs}
+    given = None
+    if calibration is not None:
+        digest = hashlib.sha256()
+        for stats in calibration:
+            digest.update(stats.n_tokens.to_bytes(8, "little") + stats.sink.cpu().contiguous().numpy().tobytes())
+        given = digest.hexdigest()
+    return {"model": loaded.fingerprint, "settings": to_json(settings), "runs": runs, "calibration": given}
 
 
 def run_eval(
@@ -479,10 +492,12 @@ def run_eval(
     command: str = "",
     out: Path | None = None,
     resume_run: bool = False,
+    calibration: list[PromptStats] | None = None,
 ) -> EvalResult:
     """The unpatched model, then each policy (`sink_eval.patch_eval.Policy`), on `tasks`, one task at a time. `out`:
     save each (run, task) in `resume.work_dir(out, "eval")` as it finishes (the caller removes it once the results
-    are written); `resume_run`: continue from what an interrupted run with the same key saved there."""
+    are written); `resume_run`: continue from what an interrupted run with the same key saved there. `calibration`:
+    as `SinkLM`'s (each static plan it makes is recorded in the results)."""
     for task in tasks:
         locate(task, data_dir)
     settings = EvalSettings(
@@ -495,11 +510,15 @@ def run_eval(
         batch_size=batch_size,
         device=_device_name(loaded.model.device),
     )
-    work = None if out is None else resume.open_work_dir(out, _work_key(loaded, policies, settings), resume_run, "eval")
+    work = (
+        None
+        if out is None
+        else resume.open_work_dir(out, _work_key(loaded, policies, settings, calibration), resume_run, "eval")
+    )
     runs = []
     for index, policy in enumerate([None, *policies]):
         options = {} if policy is None else _model_args(policy)
-        lm = SinkLM(loaded, data_dir=data_dir, batch_size=batch_size, **options)
+        lm = SinkLM(loaded, data_dir=data_dir, batch_size=batch_size, calibration=calibration, **options)
         parts = {
             task: resume.once(
                 work,

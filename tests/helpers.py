@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,17 @@ def read_committed_baseline(path: Path, kind: baselines.Kind) -> baselines.Basel
     if str(found).startswith(f"{family}/") and older.isdigit() and int(older) < int(version):
         pytest.skip(f"{path.name} has the older schema {found!r}, not {kind.cls.SCHEMA!r}: {kind.fix}")
     return baselines.read_baseline(path, kind)
+
+
+def counted(real: Callable, kill_after: int | None = None) -> tuple[Callable, list[int]]:
+    """`real`, wrapped to count its calls in the returned list; with `kill_after`, the call after that many raises
+    KeyboardInterrupt instead (a run killed part-way, for the resume tests)."""
+    calls: list[int] = []
+
+    def wrapped(*args, **kwargs):
+        if kill_after is not None and len(calls) == kill_after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    return wrapped, calls

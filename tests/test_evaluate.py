@@ -15,7 +15,7 @@ pytest.importorskip("lm_eval", reason="the evals extra (lm-eval) is not installe
 import dataclasses  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from helpers import read_committed_baseline  # noqa: E402
+from helpers import counted, read_committed_baseline  # noqa: E402
 
 from sink_eval import baselines, cli  # noqa: E402
 from sink_eval.errors import SinkEvalError  # noqa: E402
@@ -162,21 +162,14 @@ def test_an_interrupted_eval_resumes_to_the_uninterrupted_runs_result(tiny_eval,
     whole, whole_out = tiny_eval
     argv = ["eval", "--model", "tiny-llama", "--tasks", "piqa,lambada_openai", "--limit", "3", "--policy", "oracle"]
     argv += ["--threshold", "0.05", "--data-dir", str(whole_out.parent / "data")]
-    real, calls = evaluate._evaluate_task, []
-
-    def killed_after_three(*a, **k):
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*a, **k)
-
+    real = evaluate._evaluate_task
     out = tmp_path / "resumed"
-    monkeypatch.setattr(evaluate, "_evaluate_task", killed_after_three)
+    monkeypatch.setattr(evaluate, "_evaluate_task", counted(real, kill_after=3)[0])
     with pytest.raises(KeyboardInterrupt):
         cli.main([*argv, "--out", str(out)])
     assert not out.exists() and len(list(work_dir(out, "eval").glob("run-*.json"))) == 3
-    calls.clear()
-    monkeypatch.setattr(evaluate, "_evaluate_task", lambda *a, **k: calls.append(1) or real(*a, **k))
+    evaluate_task, calls = counted(real)
+    monkeypatch.setattr(evaluate, "_evaluate_task", evaluate_task)
     capsys.readouterr()
     assert cli.main([*argv, "--out", str(out)]) == 2
     assert "pass --resume" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_model, read_committed_baseline
+from helpers import counted, random_model, read_committed_baseline
 from transformers import DynamicCache
 
 from sink_eval import baselines, cli, longctx, plans
@@ -291,20 +291,13 @@ def test_an_interrupted_longctx_run_resumes_to_the_uninterrupted_runs_result(tmp
     args = ["--lengths", "128,160", "--depths", "0.5", "--trials", "1", "--seeds", "1"]
     whole = tmp_path / "whole"
     assert cli.main(["longctx", "--model", "tiny-llama", *args, "--out", str(whole)]) == 0
-    real, calls = longctx._measure, []
-
-    def killed_after_three(*a, **k):
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*a, **k)
-
+    real = longctx._measure
     out = tmp_path / "resumed"
-    monkeypatch.setattr(longctx, "_measure", killed_after_three)
+    monkeypatch.setattr(longctx, "_measure", counted(real, kill_after=3)[0])
     with pytest.raises(KeyboardInterrupt):
         cli.main(["longctx", "--model", "tiny-llama", *args, "--out", str(out)])
-    calls.clear()
-    monkeypatch.setattr(longctx, "_measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    measure, calls = counted(real)
+    monkeypatch.setattr(longctx, "_measure", measure)
     assert not out.exists() and len(list(work_dir(out, "longctx").glob("run-*.json"))) == 3
     capsys.readouterr()
     assert cli.main(["longctx", "--model", "tiny-llama", *args, "--out", str(out)]) == 2

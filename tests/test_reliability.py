@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from helpers import counted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -285,16 +286,9 @@ def test_killed_analyze_resumes_to_the_results_of_an_uninterrupted_run(tmp_path,
     from sink_eval.resume import work_dir
 
     assert _analyze(prompts_file, "--out", str(tmp_path / "whole")) == 0
-    real_probe, calls = sink_eval.analysis.probe, []
-
-    def killed_after_two(*args, **kwargs):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_probe(*args, **kwargs)
-
+    real_probe = sink_eval.analysis.probe
     out = tmp_path / "resumed"
-    monkeypatch.setattr(sink_eval.analysis, "probe", killed_after_two)
+    monkeypatch.setattr(sink_eval.analysis, "probe", counted(real_probe, kill_after=2)[0])
     with pytest.raises(KeyboardInterrupt):
         _analyze(prompts_file, "--out", str(out))
     monkeypatch.setattr(sink_eval.analysis, "probe", real_probe)

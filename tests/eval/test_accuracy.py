@@ -2,7 +2,8 @@
 request's log-likelihood held to the baseline run's (the regression layer).
 
 What runs here is the CI-sized measurement: the first EVAL_LIMIT documents of each task (CI_LIMIT for the Qwen
-models). The full runs are one command each (results in baselines/eval/full):
+models), the static plans calibrated on this session's probes of the calibration prompts (`calibration`). The full
+runs are one command each (results in baselines/eval/full):
 `sink-eval eval --model M --tasks piqa,arc_easy,arc_challenge,winogrande,sciq --policy calibrated --policy hybrid
 [--device cuda] --out DIR`.
 """
@@ -34,24 +35,35 @@ CI_LIMIT = {"qwen2.5-coder-0.5b": 10, "qwen2.5-coder-1.5b": 5}
 POLICIES = (("calibrated", 0.8), ("calibrated", 0.3))
 
 
+def calibration(loaded, probed) -> list:
+    """`evaluate.calibration_stats(loaded)`, the same statistics of the same prompts (the calibration half, cut to the
+    model's context), from the session's shared probes (`probed`): the analysis bands probe these prompts too."""
+    from sink_eval.prompts import DEFAULT_MAX_TOKENS, default_split, model_context, tokenize
+
+    prompts = tokenize(loaded.tokenizer, default_split()[0], model_context(loaded.model) or DEFAULT_MAX_TOKENS, True)
+    return [p.stats for p in probed(loaded.spec.name, prompts)]
+
+
 @pytest.fixture(scope="module")
-def measured(bundled_model, pytestconfig):
+def measured(bundled_model, probed, pytestconfig):
     """`measured(name)` -> (eval results, checked baseline); with --update-baselines the baseline is rewritten."""
     from sink_eval.evaluate import run_eval
     from sink_eval.policies import Policy, PolicyOptions
 
-    done = {}
+    results: dict[str, EvalResult] = {}
+    checked: dict[str, baselines.EvalBaseline] = {}
 
     def get(name: str) -> tuple[EvalResult, baselines.EvalBaseline]:
-        if name not in done:
-            policies = [Policy(name, PolicyOptions(threshold=tau)) for name, tau in POLICIES]
+        if name not in results:  # measured once, even where the baseline check below fails
+            loaded = bundled_model(name)
+            policies = [Policy(policy, PolicyOptions(threshold=tau)) for policy, tau in POLICIES]
             limit = CI_LIMIT.get(name, EVAL_LIMIT)
-            res = run_eval(bundled_model(name), policies, EVAL_TASKS, limit, command="pytest -m eval")
-            path = BASELINE_DIR / f"{name}.json"
-            measured = baselines.make_eval_baseline(res, "pytest -m eval --update-baselines")
-            baseline = checked_baseline(pytestconfig, path, measured, baselines.EVAL)
-            done[name] = (res, baseline)
-        return done[name]
+            stats = calibration(loaded, probed)
+            results[name] = run_eval(loaded, policies, EVAL_TASKS, limit, command="pytest -m eval", calibration=stats)
+        if name not in checked:
+            measured = baselines.make_eval_baseline(results[name], "pytest -m eval --update-baselines")
+            checked[name] = checked_baseline(pytestconfig, BASELINE_DIR / f"{name}.json", measured, baselines.EVAL)
+        return results[name], checked[name]
 
     return get
 
