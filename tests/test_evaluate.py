@@ -139,14 +139,15 @@ def tiny_eval(tmp_path_factory):
     out = root / "out"
     argv = ["eval", "--model", "tiny-llama", "--tasks", "piqa,lambada_openai", "--limit", "3", "--out", str(out)]
     argv += ["--data-dir", str(root / "data")]
-    assert cli.main([*argv, "--policy", "oracle", "--threshold", "0.05"]) == 0  # a random model's sinks are weak
+    policies = ["--policy", "oracle", "--policy", "calibrated", "--threshold", "0.05"]  # a random model: weak sinks
+    assert cli.main([*argv, *policies]) == 0
     data = json.loads((out / "results.json").read_text())
     return EvalResult.from_json(data, out / "results.json"), out
 
 
 def test_eval_writes_accuracy_per_task_for_unpatched_and_each_policy(tiny_eval):
     res, out = tiny_eval
-    assert [run.label for run in res.runs] == ["unpatched", "oracle tau=0.05"]
+    assert [run.label for run in res.runs] == ["unpatched", "oracle tau=0.05", "calibrated p=0.9 tau=0.05"]
     for run in res.runs:
         assert set(run.tasks) == {"piqa", "lambada_openai"} and run.tasks["piqa"].n == 3
     assert res.runs[0].tasks["piqa"].change is None and res.runs[0].speedup is None
@@ -161,7 +162,7 @@ def test_an_interrupted_eval_resumes_to_the_uninterrupted_runs_result(tiny_eval,
 
     whole, whole_out = tiny_eval
     argv = ["eval", "--model", "tiny-llama", "--tasks", "piqa,lambada_openai", "--limit", "3", "--policy", "oracle"]
-    argv += ["--threshold", "0.05", "--data-dir", str(whole_out.parent / "data")]
+    argv += ["--policy", "calibrated", "--threshold", "0.05", "--data-dir", str(whole_out.parent / "data")]
     real = evaluate._evaluate_task
     out = tmp_path / "resumed"
     monkeypatch.setattr(evaluate, "_evaluate_task", counted(real, kill_after=3)[0])
@@ -176,7 +177,7 @@ def test_an_interrupted_eval_resumes_to_the_uninterrupted_runs_result(tiny_eval,
     assert cli.main([*argv, "--limit", "2", "--out", str(out), "--resume"]) == 2
     assert "another settings" in capsys.readouterr().err
     assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
-    assert len(calls) == 1  # of the 4 (run, task) scores, the 3 saved ones were read back
+    assert len(calls) == 3  # of the 6 (run, task) scores, the 3 saved ones were read back
     assert not work_dir(out, "eval").exists()
     resumed = EvalResult.from_json(json.loads((out / "results.json").read_text()), out)
 
@@ -245,7 +246,7 @@ def test_an_eval_baseline_measured_with_other_calibrated_heads_is_refused(tmp_pa
 def test_eval_results_record_the_device_and_each_static_plan(tiny_eval):
     res, _ = tiny_eval
     assert res.settings.device == "cpu"
-    assert [run.plan for run in res.runs] == [None, None]  # unpatched and the per-prompt oracle have none
+    assert [run.plan is None for run in res.runs] == [True, True, False]  # only the static calibrated plan has one
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])

@@ -150,8 +150,9 @@ def test_only_one_token_prompts_write_the_report_and_say_no_non_trivial_prompt(t
     path.write_text('{"text": "A"}\n{"text": "B"}\n')
     out = tmp_path / "out"
     assert _analyze(path, "--out", str(out)) == 2
-    err = capsys.readouterr().err
-    assert "no non-trivial prompt" in err.splitlines()[-1]
+    out_err = capsys.readouterr()
+    err = out_err.err
+    assert "no non-trivial prompt" in err.splitlines()[-1] and "| " in out_err.out  # the table, then the error
     assert "figures" not in err.replace("without figures", "")  # never "wrote ...: ..., figures"
     assert "no non-trivial prompt" in (out / "report.md").read_text()
     res = read_results(out)

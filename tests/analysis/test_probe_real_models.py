@@ -69,7 +69,7 @@ def _peak_kb() -> int:
 def layers_of_every_kind(config) -> int:
     """How many first layers hold one layer of each attention kind the model has (`layer_types`: full, sliding;
     Llama has one kind). Every layer of a kind runs the same code on tensors of the same shapes."""
-    kinds = getattr(config, "layer_types", None) or ["full_attention"]
+    kinds = getattr(config.get_text_config(decoder=True), "layer_types", None) or ["full_attention"]
     return max(kinds.index(kind) for kind in set(kinds)) + 1
 
 

@@ -36,12 +36,12 @@ POLICIES = (("calibrated", 0.8), ("calibrated", 0.3))
 
 
 def calibration(loaded, probed) -> list:
-    """`evaluate.calibration_stats(loaded)`, the same statistics of the same prompts (the calibration half, cut to the
-    model's context), from the session's shared probes (`probed`): the analysis bands probe these prompts too."""
-    from sink_eval.prompts import DEFAULT_MAX_TOKENS, default_split, model_context, tokenize
+    """`evaluate.calibration_stats(loaded)`: the statistics of `evaluate.calibration_prompts`, taken from the session's
+    shared probes (`probed`), which the analysis bands fill (all but the 1.5B's four prompts of more than
+    CI_PROMPT_TOKENS tokens, probed here)."""
+    from sink_eval.evaluate import calibration_prompts
 
-    prompts = tokenize(loaded.tokenizer, default_split()[0], model_context(loaded.model) or DEFAULT_MAX_TOKENS, True)
-    return [p.stats for p in probed(loaded.spec.name, prompts)]
+    return [p.stats for p in probed(loaded.spec.name, calibration_prompts(loaded))]
 
 
 @pytest.fixture(scope="module")
