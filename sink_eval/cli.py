@@ -112,13 +112,13 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     if args.out is not None:
         write_analysis(res, args.out, overwrite=args.overwrite)
         resume.finish(work)
-        if not has_scored_prompts(res):
-            _print_results(args, res, lambda r: f"{prevalence_table(r)}\n\n{agreement_table(r)}", wrote=False)
-            raise SinkEvalError(
-                f"{NO_NONTRIVIAL_PROMPT}; wrote {args.out} (results.json, report.md) without figures. Give prompts "
-                "of at least two tokens"
-            )
-    _print_results(args, res, lambda r: f"{prevalence_table(r)}\n\n{agreement_table(r)}")
+    figures = args.out is None or has_scored_prompts(res)
+    _print_results(args, res, lambda r: f"{prevalence_table(r)}\n\n{agreement_table(r)}", wrote=figures)
+    if not figures:
+        raise SinkEvalError(
+            f"{NO_NONTRIVIAL_PROMPT}; wrote {args.out} (results.json, report.md) without figures. Give prompts of at "
+            "least two tokens"
+        )
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
