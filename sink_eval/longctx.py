@@ -23,8 +23,10 @@ Metrics, per run (the unpatched model, a policy's plan, or one seed of its rando
 Controls (`sink_eval.controls`): every policy's plan gets `seeds` random plans of the same size from the same
 candidate layers; the verdict per length says whether the policy beats them by more than their spread.
 
-Resumable (`sink_eval.resume`): with a work directory, each (run, length) measurement is saved as it finishes and
-reused by a rerun with the same model, plans and settings.
+Order: length-major (the unpatched model at L, then every other run at L, then the next length), so that an
+interrupted run holds whole lengths and each length's speed-ups compare timings of one process where the run was not
+interrupted within it. Resumable (`sink_eval.resume`): with a work directory, each (run, length) measurement is saved
+as it finishes and reused by a rerun with the same model, plans and settings.
 """
 
 from __future__ import annotations
@@ -578,38 +580,37 @@ def run(
     work = None if out is None else resume.open_work_dir(out, _work_key(loaded, named, settings), resume_run, "longctx")
     every_cell = [trials] * len(depths)
     steps = len(lengths) * (len(depths) * trials + len(passages))
-    runs = []
+    measured: list[dict[int, _Measured]] = [{} for _ in named]  # per run: length -> its measurement
+    informative: dict[int, list[bool]] = {}
     with tqdm(total=steps, desc="longctx", unit="pass", disable=not progress, file=sys.stderr) as bar:
-        first = named[0][0]
-        reference = {n: _measure_or_load(work, 0, first, n, every_cell, loaded, settings, bar) for n in lengths}
-        informative = {length: _informative(reference[length], INFORMATIVE_FLOOR) for length in lengths}
-        counts = {length: _plan_trials(informative[length], settings) for length in lengths}
-        bar.total += (len(named) - 1) * sum(sum(counts[n]) + len(passages) for n in lengths)
-        bar.refresh()
-        for index, (entry, role, control_of, s) in enumerate(named):
-            measured = (
-                reference
-                if entry.plan is None
-                else {n: _measure_or_load(work, index, entry, n, counts[n], loaded, settings, bar) for n in lengths}
+        for n in lengths:  # length-major: a partial run holds whole lengths, each timed by one process
+            reference = measured[0][n] = _measure_or_load(work, 0, named[0][0], n, every_cell, loaded, settings, bar)
+            informative[n] = _informative(reference, INFORMATIVE_FLOOR)
+            counts = _plan_trials(informative[n], settings)
+            bar.total += (len(named) - 1) * (sum(counts) + len(passages))
+            bar.refresh()
+            for index, (entry, *_) in enumerate(named[1:], start=1):
+                measured[index][n] = _measure_or_load(work, index, entry, n, counts, loaded, settings, bar)
+    runs = []
+    for (entry, role, control_of, s), by_length in zip(named, measured, strict=True):
+        groups = 0 if entry.plan is None else kv_groups_removed(entry.plan, shape)
+        runs.append(
+            Run(
+                label=entry.label,
+                role=role,
+                policy=entry.policy,
+                control_of=control_of,
+                seed=s,
+                plan=None if entry.plan is None else entry.plan.to_json(),
+                fraction_heads=0.0 if entry.plan is None else entry.plan.fraction(shape.layers, shape.heads),
+                kv_groups=groups,
+                fraction_kv_groups=groups / (shape.layers * shape.kv_heads),
+                lengths=[
+                    _row(n, by_length[n], None if entry.plan is None else measured[0][n], informative[n])
+                    for n in lengths
+                ],
             )
-            groups = 0 if entry.plan is None else kv_groups_removed(entry.plan, shape)
-            runs.append(
-                Run(
-                    label=entry.label,
-                    role=role,
-                    policy=entry.policy,
-                    control_of=control_of,
-                    seed=s,
-                    plan=None if entry.plan is None else entry.plan.to_json(),
-                    fraction_heads=0.0 if entry.plan is None else entry.plan.fraction(shape.layers, shape.heads),
-                    kv_groups=groups,
-                    fraction_kv_groups=groups / (shape.layers * shape.kv_heads),
-                    lengths=[
-                        _row(n, measured[n], None if entry.plan is None else reference[n], informative[n])
-                        for n in lengths
-                    ],
-                )
-            )
+        )
     reproduction = None
     if streaming_llm:
         reproduction, _ = resume.once(

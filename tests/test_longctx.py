@@ -282,7 +282,9 @@ def test_a_speedup_sets_the_trials_a_plan_ran_beside_the_same_trials_of_the_unpa
     assert longctx._speedup(reference, None, "seconds") is None
 
 
-def test_an_interrupted_longctx_run_resumes_to_the_uninterrupted_runs_result(tmp_path, monkeypatch, capsys):
+def test_an_interrupted_longctx_run_holds_whole_lengths_and_resumes_to_the_uninterrupted_result(
+    tmp_path, monkeypatch, capsys
+):
     from sink_eval.resume import work_dir
 
     calibration, evaluation = longctx.default_split()
@@ -298,7 +300,8 @@ def test_an_interrupted_longctx_run_resumes_to_the_uninterrupted_runs_result(tmp
         cli.main(["longctx", "--model", "tiny-llama", *args, "--out", str(out)])
     measure, calls = counted(real)
     monkeypatch.setattr(longctx, "_measure", measure)
-    assert not out.exists() and len(list(work_dir(out, "longctx").glob("run-*.json"))) == 3
+    saved = sorted(f.name for f in work_dir(out, "longctx").glob("run-*.json"))
+    assert not out.exists() and saved == ["run-000-L128.json", "run-001-L128.json", "run-002-L128.json"]  # length-major
     capsys.readouterr()
     assert cli.main(["longctx", "--model", "tiny-llama", *args, "--out", str(out)]) == 2
     assert "pass --resume" in capsys.readouterr().err
