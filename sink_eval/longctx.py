@@ -49,7 +49,7 @@ from sink_eval.controls import Verdict, random_heads, verdict
 from sink_eval.errors import SinkEvalError
 from sink_eval.models import LoadedModel
 from sink_eval.passkey import NEW_TOKENS, evaluation_passages, is_correct, make_trial, min_length
-from sink_eval.patch import greedy, kv_cache_bytes
+from sink_eval.patch import kv_cache_bytes
 from sink_eval.perplexity import token_nll
 from sink_eval.plans import Plan, candidate_layers, kv_groups_removed, patched, with_heads
 from sink_eval.plans import generate as plan_generate
@@ -65,6 +65,7 @@ from sink_eval.prompts import (
     tokenize,
 )
 from sink_eval.results import ModelInfo, Provenance, TopLevel, provenance, to_json
+from sink_eval.seam import greedy
 from sink_eval.shape import model_shape
 from sink_eval.speed import StepClock
 from sink_eval.speed import clock as speed_clock
@@ -587,10 +588,14 @@ def run(
             reference = measured[0][n] = _measure_or_load(work, 0, named[0][0], n, every_cell, loaded, settings, bar)
             informative[n] = _informative(reference, INFORMATIVE_FLOOR)
             counts = _plan_trials(informative[n], settings)
-            bar.total += (len(named) - 1) * (sum(counts) + len(passages))
+            bar.total += sum(entry.plan is not None for entry, *_ in named) * (sum(counts) + len(passages))
             bar.refresh()
             for index, (entry, *_) in enumerate(named[1:], start=1):
-                measured[index][n] = _measure_or_load(work, index, entry, n, counts, loaded, settings, bar)
+                measured[index][n] = (
+                    reference
+                    if entry.plan is None
+                    else _measure_or_load(work, index, entry, n, counts, loaded, settings, bar)
+                )
     runs = []
     for (entry, role, control_of, s), by_length in zip(named, measured, strict=True):
         groups = 0 if entry.plan is None else kv_groups_removed(entry.plan, shape)

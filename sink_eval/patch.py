@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessorList
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
 
-from sink_eval import attention
+from sink_eval import seam
 from sink_eval.errors import SinkEvalError
+from sink_eval.seam import first_positions, is_index
 from sink_eval.shape import Shape, model_shape
 
 PATCH_ATTENTION = "sink_copy"
@@ -83,10 +83,6 @@ class CopyPlan:
             "max_tokens": self.max_tokens,
             "decode_steps": self.decode_steps,
         }
-
-
-def is_index(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def head_set(layer: object, heads: Iterable[int], kind: str) -> frozenset:
@@ -195,18 +191,6 @@ def plan_applies(plan: CopyPlan, seq_len: int, decode_step: int) -> bool:
     return plan.decode_steps is None or 1 <= decode_step <= plan.decode_steps
 
 
-def _active_state(module: torch.nn.Module, kwargs: dict) -> _State:
-    """The running patch's state, after checking that the attention call is one the patch supports."""
-    state = _ACTIVE.get()
-    if state is None:
-        raise RuntimeError("the copy patch's attention ran outside sink_eval.patch.patched() or layer_errors()")
-    if kwargs.get("softcap") is not None:
-        raise SinkEvalError("the copy patch does not support attention logit soft-capping")
-    if module.training:
-        raise SinkEvalError("the copy patch is for inference: call model.eval() first")
-    return state
-
-
 def copy_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -218,7 +202,7 @@ def copy_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query (B, H, T, D), key/value (B, H_kv', S, D) -> (B, T, H, D): copied heads get V[first], others SDPA."""
-    state = _active_state(module, kwargs)
+    state = seam.active_state(_ACTIVE, module, kwargs, "copy")
     if state.row_heads is not None:
         rows = _copy_rows(state, state.row_heads, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         return rows, None
@@ -226,36 +210,6 @@ def copy_attention(
     if out is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     return out, None
-
-
-def error_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """`layer_errors`' attention: records the relative error of the patched output (B, T, H, D) against the exact
-    one, and returns the exact one, so that every layer sees the exact model's hidden states."""
-    state = _active_state(module, kwargs)
-    out = _planned_output(state, module, query, key, value, attention_mask, scaling)
-    exact, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if out is not None:
-        batch, _, t_len, _ = query.shape
-        first = _first_positions(state, attention_mask, batch, t_len, query.device)
-        state.errors[module.layer_idx] = relative_error(out, exact, first)
-    return exact, None
-
-
-def relative_error(out: torch.Tensor, exact: torch.Tensor, first: torch.Tensor) -> float:
-    """||out - exact|| / ||exact|| over the non-padding queries: outputs (B, T, H, D), `first` (B,) the first real
-    position of each row (the per-layer error of `layer_errors`, for either patch)."""
-    t_len = exact.shape[1]
-    real = torch.arange(t_len, device=exact.device)[None, :] >= first[:, None]  # (B, T) non-padding queries
-    return float(torch.linalg.vector_norm((out - exact)[real].float()) / torch.linalg.vector_norm(exact[real].float()))
 
 
 def _planned_output(
@@ -304,6 +258,13 @@ def _planned_output(
         out[:, :, attend] = result.transpose(1, 2)
     out[:, :, layer.copied] = first_values[:, layer.copied_groups].unsqueeze(1).to(out.dtype)
     return out
+
+
+def _first_of(state: _State, mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
+    return _first_positions(state, mask, query.shape[0], query.shape[2], query.device)
+
+
+error_attention = seam.error_attention(_ACTIVE, "copy", _planned_output, _first_of)
 
 
 def _copy_rows(
@@ -436,26 +397,8 @@ def patched(
         shape = model_shape(model)
         state = _State(CopyPlan(), shape, _row_heads(rows, shape, next(model.parameters()).device))
     state.cache = cache
-    with _running(model, state, PATCH_ATTENTION, copy_attention):
+    with seam.running(model, _ACTIVE, state, PATCH_ATTENTION, copy_attention, patch=True):
         yield
-
-
-@contextmanager
-def _running(model: torch.nn.Module, state: _State, name: str, function) -> Iterator[None]:
-    """Run `model` with attention `function` (registered as `name`, SDPA's masks) reading `state`."""
-    token = _ACTIVE.set(state)
-    try:
-        with attention.use(model, name, function, sdpa_mask, patch=name == PATCH_ATTENTION):
-            yield
-    finally:
-        _ACTIVE.reset(token)
-
-
-def first_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """First non-padding position per row of a left-padded (batch, tokens) mask."""
-    if bool((attention_mask[:, -1] == 0).any()):
-        raise SinkEvalError("the patches need left padding: set tokenizer.padding_side = 'left'")
-    return attention_mask.long().argmax(dim=-1)
 
 
 def new_cache(model: torch.nn.Module, plan: CopyPlan, attention_mask: torch.Tensor) -> DynamicCache:
@@ -492,7 +435,6 @@ def kv_cache_bytes(cache: DynamicCache) -> int:
     return total
 
 
-@torch.no_grad()
 def generate(
     model: torch.nn.Module,
     plan: CopyPlan,
@@ -502,49 +444,10 @@ def generate(
     logits_processor: LogitsProcessorList | None = None,
 ) -> tuple[torch.Tensor, DynamicCache]:
     """Greedy generation under `plan` with the plan's KV cache: (prompt + new token ids, the cache).
-    `max_new_tokens` is at least 1; `logits_processor` as in `greedy`."""
-    if not is_index(max_new_tokens) or max_new_tokens < 1:
-        raise SinkEvalError(f"max_new_tokens is the number of tokens to generate, at least 1, not {max_new_tokens!r}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    cache = new_cache(model, plan, attention_mask)
-    with patched(model, plan, cache):
-        ids = greedy(model, input_ids, attention_mask, cache, max_new_tokens, logits_processor)
-    return ids, cache
+    `max_new_tokens` is at least 1; `logits_processor` as in `seam.greedy`."""
+    return seam.generate(model, plan, new_cache, patched, input_ids, attention_mask, max_new_tokens, logits_processor)
 
 
-def greedy(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    cache: Cache,
-    new_tokens: int,
-    logits_processor: LogitsProcessorList | None = None,
-) -> torch.Tensor:
-    """Plain `model.generate`, greedy, of exactly `new_tokens` tokens after input_ids (B, N) into `cache`: the
-    prompt and new ids (B, N + new_tokens). `logits_processor`: generate's, e.g. a `speed.StepClock`."""
-    return model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        cache=cache,  # generate's name for past_key_values since transformers 5.x
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=pad_id(model),
-        logits_processor=logits_processor,
-    )
-
-
-def pad_id(model: torch.nn.Module) -> int:
-    """The id generation pads with: the model's pad token, else its (first) EOS token, else 0."""
-    config = model.generation_config
-    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-    if isinstance(pad, list):
-        pad = pad[0]
-    return 0 if pad is None else pad
-
-
-@torch.no_grad()
 def layer_errors(
     model: torch.nn.Module, plan: CopyPlan, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> dict[int, float]:
@@ -554,10 +457,5 @@ def layer_errors(
     queries), both computed from the exact model's hidden states: each layer's own error, not accumulated ones.
     Layers the plan does not touch have error 0 and are left out.
     """
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    first_positions(attention_mask)
     state = _State(plan, check_plan(model, plan))
-    with _running(model, state, ERROR_ATTENTION, error_attention):
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
-    return dict(sorted(state.errors.items()))
+    return seam.layer_errors(model, _ACTIVE, state, ERROR_ATTENTION, error_attention, input_ids, attention_mask)

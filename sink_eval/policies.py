@@ -34,10 +34,11 @@ from dataclasses import dataclass
 import torch
 
 from sink_eval.errors import SinkEvalError
-from sink_eval.patch import CopyPlan, is_index
+from sink_eval.patch import CopyPlan
 from sink_eval.plans import Plan
 from sink_eval.probe import PromptStats, check_windows
 from sink_eval.prompts import Prompt
+from sink_eval.seam import is_index
 from sink_eval.shape import Shape, model_shape
 from sink_eval.sinks import sink_heads, threshold_for
 from sink_eval.streaming import DEFAULT_SINK, DEFAULT_WINDOW, StreamingPlan, candidate_layers

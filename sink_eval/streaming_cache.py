@@ -31,7 +31,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from sink_eval.errors import SinkEvalError
-from sink_eval.patch import first_positions
+from sink_eval.seam import first_positions
 from sink_eval.streaming import StreamingPlan, check_streaming_plan
 
 

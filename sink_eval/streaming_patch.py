@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessorList
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
 
-from sink_eval import attention
+from sink_eval import seam
 from sink_eval.banded import BandLayout, band_layout, banded_attention, keyed_attention
 from sink_eval.errors import SinkEvalError
-from sink_eval.patch import attend_heads, first_positions, greedy, is_index, relative_error, select_heads
+from sink_eval.patch import attend_heads, select_heads
 from sink_eval.shape import Shape
 from sink_eval.streaming import StreamingPlan, check_streaming_plan
 from sink_eval.streaming_cache import StepKV, StreamingCache, StreamingLayer
@@ -85,17 +84,6 @@ class _State:
 _ACTIVE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("sink_eval_streaming", default=None)
 
 
-def _active_state(module: torch.nn.Module, kwargs: dict) -> _State:
-    state = _ACTIVE.get()
-    if state is None:
-        raise RuntimeError("the streaming patch's attention ran outside sink_eval.streaming_patch.patched()")
-    if kwargs.get("softcap") is not None:
-        raise SinkEvalError("the streaming patch does not support attention logit soft-capping")
-    if module.training:
-        raise SinkEvalError("the streaming patch is for inference: call model.eval() first")
-    return state
-
-
 def _first_of_mask(mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
     """First non-padding position per row: the first key the last query (a real token, left padding) may see."""
     if mask is None:
@@ -117,32 +105,11 @@ def stream_attention(
 ) -> tuple[torch.Tensor, None]:
     """query (B, H, T, D), key/value (B, H_kv', S, D) -> (B, T, H, D): streamed heads over their sinks and window,
     the others by SDPA."""
-    state = _active_state(module, kwargs)
+    state = seam.active_state(_ACTIVE, module, kwargs, "streaming")
     out = _planned_output(state, module, query, key, value, attention_mask, scaling)
     if out is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     return out, None
-
-
-def error_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """`layer_errors`' attention: records the relative error of the patched output (B, T, H, D) against the exact
-    one, and returns the exact one, so that every layer sees the exact model's hidden states."""
-    state = _active_state(module, kwargs)
-    out = _planned_output(state, module, query, key, value, attention_mask, scaling)
-    exact, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if out is not None:
-        first = _first_of_mask(attention_mask, query.shape[0], query.device)
-        state.errors[module.layer_idx] = relative_error(out, exact, first)
-    return exact, None
 
 
 def _planned_output(
@@ -205,6 +172,13 @@ def _planned_output(
             streamed = keyed_attention(q, query_pos, keys, values, positions, first, plan.sink, plan.window, scaling)
     parts.append((layer.streamed, streamed))
     return _assemble(parts, heads)
+
+
+def _first_of(state: _State, mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
+    return _first_of_mask(mask, query.shape[0], query.device)
+
+
+error_attention = seam.error_attention(_ACTIVE, "streaming", _planned_output, _first_of)
 
 
 def _assemble(parts: list[tuple[list[int], torch.Tensor]], heads: int) -> torch.Tensor:
@@ -292,18 +266,9 @@ def patched(model: torch.nn.Module, plan: StreamingPlan, cache: StreamingCache |
     state = _State(plan, check_streaming_plan(model, plan), cache)
     if cache is not None and cache.plan != plan:
         raise SinkEvalError("this StreamingCache was made for another plan: make one with new_cache(model, plan, mask)")
-    with _running(model, state, STREAM_ATTENTION, stream_attention), cache.in_use() if cache else nullcontext():
+    running = seam.running(model, _ACTIVE, state, STREAM_ATTENTION, stream_attention, patch=True)
+    with running, cache.in_use() if cache else nullcontext():
         yield
-
-
-@contextmanager
-def _running(model: torch.nn.Module, state: _State, name: str, function) -> Iterator[None]:
-    token = _ACTIVE.set(state)
-    try:
-        with attention.use(model, name, function, sdpa_mask, patch=name == STREAM_ATTENTION):
-            yield
-    finally:
-        _ACTIVE.reset(token)
 
 
 def new_cache(model: torch.nn.Module, plan: StreamingPlan, attention_mask: torch.Tensor) -> StreamingCache:
@@ -311,7 +276,6 @@ def new_cache(model: torch.nn.Module, plan: StreamingPlan, attention_mask: torch
     return StreamingCache(model, plan, attention_mask)
 
 
-@torch.no_grad()
 def generate(
     model: torch.nn.Module,
     plan: StreamingPlan,
@@ -321,27 +285,14 @@ def generate(
     logits_processor: LogitsProcessorList | None = None,
 ) -> tuple[torch.Tensor, StreamingCache]:
     """Greedy generation under `plan` with its constant-size cache, by plain `model.generate`: (prompt + new token
-    ids, the cache). `max_new_tokens` is at least 1; `logits_processor` as in `patch.greedy`."""
-    if not is_index(max_new_tokens) or max_new_tokens < 1:
-        raise SinkEvalError(f"max_new_tokens is the number of tokens to generate, at least 1, not {max_new_tokens!r}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    cache = new_cache(model, plan, attention_mask)
-    with patched(model, plan, cache):
-        ids = greedy(model, input_ids, attention_mask, cache, max_new_tokens, logits_processor)
-    return ids, cache
+    ids, the cache). `max_new_tokens` is at least 1; `logits_processor` as in `seam.greedy`."""
+    return seam.generate(model, plan, new_cache, patched, input_ids, attention_mask, max_new_tokens, logits_processor)
 
 
-@torch.no_grad()
 def layer_errors(
     model: torch.nn.Module, plan: StreamingPlan, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> dict[int, float]:
     """Per-layer relative error of the patched attention output against the exact one on the same input (defined as
     in `sink_eval.patch.layer_errors`); layers the plan does not touch are left out."""
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    first_positions(attention_mask)
     state = _State(plan, check_streaming_plan(model, plan), None)
-    with _running(model, state, STREAM_ERROR_ATTENTION, error_attention):
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
-    return dict(sorted(state.errors.items()))
+    return seam.layer_errors(model, _ACTIVE, state, STREAM_ERROR_ATTENTION, error_attention, input_ids, attention_mask)

@@ -67,7 +67,7 @@ def test_the_step_clock_reads_the_time_after_each_forward_of_a_generate_call_and
     from helpers import random_model
     from transformers import DynamicCache, LogitsProcessorList
 
-    from sink_eval.patch import greedy
+    from sink_eval.seam import greedy
 
     model = random_model("llama", kv_heads=2, groups=2, head_dim=8, window=8)
     ends: list[float] = []
