@@ -21,27 +21,25 @@ reference only) go to the benchmark's extra_info; `--benchmark-json baselines/be
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import nullcontext
 
 import pytest
 import torch
-from transformers import Cache, DynamicCache
+from bench_regions import (
+    DECODE_STEPS,
+    assert_within_ceilings,
+    attention_layers,
+    decode,
+    decode_references,
+    prefill,
+    real_ids,
+)
+from transformers import Cache
 
 from sink_eval.patch import CopyPlan, kv_cache_bytes, new_cache, patched
 from sink_eval.prompts import default_prompts
 from sink_eval.shape import model_shape
-from sink_eval.speed import (
-    Paired,
-    attention_share,
-    ceiling,
-    clock,
-    gate_passes,
-    growth_free_cache,
-    growth_share,
-    paired,
-    without_attention,
-)
+from sink_eval.speed import Paired, attention_share, ceiling, gate_passes, growth_share, paired, without_attention
 
 pytestmark = pytest.mark.bench
 
@@ -49,8 +47,6 @@ FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 ATTENTION_LAYERS = 4
 ROUNDS = 3
 GATED_ROUNDS = 7  # the attention-layer gate's lower quartile needs more than three rounds
-DECODE_STEPS = 8
-NOISE = 0.15  # how far a measured speed-up may exceed its ceiling before the measurement is called wrong
 
 
 def forced_plan(layers: list[int], heads: int, fraction: float) -> CopyPlan:
@@ -63,11 +59,9 @@ def forced_plan(layers: list[int], heads: int, fraction: float) -> CopyPlan:
     return CopyPlan.of(chosen)
 
 
-def real_ids(tokenizer, tokens: int) -> torch.Tensor:
-    text = "\n\n".join(p.text for p in default_prompts() if p.domain in ("prose", "code", "qa"))
-    ids = tokenizer(text)["input_ids"]
-    assert len(ids) >= tokens, f"the default prompt set gives {len(ids)} tokens, fewer than {tokens}"
-    return torch.tensor([ids[:tokens]])
+def prompt_ids(tokenizer, tokens: int) -> torch.Tensor:
+    """The default prompt set's prose, code and QA prompts, joined, cut to `tokens` tokens: [1, tokens]."""
+    return real_ids(tokenizer, [p.text for p in default_prompts() if p.domain in ("prose", "code", "qa")], tokens)
 
 
 def report(
@@ -116,15 +110,6 @@ def report(
     return rows
 
 
-def assert_within_ceilings(rows: dict) -> None:
-    above = {
-        label: (row["speedup"], row["ceiling"])
-        for label, row in rows.items()
-        if row["speedup"] > row["ceiling"] * (1 + NOISE)
-    }
-    assert not above, f"speed-ups above their ceiling + {NOISE:.0%} (speed-up, ceiling): {above}"
-
-
 @pytest.fixture(scope="module")
 def smollm(bundled_model):
     return bundled_model("smollm2-135m")
@@ -135,25 +120,12 @@ def test_attention_layer_speedup_saves_80_percent_of_its_ceiling(benchmark, smol
     model = smollm.model
     heads = model.config.num_attention_heads
     layers = list(range(ATTENTION_LAYERS))
-    ids = real_ids(smollm.tokenizer, tokens)
-    with torch.no_grad():
-        hidden = model.model.embed_tokens(ids)
-        position_embeddings = model.model.rotary_emb(hidden, position_ids=torch.arange(tokens)[None])
-        inputs = [model.model.layers[layer].input_layernorm(hidden) for layer in layers]
-
-    def attention_layers(context) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad(), context():
-                for layer, x in zip(layers, inputs, strict=True):
-                    model.model.layers[layer].self_attn(x, position_embeddings=position_embeddings)
-
-        return run
-
+    region = attention_layers(model, prompt_ids(smollm.tokenizer, tokens), layers)
     plans = {f: forced_plan(layers, heads, f) for f in FRACTIONS}
-    variants = {"without": attention_layers(lambda: without_attention(model))}
+    variants = {"without": region(lambda: without_attention(model))}
     for f, plan in plans.items():
-        variants[f"f={f:g}"] = attention_layers(lambda plan=plan: patched(model, plan))
-    unpatched = attention_layers(nullcontext)
+        variants[f"f={f:g}"] = region(lambda plan=plan: patched(model, plan))
+    unpatched = region(nullcontext)
     timings = benchmark.pedantic(
         lambda: paired(unpatched, variants, GATED_ROUNDS, device=model.device), rounds=1, iterations=1
     )
@@ -172,35 +144,17 @@ def test_whole_model_prefill_speedup_with_its_ceiling(benchmark, smollm, tokens,
     model = smollm.model
     layers = list(range(model.config.num_hidden_layers))
     heads = model.config.num_attention_heads
-    ids = real_ids(smollm.tokenizer, tokens)
-
-    def prefill(context) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad(), context():
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
-
-        return run
-
+    region = prefill(model, prompt_ids(smollm.tokenizer, tokens))
     plans = {f: forced_plan(layers, heads, f) for f in fractions}
-    variants = {"without": prefill(lambda: without_attention(model))}
+    variants = {"without": region(lambda: without_attention(model))}
     for f, plan in plans.items():
-        variants[f"f={f:g}"] = prefill(lambda plan=plan: patched(model, plan))
-    unpatched = prefill(nullcontext)
+        variants[f"f={f:g}"] = region(lambda plan=plan: patched(model, plan))
+    unpatched = region(nullcontext)
     timings = benchmark.pedantic(
         lambda: paired(unpatched, variants, rounds, warmup, device=model.device), rounds=1, iterations=1
     )
     fractions = {f: p.n_copied() / (len(layers) * heads) for f, p in plans.items()}
     assert_within_ceilings(report(benchmark, "prefill", tokens, fractions, timings))
-
-
-def _filled(cache: Cache, model, tokens: int) -> Cache:
-    """`cache` holding `tokens` positions of random keys and values in every layer."""
-    config = model.config
-    gen = torch.Generator().manual_seed(0)
-    for layer in range(config.num_hidden_layers):
-        shape = (1, config.num_key_value_heads, tokens, config.head_dim)
-        cache.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), layer)
-    return cache
 
 
 def planned_kv_bytes(model, plan: CopyPlan, positions: int) -> int:
@@ -224,34 +178,15 @@ def test_whole_model_decode_speedup_with_its_ceiling(benchmark, smollm, tokens):
     heads = model.config.num_attention_heads
     mask = torch.ones(1, tokens, dtype=torch.long)
     caches: dict[str, Cache] = {}
-
-    def decode(name: str, make_cache, context) -> Callable[[], float]:
-        def run() -> float:
-            cache = caches[name] = _filled(make_cache(), model, tokens)
-            token = torch.tensor([[1]])
-            with torch.no_grad(), context(cache):
-                start = clock(model.device)
-                for _ in range(DECODE_STEPS):
-                    token = model(input_ids=token, cache=cache, logits_to_keep=1).logits.argmax(-1)
-                return (clock(model.device) - start) / DECODE_STEPS
-
-        return run
-
-    def plain() -> DynamicCache:
-        return DynamicCache(config=model.config)
-
+    region = decode(model, tokens, caches)
+    unpatched, variants = decode_references(region, model, tokens)
     plans = {f: forced_plan(layers, heads, f) for f in FRACTIONS}
-    static = decode(
-        "static", lambda: growth_free_cache(model, tokens + DECODE_STEPS), lambda cache: without_attention(model)
-    )
-    variants = {"without": decode("without", plain, lambda cache: without_attention(model)), "static": static}
     for f, plan in plans.items():
-        variants[f"f={f:g}"] = decode(
+        variants[f"f={f:g}"] = region(
             f"f={f:g}",
             lambda plan=plan: new_cache(model, plan, mask),
             lambda cache, plan=plan: patched(model, plan, cache),
         )
-    unpatched = decode("unpatched", plain, lambda cache: nullcontext())
     timings = benchmark.pedantic(
         lambda: paired(unpatched, variants, ROUNDS, device=model.device), rounds=1, iterations=1
     )

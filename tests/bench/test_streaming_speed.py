@@ -25,29 +25,27 @@ recorded beside it as `ceiling_all_keys`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import nullcontext
 
 import pytest
 import torch
-from transformers import Cache, DynamicCache
+from bench_regions import (
+    DECODE_STEPS,
+    assert_within_ceilings,
+    attention_layers,
+    decode,
+    decode_references,
+    prefill,
+    real_ids,
+)
+from transformers import Cache
 
 from sink_eval.patch import kv_cache_bytes
 from sink_eval.plans import streamed_share
+from sink_eval.prompts import long_passages
 from sink_eval.shape import model_shape
-from sink_eval.speed import (
-    Paired,
-    attention_share,
-    ceiling,
-    clock,
-    gate_passes,
-    growth_free_cache,
-    growth_share,
-    paired,
-    without_attention,
-)
+from sink_eval.speed import Paired, attention_share, ceiling, gate_passes, growth_share, paired, without_attention
 from sink_eval.streaming import StreamingPlan
-from sink_eval.streaming_cache import StreamingCache, StreamingLayer
 from sink_eval.streaming_patch import new_cache, patched
 
 pytestmark = pytest.mark.bench
@@ -57,8 +55,6 @@ FRACTION = 0.5  # of the KV groups, streamed whole
 ATTENTION_LAYERS = 4
 GATED_ROUNDS = 15  # the gate reads the lower quartile; with 7 rounds it moved from 1.47 to 1.37 between two runs
 ROUNDS = 3
-DECODE_STEPS = 8
-NOISE = 0.15  # how far a measured speed-up may exceed its ceiling before the measurement is called wrong
 KV_GATE = 0.55  # the constant-size cache's KV bytes against the unpatched cache's, at 8192 tokens
 
 
@@ -72,13 +68,9 @@ def half_groups_plan(layers: list[int], kv_heads: int, group_size: int, fraction
     return StreamingPlan.of(chosen, SINK, WINDOW)
 
 
-def real_ids(tokenizer, tokens: int) -> torch.Tensor:
-    """Real text: the long passages, joined, cut to `tokens` tokens."""
-    from sink_eval.prompts import long_passages
-
-    ids = tokenizer("\n\n".join(p.text for p in long_passages()))["input_ids"]
-    assert len(ids) >= tokens, f"the long passages give {len(ids)} tokens, fewer than {tokens}"
-    return torch.tensor([ids[:tokens]])
+def passage_ids(tokenizer, tokens: int) -> torch.Tensor:
+    """Real text: the long passages, joined, cut to `tokens` tokens: [1, tokens]."""
+    return real_ids(tokenizer, [p.text for p in long_passages()], tokens)
 
 
 def report(
@@ -122,12 +114,6 @@ def report(
     return row
 
 
-def assert_within_ceiling(row: dict) -> None:
-    assert row["speedup"] <= row["ceiling"] * (1 + NOISE), (
-        f"speed-up {row['speedup']:.2f} above its ceiling {row['ceiling']:.2f} + {NOISE:.0%}"
-    )
-
-
 @pytest.fixture(scope="module")
 def smollm(bundled_model):
     return bundled_model("smollm2-135m")
@@ -138,27 +124,11 @@ def test_attention_layer_streaming_speedup_saves_80_percent_of_its_ceiling(bench
     model = smollm.model
     shape = model_shape(model)
     layers = list(range(ATTENTION_LAYERS))
-    ids = real_ids(smollm.tokenizer, tokens)
-    with torch.no_grad():
-        hidden = model.model.embed_tokens(ids)
-        position_embeddings = model.model.rotary_emb(hidden, position_ids=torch.arange(tokens)[None])
-        inputs = [model.model.layers[layer].input_layernorm(hidden) for layer in layers]
-
-    def attention_layers(context) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad(), context():
-                for layer, x in zip(layers, inputs, strict=True):
-                    model.model.layers[layer].self_attn(x, position_embeddings=position_embeddings)
-
-        return run
-
+    region = attention_layers(model, passage_ids(smollm.tokenizer, tokens), layers)
     plan = half_groups_plan(layers, shape.kv_heads, shape.group_size)
-    variants = {
-        "without": attention_layers(lambda: without_attention(model)),
-        "streaming": attention_layers(lambda: patched(model, plan)),
-    }
+    variants = {"without": region(lambda: without_attention(model)), "streaming": region(lambda: patched(model, plan))}
     timings = benchmark.pedantic(
-        lambda: paired(attention_layers(nullcontext), variants, GATED_ROUNDS, device=model.device),
+        lambda: paired(region(nullcontext), variants, GATED_ROUNDS, device=model.device),
         rounds=1,
         iterations=1,
     )
@@ -175,40 +145,15 @@ def test_whole_model_streaming_prefill_with_its_ceiling(benchmark, smollm, token
     25-33 s over two runs)."""
     model = smollm.model
     shape = model_shape(model)
-    ids = real_ids(smollm.tokenizer, tokens)
-
-    def prefill(context) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad(), context():
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
-
-        return run
-
+    region = prefill(model, passage_ids(smollm.tokenizer, tokens))
     plan = half_groups_plan(list(range(shape.layers)), shape.kv_heads, shape.group_size)
-    variants = {
-        "without": prefill(lambda: without_attention(model)),
-        "streaming": prefill(lambda: patched(model, plan)),
-    }
+    variants = {"without": region(lambda: without_attention(model)), "streaming": region(lambda: patched(model, plan))}
     timings = benchmark.pedantic(
-        lambda: paired(prefill(nullcontext), variants, rounds, warmup, device=model.device), rounds=1, iterations=1
+        lambda: paired(region(nullcontext), variants, rounds, warmup, device=model.device), rounds=1, iterations=1
     )
     fraction = plan.fraction(shape.layers, shape.heads)
-    assert_within_ceiling(
-        report(benchmark, "prefill", tokens, fraction, streamed_share(tokens, SINK, WINDOW, False), timings)
-    )
-
-
-def _filled(cache: Cache, model, tokens: int) -> Cache:
-    """`cache` holding `tokens` positions of random keys and values in every layer."""
-    config = model.config
-    gen = torch.Generator().manual_seed(0)
-    with cache.in_use() if isinstance(cache, StreamingCache) else nullcontext():
-        for layer in range(config.num_hidden_layers):
-            shape = (1, config.num_key_value_heads, tokens, config.head_dim)
-            cache.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), layer)
-            if isinstance(cache.layers[layer], StreamingLayer):
-                cache.layers[layer].release_step()
-    return cache
+    row = report(benchmark, "prefill", tokens, fraction, streamed_share(tokens, SINK, WINDOW, False), timings)
+    assert_within_ceilings({"streaming": row})
 
 
 def planned_kv_bytes(model, plan: StreamingPlan, positions: int) -> int:
@@ -231,40 +176,18 @@ def test_whole_model_streaming_decode_with_its_ceiling_and_constant_cache(benchm
     mask = torch.ones(1, tokens, dtype=torch.long)
     plan = half_groups_plan(list(range(shape.layers)), shape.kv_heads, shape.group_size)
     caches: dict[str, Cache] = {}
-
-    def decode(name: str, make_cache, context) -> Callable[[], float]:
-        def run() -> float:
-            cache = caches[name] = _filled(make_cache(), model, tokens)
-            token = torch.tensor([[1]])
-            with torch.no_grad(), context(cache):
-                start = clock(model.device)
-                for _ in range(DECODE_STEPS):
-                    token = model(input_ids=token, cache=cache, logits_to_keep=1).logits.argmax(-1)
-                return (clock(model.device) - start) / DECODE_STEPS
-
-        return run
-
-    def plain() -> DynamicCache:
-        return DynamicCache(config=model.config)
-
-    variants = {
-        "without": decode("without", plain, lambda cache: without_attention(model)),
-        "static": decode(
-            "static", lambda: growth_free_cache(model, tokens + DECODE_STEPS), lambda cache: without_attention(model)
-        ),
-        "streaming": decode(
-            "streaming", lambda: new_cache(model, plan, mask), lambda cache: patched(model, plan, cache)
-        ),
-    }
-    unpatched = decode("unpatched", plain, lambda cache: nullcontext())
+    region = decode(model, tokens, caches)
+    unpatched, variants = decode_references(region, model, tokens)
+    variants["streaming"] = region(
+        "streaming", lambda: new_cache(model, plan, mask), lambda cache: patched(model, plan, cache)
+    )
     timings = benchmark.pedantic(
         lambda: paired(unpatched, variants, ROUNDS, device=model.device), rounds=1, iterations=1
     )
     fraction = plan.fraction(shape.layers, shape.heads)
     context = tokens + DECODE_STEPS // 2  # the mean cache length over the timed steps
-    assert_within_ceiling(
-        report(benchmark, "decode", tokens, fraction, streamed_share(context, SINK, WINDOW, True), timings)
-    )
+    row = report(benchmark, "decode", tokens, fraction, streamed_share(context, SINK, WINDOW, True), timings)
+    assert_within_ceilings({"streaming": row})
     held, full = kv_cache_bytes(caches["streaming"]), kv_cache_bytes(caches["unpatched"])
     benchmark.extra_info["kv_bytes"] = {"streaming": held, "unpatched": full, "ratio": held / full}
     print(f"decode {tokens:>5} tokens: KV bytes {held} of {full} unpatched ({held / full:.1%})")
