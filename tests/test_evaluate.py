@@ -27,6 +27,7 @@ from sink_eval.evaluate import (  # noqa: E402
     check_data_file,
     locate,
     paired_change,
+    shards,
     task_config,
 )
 from sink_eval.results import ModelId, Provenance  # noqa: E402
@@ -177,7 +178,7 @@ def test_an_interrupted_eval_resumes_to_the_uninterrupted_runs_result(tiny_eval,
     assert cli.main([*argv, "--limit", "2", "--out", str(out), "--resume"]) == 2
     assert "another settings" in capsys.readouterr().err
     assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
-    assert len(calls) == 3  # of the 6 (run, task) scores, the 3 saved ones were read back
+    assert len(calls) == 3  # of the 6 (run, task, shard) scores, the 3 saved ones were read back
     assert not work_dir(out, "eval").exists()
     resumed = EvalResult.from_json(json.loads((out / "results.json").read_text()), out)
 
@@ -185,6 +186,46 @@ def test_an_interrupted_eval_resumes_to_the_uninterrupted_runs_result(tiny_eval,
         return [dataclasses.replace(run, wall_s=0.0, model_s=0.0, speedup=None) for run in res.runs]
 
     assert resumed.settings == whole.settings and untimed(resumed) == untimed(whole)
+
+
+def test_a_task_evaluated_in_shards_scores_as_one_lm_eval_run_of_its_documents(tiny_eval, monkeypatch, tmp_path):
+    from sink_eval import evaluate
+
+    whole, whole_out = tiny_eval
+    monkeypatch.setattr(evaluate, "SHARD_DOCS", 2)
+    evaluate_task, calls = counted(evaluate._evaluate_task)
+    monkeypatch.setattr(evaluate, "_evaluate_task", evaluate_task)
+    out = tmp_path / "sharded"
+    argv = ["eval", "--model", "tiny-llama", "--tasks", "piqa,lambada_openai", "--limit", "3", "--out", str(out)]
+    argv += ["--data-dir", str(whole_out.parent / "data"), "--policy", "oracle", "--policy", "calibrated"]
+    assert cli.main([*argv, "--threshold", "0.05"]) == 0
+    assert len(calls) == 3 * 2 * 2  # runs × tasks × shards (documents 0-1, then 2)
+    sharded = EvalResult.from_json(json.loads((out / "results.json").read_text()), out)
+    assert sharded.settings == whole.settings
+    for run, one in zip(sharded.runs, whole.runs, strict=True):
+        for task, score in run.tasks.items():
+            expected = one.tasks[task]
+            assert (score.n, score.per_doc, score.change) == (expected.n, expected.per_doc, expected.change)
+            assert (score.acc, score.acc_stderr) == pytest.approx((expected.acc, expected.acc_stderr), rel=1e-12)
+            flat = [x for doc in score.loglik for x in doc]
+            assert flat == pytest.approx([x for doc in expected.loglik for x in doc], abs=1e-5)  # other batches
+
+
+def test_the_documents_of_a_shard_score_as_lm_evals_limit_of_as_many():
+    from sink_eval.evaluate import SinkLM, evaluate
+    from sink_eval.models import load_model
+
+    lm = SinkLM(load_model("tiny-llama"))
+    by_limit, _ = evaluate(lm, ["piqa"], limit=3)
+    by_docs, _ = evaluate(lm, ["piqa"], docs=[0, 1, 2])
+    assert by_docs == by_limit
+    with pytest.raises(ValueError, match="at least one document"):
+        evaluate(lm, ["piqa"], docs=[])
+
+
+def test_shards_cover_the_documents_in_order_with_a_shorter_last_one():
+    assert shards(5, 2) == [[0, 1], [2, 3], [4]]
+    assert shards(2, 500) == [[0, 1]]
 
 
 def test_eval_results_round_trip_through_json_unchanged(tiny_eval):
