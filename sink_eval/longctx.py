@@ -23,10 +23,11 @@ Metrics, per run (the unpatched model, a policy's plan, or one seed of its rando
 Controls (`sink_eval.controls`): every policy's plan gets `seeds` random plans of the same size from the same
 candidate layers; the verdict per length says whether the policy beats them by more than their spread.
 
-Order: length-major (the unpatched model at L, then every other run at L, then the next length), so that an
-interrupted run holds whole lengths and each length's speed-ups compare timings of one process where the run was not
-interrupted within it. Resumable (`sink_eval.resume`): with a work directory, each (run, length) measurement is saved
-as it finishes and reused by a rerun with the same model, plans and settings.
+Order: length-major (the unpatched model at L, then every other run at L, then the next length). Resumable
+(`sink_eval.resume`): with a work directory, each (run, length) measurement is saved as it finishes and reused by a
+rerun with the same model, plans and settings, except at a length the interrupted run left part-measured: that
+length is measured again whole, so that each length's speed-ups compare timings of one process (a resumed run may
+be on another machine).
 """
 
 from __future__ import annotations
@@ -432,7 +433,7 @@ def _measure_or_load(
 ) -> _Measured:
     """`_measure` of run `index` (`entry`) at `length`, saved in `work`; or what an interrupted run saved there, which
     must be of the same run and have run as many trials in each cell."""
-    name = f"run-{index:03d}-L{length}.json"
+    name = _unit_name(index, length)
     measured, reused = resume.once(
         work, name, _Measured, lambda: _measure(loaded, entry, length, settings, counts, bar)
     )
@@ -445,6 +446,25 @@ def _measure_or_load(
             )
         bar.update(sum(counts) + len(settings.passages))
     return measured
+
+
+def _unit_name(index: int, length: int) -> str:
+    return f"run-{index:03d}-L{length}.json"
+
+
+def _remeasure_partial_lengths(work: Path, measured_runs: Sequence[int], lengths: Sequence[int]) -> list[int]:
+    """Delete the saved runs of every length that an interrupted run left part-measured, and return those lengths; a
+    speed-up sets a run's timings against the unpatched run's at the same length, so all of a length's runs must be
+    timed by one process (two processes, on two machines, time differently). `measured_runs`: the indices of the runs
+    that save a measurement at each length."""
+    partial = []
+    for n in lengths:
+        saved = [work / _unit_name(i, n) for i in measured_runs if (work / _unit_name(i, n)).exists()]
+        if 0 < len(saved) < len(measured_runs):
+            partial.append(n)
+            for path in saved:
+                path.unlink()
+    return partial
 
 
 def _plan_trials(informative: list[bool], settings: LongctxSettings) -> list[int]:
@@ -579,12 +599,18 @@ def run(
         for control_seed, control in zip(control_seeds, control_plans(loaded, plan, control_seeds), strict=True):
             named.append((control, "control", plan.label, control_seed))
     work = None if out is None else resume.open_work_dir(out, _work_key(loaded, named, settings), resume_run, "longctx")
+    if work is not None:
+        saving = [i for i, (entry, *_) in enumerate(named) if i == 0 or entry.plan is not None]
+        for n in _remeasure_partial_lengths(work, saving, lengths):
+            print(
+                f"{work}: length {n} was left part-measured; measuring it again whole, in one process", file=sys.stderr
+            )
     every_cell = [trials] * len(depths)
     steps = len(lengths) * (len(depths) * trials + len(passages))
     measured: list[dict[int, _Measured]] = [{} for _ in named]  # per run: length -> its measurement
     informative: dict[int, list[bool]] = {}
     with tqdm(total=steps, desc="longctx", unit="pass", disable=not progress, file=sys.stderr) as bar:
-        for n in lengths:  # length-major: a partial run holds whole lengths, each timed by one process
+        for n in lengths:  # length-major: all runs of a length, then the next one
             reference = measured[0][n] = _measure_or_load(work, 0, named[0][0], n, every_cell, loaded, settings, bar)
             informative[n] = _informative(reference, INFORMATIVE_FLOOR)
             counts = _plan_trials(informative[n], settings)

@@ -6,8 +6,9 @@ settings, and the prompt-set SHA-256 of `analyze` or the runs in order of `eval`
 finished unit of work, each written atomically as soon as it is done: `prompt-NNNNN.pt` per probed prompt of
 `analyze`; one JSON per (run, task, shard) of `eval`; one JSON per (run, length) and `streaming-llm.json` of `longctx`.
 `--resume` continues from them when the key is the same (another model, prompt set, plan or setting is refused); the
-finished results equal an uninterrupted run's (timings aside: those of a resumed run come from two processes). The
-directory is removed once the results are written.
+finished results equal an uninterrupted run's (timings aside: those of a resumed run come from two processes;
+`longctx` measures a length left part-measured again whole, so that each length is timed by one). The directory is
+removed once the results are written.
 """
 
 from __future__ import annotations

@@ -319,6 +319,28 @@ def test_an_interrupted_longctx_run_holds_whole_lengths_and_resumes_to_the_unint
     assert results[1] == results[0]
 
 
+def test_a_length_left_part_measured_is_measured_again_whole_on_resume(tmp_path, monkeypatch, capsys):
+    from sink_eval.resume import work_dir
+
+    calibration, evaluation = longctx.default_split()
+    monkeypatch.setattr(longctx, "default_split", lambda: (calibration[:4], evaluation))
+    monkeypatch.setattr(longctx, "make_plan", lambda *args: CopyPlan.of({0: [0, 1, 2, 3], 1: [1]}))
+    args = ["--lengths", "128,160", "--depths", "0.5", "--trials", "1", "--seeds", "1", "--out", str(tmp_path / "r")]
+    real = longctx._measure
+    monkeypatch.setattr(longctx, "_measure", counted(real, kill_after=4)[0])
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["longctx", "--model", "tiny-llama", *args])
+    work = work_dir(tmp_path / "r", "longctx")
+    begun = {"run-000-L128.json", "run-001-L128.json", "run-002-L128.json", "run-000-L160.json"}
+    assert {f.name for f in work.glob("run-*.json")} == begun  # 128 whole, 160 begun
+    measure, calls = counted(real)
+    monkeypatch.setattr(longctx, "_measure", measure)
+    capsys.readouterr()
+    assert cli.main(["longctx", "--model", "tiny-llama", *args, "--resume"]) == 0
+    assert len(calls) == 3  # the 3 runs at 160, its saved unpatched run among them; 128 read back
+    assert "length 160 was left part-measured" in capsys.readouterr().err
+
+
 def test_a_longctx_baseline_bands_every_run_and_refuses_a_widened_band(tiny_result, tmp_path):
     measured = baselines.make_longctx_baseline(tiny_result, "test", 1.0)
     keys = set(measured.values)
