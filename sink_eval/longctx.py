@@ -459,7 +459,7 @@ def _remeasure_partial_lengths(work: Path, measured_runs: Sequence[int], lengths
     that save a measurement at each length."""
     partial = []
     for n in lengths:
-        saved = [work / _unit_name(i, n) for i in measured_runs if (work / _unit_name(i, n)).exists()]
+        saved = [path for i in measured_runs if (path := work / _unit_name(i, n)).exists()]
         if 0 < len(saved) < len(measured_runs):
             partial.append(n)
             for path in saved:

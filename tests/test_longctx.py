@@ -282,14 +282,19 @@ def test_a_speedup_sets_the_trials_a_plan_ran_beside_the_same_trials_of_the_unpa
     assert longctx._speedup(reference, None, "seconds") is None
 
 
-def test_an_interrupted_longctx_run_holds_whole_lengths_and_resumes_to_the_uninterrupted_result(
-    tmp_path, monkeypatch, capsys
-):
-    from sink_eval.resume import work_dir
-
+@pytest.fixture
+def fixed_plan_cli(monkeypatch):
+    """`sink-eval longctx` on 4 calibration prompts, every policy's plan a fixed copy plan (for the resume tests)."""
     calibration, evaluation = longctx.default_split()
     monkeypatch.setattr(longctx, "default_split", lambda: (calibration[:4], evaluation))
     monkeypatch.setattr(longctx, "make_plan", lambda *args: CopyPlan.of({0: [0, 1, 2, 3], 1: [1]}))
+
+
+def test_an_interrupted_longctx_run_holds_whole_lengths_and_resumes_to_the_uninterrupted_result(
+    fixed_plan_cli, tmp_path, monkeypatch, capsys
+):
+    from sink_eval.resume import work_dir
+
     args = ["--lengths", "128,160", "--depths", "0.5", "--trials", "1", "--seeds", "1"]
     whole = tmp_path / "whole"
     assert cli.main(["longctx", "--model", "tiny-llama", *args, "--out", str(whole)]) == 0
@@ -319,12 +324,9 @@ def test_an_interrupted_longctx_run_holds_whole_lengths_and_resumes_to_the_unint
     assert results[1] == results[0]
 
 
-def test_a_length_left_part_measured_is_measured_again_whole_on_resume(tmp_path, monkeypatch, capsys):
+def test_a_length_left_part_measured_is_measured_again_whole_on_resume(fixed_plan_cli, tmp_path, monkeypatch, capsys):
     from sink_eval.resume import work_dir
 
-    calibration, evaluation = longctx.default_split()
-    monkeypatch.setattr(longctx, "default_split", lambda: (calibration[:4], evaluation))
-    monkeypatch.setattr(longctx, "make_plan", lambda *args: CopyPlan.of({0: [0, 1, 2, 3], 1: [1]}))
     args = ["--lengths", "128,160", "--depths", "0.5", "--trials", "1", "--seeds", "1", "--out", str(tmp_path / "r")]
     real = longctx._measure
     monkeypatch.setattr(longctx, "_measure", counted(real, kill_after=4)[0])
