@@ -59,7 +59,7 @@ def bundled_model():
     """`bundled_model(name)` -> LoadedModel: the real model `name`, loaded (converted if need be) when first asked
     for. Only one is held at a time: asking for another releases the previous one first (the 1.5B alone takes 6 GB
     in float32), so a session never holds two large models."""
-    from sink_eval.models import load_model
+    from sink_eval.models.zoo import load_model
 
     held: dict = {}
 
@@ -77,7 +77,7 @@ def bundled_model():
 def probed(bundled_model):
     """`probed(name, prompts)` -> the `ProbedPrompt` of each `TokenizedPrompt` on the real model `name`, each prompt
     probed once a session: the analysis bands and the eval tests' calibration share them."""
-    from sink_eval.analysis import probe_prompts
+    from sink_eval.analyses.analyze import probe_prompts
 
     done: dict = {}
 
@@ -103,9 +103,9 @@ def ci_cut(name: str, prompts: list) -> list:
 def analysis_result(bundled_model, probed, pytestconfig):
     """`analysis_result(name)` -> the `AnalysisResult` of the default prompt set (a CI-cut model's prompts of at
     most CI_PROMPT_TOKENS tokens, unless --full-prompt-set) at the default thresholds, once a session per model."""
-    from sink_eval.analysis import results
-    from sink_eval.prompts import default_prompts, tokenize
-    from sink_eval.sinks import DEFAULT_THRESHOLDS
+    from sink_eval.analyses.analyze import results
+    from sink_eval.measure.sinks import DEFAULT_THRESHOLDS
+    from sink_eval.prompts.prompt_set import default_prompts, tokenize
 
     computed = {}
 
@@ -128,7 +128,7 @@ def checked_baseline(pytestconfig, path, measured, kind):
     """The baseline stored at `path`, checked to be comparable with `measured` (this run's measurement as a baseline);
     with --update-baselines it is first rewritten from `measured`, and what changed is printed."""
     from sink_eval import baselines
-    from sink_eval.errors import SinkEvalError
+    from sink_eval.core.errors import SinkEvalError
 
     if pytestconfig.getoption("--update-baselines"):
         try:

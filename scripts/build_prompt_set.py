@@ -1,4 +1,4 @@
-"""Build the committed default prompt set, `sink_eval/data/prompts.jsonl`, and its provenance file.
+"""Build the committed default prompt set, `sink_eval/prompts/data/prompts.jsonl`, and its provenance file.
 
 Run once, by hand, where the sources are (the output is committed; nothing at run time needs the sources):
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-OUT = Path(__file__).resolve().parents[1] / "sink_eval" / "data"
+OUT = Path(__file__).resolve().parents[1] / "sink_eval" / "prompts" / "data"
 LENGTH_BINS = ((1, 3), (4, 9), (10, 19), (20, 49), (50, 199), (200, 999), (1000, 4096))
 BIN_CHARS = (None, 22, 55, 130, 420, 1900, 6500)  # target characters per bin (prose, qa, code)
 ARITHMETIC_CHARS = (None, 20, 24, 60, 200, 900, 3000)  # digits and symbols are about one token each

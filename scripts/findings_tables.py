@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 from sink_eval.baselines import read_baseline, value_key
-from sink_eval.longctx import LongctxResult, Run
-from sink_eval.patch_eval import PatchEvalResult
-from sink_eval.prompts import LENGTH_BINS
+from sink_eval.evals.longctx import LongctxResult, Run
+from sink_eval.evals.patch_eval import PatchEvalResult
+from sink_eval.prompts.prompt_set import LENGTH_BINS
 
 BASELINES = Path(__file__).resolve().parents[1] / "baselines"
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")

@@ -1,4 +1,4 @@
-"""Which sink + window prefill kernel is faster here: `sink_eval.banded` against flex_attention with a block mask.
+"""Which sink + window prefill kernel is faster here: `sink_eval.patches.streaming.banded` against flex_attention with a block mask.
 
     python scripts/streaming_kernels.py [--threads 2] [--tokens 2048 8192]
 
@@ -19,7 +19,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from sink_eval.banded import BandLayout, allowed, band_layout, banded_attention
+from sink_eval.patches.streaming.banded import BandLayout, allowed, band_layout, banded_attention
 
 SINK, WINDOW = 4, 256
 HEADS, KV_HEADS, DIM = 9, 3, 64

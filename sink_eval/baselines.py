@@ -2,7 +2,7 @@
 
 A band is measured, never chosen to make a test pass: value ± max(2 x standard error, 0.01) (the bootstrap standard
 error over prompts for the analysis, lm-eval's or the paired one for accuracy). The bootstrap
-(`sink_eval.analysis`) is seeded, so the same measurement gives the same band. A band is re-derived from the stored
+(`sink_eval.analyses.analyze`) is seeded, so the same measurement gives the same band. A band is re-derived from the stored
 value, standard error and band rule whenever a baseline is read: one that differs from what the rule gives, or a
 value outside its metric's range ([0, 1] for a fraction or an accuracy, [-1, 1] for a change of accuracy), was edited
 by hand and is refused.
@@ -25,21 +25,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sink_eval.errors import SinkEvalError
-from sink_eval.files import write_text_atomically
-from sink_eval.results import ModelId, from_json, read_json_file, with_schema, without_schema
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.core.files import write_text_atomically
+from sink_eval.core.results import ModelId, from_json, read_json_file, with_schema, without_schema
 
 if TYPE_CHECKING:
-    from sink_eval.analysis import AnalysisResult
-    from sink_eval.evaluate import EvalResult
-    from sink_eval.longctx import LongctxResult
+    from sink_eval.analyses.analyze import AnalysisResult
+    from sink_eval.evals.accuracy import EvalResult
+    from sink_eval.evals.longctx import LongctxResult
 
 SE_MULTIPLE = 2.0
 MIN_HALF_WIDTH = 0.01
 METRICS = ("prevalence", "first_layer_agreement")
 
 SINK_SCORE_TOLERANCE = 1e-4
-"""The largest |difference| of one head's sink score (its mean attention to the first token, see `sink_eval.probe`)
+"""The largest |difference| of one head's sink score (its mean attention to the first token, see `sink_eval.measure.probe`)
 that is not a change: scores are stored rounded to 6 digits, and the same fp32 attention reduced in another order
 (another kernel, thread count or batch shape) differs by ~1e-6, so 1e-4 leaves a margin of 100 over that noise while a
 real change of the model or of the attention code moves scores by far more."""
@@ -181,7 +181,7 @@ def _other_weights(stored: str, measured: str) -> str:
 def _other_prompts(stored: str, measured: str) -> str:
     return (
         f"was measured on another prompt set (sha256 {stored[:12]}, now {measured[:12]}: the committed set "
-        "sink_eval/data/prompts.jsonl changed)"
+        "sink_eval/prompts/data/prompts.jsonl changed)"
     )
 
 

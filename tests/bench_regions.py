@@ -1,8 +1,8 @@
 """The timed regions of the speed gates (`tests/bench`), shared by the copy and the streaming patch's gates.
 
 Each builder takes what the region runs on and returns `region(context)`, a function of no arguments that runs the
-region once under `context` (a patch, `sink_eval.speed.without_attention`, or nothing): what
-`sink_eval.speed.paired` times. Real models only for speed, never for a fidelity figure.
+region once under `context` (a patch, `sink_eval.evals.speed.without_attention`, or nothing): what
+`sink_eval.evals.speed.paired` times. Real models only for speed, never for a fidelity figure.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from transformers import Cache, DynamicCache
 
-from sink_eval.speed import clock, growth_free_cache, without_attention
-from sink_eval.streaming_cache import StreamingCache, StreamingLayer
+from sink_eval.evals.speed import clock, growth_free_cache, without_attention
+from sink_eval.patches.streaming.cache import StreamingCache, StreamingLayer
 
 NOISE = 0.15  # how far a measured speed-up may exceed its ceiling before the measurement is called wrong
 DECODE_STEPS = 8

@@ -11,11 +11,11 @@ import pytest
 from helpers import read_committed_baseline
 
 from sink_eval import baselines, cli
-from sink_eval.analysis import AnalysisResult
-from sink_eval.errors import SinkEvalError
-from sink_eval.files import write_dir_atomically
-from sink_eval.policies import check_disjoint
-from sink_eval.prompts import (
+from sink_eval.analyses.analyze import AnalysisResult
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.core.files import write_dir_atomically
+from sink_eval.policies.base import check_disjoint
+from sink_eval.prompts.prompt_set import (
     Prompt,
     default_prompts,
     default_split,
@@ -24,7 +24,7 @@ from sink_eval.prompts import (
     read_prompt_file,
     tokenize,
 )
-from sink_eval.report import read_results
+from sink_eval.reports.common import read_results
 
 
 def _prompt_file(tmp_path, lines: list[str]):
@@ -129,14 +129,14 @@ def test_missing_prompt_file_is_a_clear_error(tmp_path):
 
 
 def test_empty_prompt_is_refused():
-    from sink_eval.models import load_model
+    from sink_eval.models.zoo import load_model
 
     with pytest.raises(SinkEvalError, match="is empty"):
         tokenize(load_model("tiny-llama").tokenizer, [Prompt("e", "d", "")])
 
 
 def test_prompt_longer_than_max_tokens_is_an_error_unless_truncated(tmp_path, capsys):
-    from sink_eval.models import load_model
+    from sink_eval.models.zoo import load_model
 
     tok = load_model("tiny-llama").tokenizer
     long = [Prompt("long", "d", "x" * 50)]
@@ -162,7 +162,7 @@ def test_max_tokens_beyond_the_model_context_is_refused(tmp_path, prompts_file, 
     assert "exceeds tiny-llama's context of 4096 tokens" in capsys.readouterr().err
 
 
-# The committed default prompt set (sink_eval/data/prompts.jsonl): a change of any prompt changes every baseline.
+# The committed default prompt set (sink_eval/prompts/data/prompts.jsonl): a change of any prompt changes every baseline.
 DEFAULT_PROMPT_SET_SHA256 = "7b195b66c57f6bf7c2932f3a6bda6418c8288ae4603f9b4d9205f5056603c6cd"
 
 
@@ -171,7 +171,7 @@ def test_the_default_prompt_set_is_the_committed_one():
 
 
 def test_the_default_prompt_set_file_matches_its_provenance_record():
-    data = Path(__file__).resolve().parents[1] / "sink_eval" / "data"
+    data = Path(__file__).resolve().parents[1] / "sink_eval" / "prompts" / "data"
     provenance = json.loads((data / "prompts.provenance.json").read_text())
     assert hashlib.sha256((data / "prompts.jsonl").read_bytes()).hexdigest() == provenance["sha256"]
     calibration, evaluation = default_split()

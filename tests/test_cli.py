@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sink_eval import cache, cli, models
+from sink_eval import cli
+from sink_eval.models import cache
+from sink_eval.models import zoo as models
 
 
 def test_models_table_lists_every_zoo_model_with_shape_and_install_state(monkeypatch, tmp_path):

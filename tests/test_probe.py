@@ -8,9 +8,9 @@ from helpers import random_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sink_eval.errors import SinkEvalError
-from sink_eval.models import load_model
-from sink_eval.probe import probe
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.measure.probe import probe
+from sink_eval.models.zoo import load_model
 
 
 def _eager_reference(model, ids, mask):

@@ -11,13 +11,15 @@ from helpers import counted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sink_eval import cache, cli, models
-from sink_eval.errors import SinkEvalError
-from sink_eval.files import temp_prefix, write_dir_atomically
-from sink_eval.patch import CopyPlan, generate
-from sink_eval.policies import check_disjoint
-from sink_eval.prompts import Prompt, read_prompt_file
-from sink_eval.report import read_results
+from sink_eval import cli
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.core.files import temp_prefix, write_dir_atomically
+from sink_eval.models import cache
+from sink_eval.models import zoo as models
+from sink_eval.patches.copy import CopyPlan, generate
+from sink_eval.policies.base import check_disjoint
+from sink_eval.prompts.prompt_set import Prompt, read_prompt_file
+from sink_eval.reports.common import read_results
 
 
 class ModelLoaded(Exception):
@@ -268,11 +270,11 @@ def test_patch_eval_refuses_max_tokens_beyond_the_models_context(tmp_path, promp
 
 
 def test_eval_calibration_prompts_longer_than_the_context_are_cut_to_it(monkeypatch):
-    evaluate = pytest.importorskip("sink_eval.evaluate", reason="the evals extra (lm-eval) is not installed")
-    import sink_eval.prompts
+    evaluate = pytest.importorskip("sink_eval.evals.accuracy", reason="the evals extra (lm-eval) is not installed")
+    import sink_eval.prompts.prompt_set
 
     long = [Prompt(f"p{i}", "prose", "x" * 40) for i in range(2)]
-    monkeypatch.setattr(sink_eval.prompts, "default_split", lambda: (long[:1], long[1:]))
+    monkeypatch.setattr(sink_eval.prompts.prompt_set, "default_split", lambda: (long[:1], long[1:]))
     monkeypatch.setattr(evaluate, "_CALIBRATION", {})
     loaded = models.load_model("tiny-llama")
     loaded.model.config.max_position_embeddings = 16
@@ -283,16 +285,16 @@ def test_eval_calibration_prompts_longer_than_the_context_are_cut_to_it(monkeypa
 
 
 def test_killed_analyze_resumes_to_the_results_of_an_uninterrupted_run(tmp_path, prompts_file, monkeypatch, capsys):
-    import sink_eval.analysis
-    from sink_eval.resume import work_dir
+    import sink_eval.analyses.analyze
+    from sink_eval.core.resume import work_dir
 
     assert _analyze(prompts_file, "--out", str(tmp_path / "whole")) == 0
-    real_probe = sink_eval.analysis.probe
+    real_probe = sink_eval.analyses.analyze.probe
     out = tmp_path / "resumed"
-    monkeypatch.setattr(sink_eval.analysis, "probe", counted(real_probe, kill_after=2)[0])
+    monkeypatch.setattr(sink_eval.analyses.analyze, "probe", counted(real_probe, kill_after=2)[0])
     with pytest.raises(KeyboardInterrupt):
         _analyze(prompts_file, "--out", str(out))
-    monkeypatch.setattr(sink_eval.analysis, "probe", real_probe)
+    monkeypatch.setattr(sink_eval.analyses.analyze, "probe", real_probe)
     assert not out.exists() and len(list(work_dir(out, "analyze").glob("prompt-*.pt"))) == 2
     capsys.readouterr()
 

@@ -14,10 +14,8 @@ import pytest
 import torch
 
 from sink_eval import cli
-from sink_eval.analysis import AnalysisResult, ProbedPrompt, PromptRecord, Settings, stored_stats, summarize
-from sink_eval.prompts import LENGTH_BINS, Prompt, TokenizedPrompt
-from sink_eval.results import ModelInfo, provenance
-from sink_eval.scale import (
+from sink_eval.analyses.analyze import AnalysisResult, ProbedPrompt, PromptRecord, Settings, stored_stats, summarize
+from sink_eval.analyses.scale import (
     CONTRADICTED,
     IN_KIND,
     NOT_DISTINGUISHABLE,
@@ -43,7 +41,9 @@ from sink_eval.scale import (
     size_claim,
     two_se_verdict,
 )
-from sink_eval.scale_report import scale_report
+from sink_eval.core.results import ModelInfo, provenance
+from sink_eval.prompts.prompt_set import LENGTH_BINS, Prompt, TokenizedPrompt
+from sink_eval.reports.scale import scale_report
 
 LAYERS, HEADS = 6, 4
 

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sink_eval.correlation import consistency, first_layer_agreement, layer_correlation, spearman
-from sink_eval.sinks import HEAD_CLASSES, head_classes, sink_heads, threshold_for, uniform_first_token_mass
+from sink_eval.measure.correlation import consistency, first_layer_agreement, layer_correlation, spearman
+from sink_eval.measure.sinks import HEAD_CLASSES, head_classes, sink_heads, threshold_for, uniform_first_token_mass
 
 
 def test_uniform_first_token_mass_is_one_half_for_two_tokens_and_vanishes_with_length():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sink_eval import speed
+from sink_eval.evals import speed
 
 
 def test_clock_synchronises_a_cuda_device_before_reading_the_time(monkeypatch):
@@ -39,7 +39,7 @@ def test_paired_speedup_is_the_median_ratio_with_its_quartiles_and_iqr():
 def test_the_growth_free_cache_preallocates_only_full_attention_layers_and_fills_in_place():
     from transformers.cache_utils import DynamicSlidingWindowLayer, StaticLayer
 
-    from sink_eval.models import load_model
+    from sink_eval.models.zoo import load_model
 
     model = load_model("tiny-gemma3").model
     cache = speed.growth_free_cache(model, 40)
@@ -67,7 +67,7 @@ def test_the_step_clock_reads_the_time_after_each_forward_of_a_generate_call_and
     from helpers import random_model
     from transformers import DynamicCache, LogitsProcessorList
 
-    from sink_eval.seam import greedy
+    from sink_eval.patches.base import greedy
 
     model = random_model("llama", kv_heads=2, groups=2, head_dim=8, window=8)
     ends: list[float] = []

@@ -9,15 +9,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.masking_utils import sdpa_mask
 
-from sink_eval import attention, banded
-from sink_eval.errors import SinkEvalError
-from sink_eval.patch import CopyPlan, kv_cache_bytes
-from sink_eval.patch import patched as copy_patched
-from sink_eval.plans import streamed_share, work_removed
-from sink_eval.shape import Shape
-from sink_eval.streaming import StreamingPlan, candidate_layers
-from sink_eval.streaming_cache import StreamingCache, StreamingLayer
-from sink_eval.streaming_patch import STREAM_ATTENTION, generate, layer_errors, new_cache, patched
+from sink_eval.core import attention
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.core.shape import Shape
+from sink_eval.patches.copy import CopyPlan, kv_cache_bytes
+from sink_eval.patches.copy import patched as copy_patched
+from sink_eval.patches.plans import streamed_share, work_removed
+from sink_eval.patches.streaming import banded
+from sink_eval.patches.streaming.cache import StreamingCache, StreamingLayer
+from sink_eval.patches.streaming.patch import STREAM_ATTENTION, generate, layer_errors, new_cache, patched
+from sink_eval.patches.streaming.plan import StreamingPlan, candidate_layers
 
 SHAPES = st.tuples(
     st.sampled_from(["llama", "qwen2", "gemma3"]),

@@ -10,13 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sink_eval import cli, taxonomy
-from sink_eval.errors import SinkEvalError
-from sink_eval.models import load_model
-from sink_eval.probe import PromptStats, probe
-from sink_eval.prompts import Prompt
-from sink_eval.taxonomy import Thresholds
-from sink_eval.taxonomy_report import read_taxonomy
+from sink_eval import cli
+from sink_eval.analyses import taxonomy
+from sink_eval.analyses.taxonomy import Thresholds
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.measure.probe import PromptStats, probe
+from sink_eval.models.zoo import load_model
+from sink_eval.prompts.prompt_set import Prompt
+from sink_eval.reports.taxonomy import read_taxonomy
 
 WINDOWS = [(1, 4), (4, 16)]
 
@@ -340,7 +341,7 @@ def test_cli_defaults_are_the_taxonomy_defaults():
 
 
 def test_heads_of_sliding_window_layers_are_windowed_never_streaming_and_the_report_says_so():
-    from sink_eval.taxonomy_report import headline_table, taxonomy_report
+    from sink_eval.reports.taxonomy import headline_table, taxonomy_report
 
     loaded = load_model("tiny-gemma3")  # layers 0-2 slide over 8 keys: all their mass is in the last 32 keys
     passages = taxonomy.passage_inputs(loaded, [48])

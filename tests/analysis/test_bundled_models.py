@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REAL_MODELS
-from sink_eval.models import ZOO, load_model
+from sink_eval.models.zoo import ZOO, load_model
 
 pytestmark = pytest.mark.analysis
 
@@ -67,7 +67,7 @@ def test_smollm2_cached_load_adds_under_three_seconds_to_importing_transformers(
     transformers' modelling code): verifying the cache and loading from it. The absolute time is printed."""
     bundled_model("smollm2-135m")  # the cache exists from here on
     floor_code = "import torch; from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel"
-    load_code = "from sink_eval.models import load_model; load_model('smollm2-135m')"
+    load_code = "from sink_eval.models.zoo import load_model; load_model('smollm2-135m')"
     floors, loads = [], []
     for _ in range(2):
         floors.append(_wall_seconds(floor_code)[0])

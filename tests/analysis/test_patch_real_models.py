@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import REAL_MODELS
-from sink_eval.patch import CopyPlan, generate, patched
-from sink_eval.patch_eval import kl_and_top1
+from sink_eval.evals.patch_eval import kl_and_top1
+from sink_eval.patches.copy import CopyPlan, generate, patched
 
 pytestmark = pytest.mark.analysis
 

@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from conftest import REAL_MODELS
-from sink_eval.probe import DEFAULT_CHUNK_BYTES, probe
-from sink_eval.prompts import default_prompts, long_passages
+from sink_eval.measure.probe import DEFAULT_CHUNK_BYTES, probe
+from sink_eval.prompts.prompt_set import default_prompts, long_passages
 
 pytestmark = pytest.mark.analysis
 

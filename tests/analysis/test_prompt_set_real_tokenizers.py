@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import REAL_MODELS
-from sink_eval.prompts import long_passages
+from sink_eval.prompts.prompt_set import long_passages
 
 pytestmark = pytest.mark.analysis
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import REAL_MODELS
-from sink_eval.prompts import long_passages
-from sink_eval.streaming import StreamingPlan, candidate_layers
-from sink_eval.streaming_patch import generate, patched
+from sink_eval.patches.streaming.patch import generate, patched
+from sink_eval.patches.streaming.plan import StreamingPlan, candidate_layers
+from sink_eval.prompts.prompt_set import long_passages
 
 pytestmark = pytest.mark.analysis
 

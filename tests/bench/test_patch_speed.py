@@ -1,10 +1,10 @@
 """Speed gates of the copy patch on smollm2-135m: forced plans copying a fraction f of the heads.
 
-Each test times, round by round, each variant right after the unpatched region (`sink_eval.speed.paired`: the
+Each test times, round by round, each variant right after the unpatched region (`sink_eval.evals.speed.paired`: the
 speed-up is the median of those back-to-back ratios, their spread the IQR): the region patched with each plan, and
 the region with attention returning at once (for the attention share a). The gate of a plan copying a fraction f:
 the patch saves at least 80 % of the time that the ceiling 1 / (1 - f a) says can be saved
-(`sink_eval.speed.gate_passes`), judged on the lower quartile of the paired ratios, so that a gate passes only when
+(`sink_eval.evals.speed.gate_passes`), judged on the lower quartile of the paired ratios, so that a gate passes only when
 three rounds in four clear it, not when the median happens to. Speed-ups, their IQR and the absolute medians (for
 reference only) go to the benchmark's extra_info; `--benchmark-json baselines/bench/<file>.json` keeps a run.
 
@@ -13,7 +13,7 @@ reference only) go to the benchmark's extra_info; `--benchmark-json baselines/be
 - whole model: prefill (512, 2048; 8192 with f = 0.5 only, one round without warm-up: about 100 s a forward here)
   and decode steps over a KV cache of 512 / 2048 / 8192 tokens (random K/V: only its size matters for speed); decode's
   ceiling is 1 / (1 - f a - f_g g), f_g the fraction of KV groups a plan drops whole, whose cache stops growing, and
-  g the growth share (`sink_eval.speed`).
+  g the growth share (`sink_eval.evals.speed`).
   Not gated on speed (the attention share of a whole model is too small here for the gate to rise above the
   noise): a speed-up must stay within its ceiling plus `NOISE` (more would mean the share or the timing is wrong),
   and the plan's decode cache must hold exactly the KV bytes the plan keeps.
@@ -36,10 +36,10 @@ from bench_regions import (
 )
 from transformers import Cache
 
-from sink_eval.patch import CopyPlan, kv_cache_bytes, new_cache, patched
-from sink_eval.prompts import default_prompts
-from sink_eval.shape import model_shape
-from sink_eval.speed import Paired, attention_share, ceiling, gate_passes, growth_share, paired, without_attention
+from sink_eval.core.shape import model_shape
+from sink_eval.evals.speed import Paired, attention_share, ceiling, gate_passes, growth_share, paired, without_attention
+from sink_eval.patches.copy import CopyPlan, kv_cache_bytes, new_cache, patched
+from sink_eval.prompts.prompt_set import default_prompts
 
 pytestmark = pytest.mark.bench
 
@@ -74,7 +74,7 @@ def report(
 ) -> dict:
     """Paired speed-up, attention share, ceiling and gate per plan; recorded in extra_info and printed. In decode,
     `groups` holds each plan's fraction of KV groups dropped whole, whose cache no longer grows, and the "static"
-    timing gives the growth share g (`sink_eval.speed`)."""
+    timing gives the growth share g (`sink_eval.evals.speed`)."""
     share = attention_share(timings["without"])
     growth = growth_share(timings["without"], timings["static"]) if groups is not None else 0.0
     rows = {}

@@ -11,9 +11,9 @@ import statistics
 import pytest
 import torch
 
-from sink_eval.probe import probe
-from sink_eval.prompts import default_prompts
-from sink_eval.speed import clock
+from sink_eval.evals.speed import clock
+from sink_eval.measure.probe import probe
+from sink_eval.prompts.prompt_set import default_prompts
 
 pytestmark = pytest.mark.bench
 

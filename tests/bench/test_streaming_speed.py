@@ -1,26 +1,26 @@
 """Speed and memory gates of the streaming patch on smollm2-135m: half the KV groups streaming, s = 4, w = 256.
 
 As in `test_patch_speed.py`, each variant is timed right after the unpatched region, round by round
-(`sink_eval.speed.paired`), and the attention share a comes from the region with attention returning at once. The
+(`sink_eval.evals.speed.paired`), and the attention share a comes from the region with attention returning at once. The
 plan streams half of the KV groups whole (every query head of a chosen group), spread evenly over the layers, so
 that half the heads stream and half the cache shrinks to s + w entries. Its ceiling is 1 / (1 − a f (1 − ρ)): f the
 fraction of heads streamed, ρ the share of a head's attention work a streamed head still does
-(`sink_eval.plans.streamed_share`: scored pairs Σ min(i + 1, s + w) / Σ (i + 1) in a full pass, keys read
+(`sink_eval.patches.plans.streamed_share`: scored pairs Σ min(i + 1, s + w) / Σ (i + 1) in a full pass, keys read
 (s + w) / N in a decode step). The ceiling with ρ = (s + w) / N in a full pass as well (each query scoring N keys) is
 recorded beside it as `ceiling_all_keys`.
 
 - attention layers: the attention modules of layers 0-3, fed the same real hidden states, at 2048 and 8192 tokens;
   gated at 8192 (a streamed head's band is 260 of 8192 keys): the patch saves at least 80 % of what the ceiling
-  allows, judged on the lower quartile of the paired ratios (`sink_eval.speed.gate_passes`).
+  allows, judged on the lower quartile of the paired ratios (`sink_eval.evals.speed.gate_passes`).
 - whole model, prefill and decode (a cache of 2048 / 8192 random keys and values, then `DECODE_STEPS` greedy steps),
   reported with their ceilings; a speed-up must stay within its ceiling plus `NOISE`. In decode, a streamed group
   saves attention *and* the growth of its cache: transformers' `DynamicCache` appends each step's key and value by
   concatenation, copying the whole cache (at 8192 tokens, 377 MB a step on smollm2-135m), where the constant-size
   cache writes one slot. So decode's ceiling is 1 / (1 − a f (1 − ρ) − g f_g), g the growth share measured with a
-  preallocated cache (`sink_eval.speed.growth_share`) and f_g the fraction of KV groups streamed whole (here f_g = f).
+  preallocated cache (`sink_eval.evals.speed.growth_share`) and f_g the fraction of KV groups streamed whole (here f_g = f).
   With attention alone the ceiling (1.17) was below the measured speed-up (1.36). Decode is gated on memory at
   8192: the constant-size cache holds at most 55 % of the unpatched cache's KV bytes, both measured from the cache
-  objects (`sink_eval.patch.kv_cache_bytes`), and exactly what the plan keeps.
+  objects (`sink_eval.patches.copy.kv_cache_bytes`), and exactly what the plan keeps.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from bench_regions import (
 )
 from transformers import Cache
 
-from sink_eval.patch import kv_cache_bytes
-from sink_eval.plans import streamed_share
-from sink_eval.prompts import long_passages
-from sink_eval.shape import model_shape
-from sink_eval.speed import Paired, attention_share, ceiling, gate_passes, growth_share, paired, without_attention
-from sink_eval.streaming import StreamingPlan
-from sink_eval.streaming_patch import new_cache, patched
+from sink_eval.core.shape import model_shape
+from sink_eval.evals.speed import Paired, attention_share, ceiling, gate_passes, growth_share, paired, without_attention
+from sink_eval.patches.copy import kv_cache_bytes
+from sink_eval.patches.plans import streamed_share
+from sink_eval.patches.streaming.patch import new_cache, patched
+from sink_eval.patches.streaming.plan import StreamingPlan
+from sink_eval.prompts.prompt_set import long_passages
 
 pytestmark = pytest.mark.bench
 

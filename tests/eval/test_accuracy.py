@@ -19,7 +19,7 @@ from conftest import REAL_MODELS, checked_baseline
 from sink_eval import baselines
 
 if TYPE_CHECKING:
-    from sink_eval.evaluate import EvalResult
+    from sink_eval.evals.accuracy import EvalResult
 
 pytestmark = pytest.mark.eval
 
@@ -39,7 +39,7 @@ def calibration(loaded, probed) -> list:
     """`evaluate.calibration_stats(loaded)`: the statistics of `evaluate.calibration_prompts`, taken from the session's
     shared probes (`probed`), which the analysis bands fill (all but the 1.5B's four prompts of more than
     CI_PROMPT_TOKENS tokens, probed here)."""
-    from sink_eval.evaluate import calibration_prompts
+    from sink_eval.evals.accuracy import calibration_prompts
 
     return [p.stats for p in probed(loaded.spec.name, calibration_prompts(loaded))]
 
@@ -47,8 +47,8 @@ def calibration(loaded, probed) -> list:
 @pytest.fixture(scope="module")
 def measured(bundled_model, probed, pytestconfig):
     """`measured(name)` -> (eval results, checked baseline); with --update-baselines the baseline is rewritten."""
-    from sink_eval.evaluate import run_eval
-    from sink_eval.policies import Policy, PolicyOptions
+    from sink_eval.evals.accuracy import run_eval
+    from sink_eval.policies.base import Policy, PolicyOptions
 
     results: dict[str, EvalResult] = {}
     checked: dict[str, baselines.EvalBaseline] = {}

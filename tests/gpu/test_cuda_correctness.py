@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import random_model
 
-from sink_eval.patch import CopyPlan, generate, patched
-from sink_eval.probe import probe
+from sink_eval.measure.probe import probe
+from sink_eval.patches.copy import CopyPlan, generate, patched
 
 pytestmark = [
     pytest.mark.gpu,

@@ -31,8 +31,8 @@ COMMAND = "pytest -m longctx"
 
 @pytest.fixture(scope="module")
 def measured(bundled_model):
-    from sink_eval.longctx import NamedPlan, run
-    from sink_eval.patch import CopyPlan
+    from sink_eval.evals.longctx import NamedPlan, run
+    from sink_eval.patches.copy import CopyPlan
 
     eval_baseline = baselines.read_eval_baseline(ROOT / "eval" / f"{MODEL}.json")
     heads = eval_baseline.provenance.plans[PLAN]["heads"]

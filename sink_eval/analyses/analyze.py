@@ -1,0 +1,340 @@
+"""Probe a prompt set and summarise it: the `AnalysisResult` of `sink-eval analyze` (its results.json).
+
+Summary statistics, per length bin and threshold, over the prompts with at least two tokens (a one-token prompt has
+no query to average: it is counted as trivial, never as 100 % sinks):
+- prevalence = mean over prompts of the fraction of (layer, head) pairs that are sink heads;
+- per-layer prevalence = the same per layer;
+- first-layer agreement, base rate, lift and recall (`sink_eval.measure.correlation`);
+- standard errors by a seeded bootstrap over prompts (200 resamples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from tqdm import tqdm
+
+from sink_eval.core.results import ModelInfo, Provenance, TopLevel, provenance
+from sink_eval.core.shape import model_shape
+from sink_eval.measure.correlation import consistency, first_layer_agreement, layer_correlation, spearman
+from sink_eval.measure.probe import PromptStats, probe
+from sink_eval.measure.sinks import HEAD_CLASSES, head_classes, sink_heads, threshold_for
+from sink_eval.models.zoo import LoadedModel
+from sink_eval.prompts.prompt_set import (
+    DEFAULT_MAX_TOKENS,
+    LENGTH_BINS,
+    Prompt,
+    TokenizedPrompt,
+    length_bin,
+    prompt_set_sha256,
+)
+
+SCHEMA = "sink_eval.results/2"
+MIN_SCORED_TOKENS = 2  # a one-token prompt has no query to average over: it is trivial
+BOOTSTRAP_RESAMPLES = 200
+TOP_HEADS = 10
+
+
+@dataclass
+class ProbedPrompt:
+    prompt: TokenizedPrompt
+    stats: PromptStats
+
+
+def probe_prompts(loaded: LoadedModel, prompts: list[TokenizedPrompt], progress: bool = True) -> list[ProbedPrompt]:
+    """Probe each prompt on its own (no padding), with a progress bar on stderr."""
+    device = next(loaded.model.parameters()).device
+    out = []
+    for tp in tqdm(prompts, desc=f"probing {loaded.spec.name}", unit="prompt", disable=not progress, file=sys.stderr):
+        stats = probe(loaded.model, torch.tensor([tp.input_ids], device=device)).stats[0]
+        out.append(ProbedPrompt(tp, stats))
+    return out
+
+
+def bin_key(lo: int, hi: int) -> str:
+    return f"{lo}-{hi}"
+
+
+@dataclass
+class TruncatedPrompt:
+    id: str
+    original_tokens: int  # its length before `--truncate` cut it to `max_tokens`
+
+
+@dataclass
+class Settings:
+    thresholds: list[float]
+    chance_corrected_threshold: bool
+    exclude_first_query: bool
+    length_bins: list[list[int]]
+    prompt_set_sha256: str
+    max_tokens: int
+    truncated: list[TruncatedPrompt]
+
+
+@dataclass
+class PromptRecord:
+    """One probed prompt: its (layers, heads) scores, null for a trivial one-token prompt."""
+
+    id: str
+    domain: str
+    text_sha256: str
+    n_tokens: int
+    sink_score: list[list[float | None]]
+    self_score: list[list[float | None]]
+    prev_score: list[list[float | None]]
+
+
+@dataclass
+class GroupSummary:
+    """The statistics of one length bin (`tokens` "4-9") or of all prompts pooled (`tokens` "all"); every statistic
+    is None when the group has no non-trivial prompt."""
+
+    tokens: str
+    n_prompts: int
+    n_trivial: int
+    prevalence: float | None
+    prevalence_se: float | None
+    per_layer_prevalence: list[float]
+    first_layer_agreement: float | None
+    first_layer_agreement_se: float | None
+    base_rate: float | None
+    lift: float | None
+    recall: float | None
+    prompts_with_layer0_sink: int | None
+    head_classes: dict[str, float]
+
+
+@dataclass
+class ConsistentHead:
+    layer: int
+    head: int
+    consistency: float
+    mean_sink_score: float
+
+
+@dataclass
+class ThresholdSummary:
+    threshold: float
+    bins: list[GroupSummary]
+    all: GroupSummary
+    spearman_length_vs_prevalence: float | None
+    top_consistent_heads: list[ConsistentHead]
+
+    def groups(self) -> list[GroupSummary]:
+        """Each length bin, then the pooled "all"."""
+        return [*self.bins, self.all]
+
+    def group(self, tokens: str) -> GroupSummary:
+        return next(g for g in self.groups() if g.tokens == tokens)
+
+
+@dataclass
+class AnalysisResult(TopLevel):
+    SCHEMA: ClassVar[str] = SCHEMA
+    model: ModelInfo
+    settings: Settings
+    prompts: list[PromptRecord]
+    summary: list[ThresholdSummary]
+    layer_correlation: list[list[float]] | None  # between layers' sink scores, over prompts and heads
+    provenance: Provenance
+
+    def at(self, threshold: float) -> ThresholdSummary:
+        return next(s for s in self.summary if s.threshold == threshold)
+
+
+def _scored(items: list[ProbedPrompt]) -> list[ProbedPrompt]:
+    return [p for p in items if p.stats.n_tokens >= MIN_SCORED_TOKENS]
+
+
+def _sink_maps(items: list[ProbedPrompt], tau: float, chance_corrected: bool) -> torch.Tensor:
+    return torch.stack(
+        [sink_heads(p.stats.sink, threshold_for(tau, p.stats.n_tokens, chance_corrected)) for p in items]
+    )
+
+
+def bootstrap_se(sinks: torch.Tensor, statistic: Callable[[torch.Tensor], float | None]) -> float | None:
+    """Standard deviation of `statistic` over prompts resampled with replacement (seeded, so repeatable)."""
+    if len(sinks) < 2:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    values = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        value = statistic(sinks[torch.randint(len(sinks), (len(sinks),), generator=gen)])
+        if value is not None:
+            values.append(value)
+    return float(torch.tensor(values).std()) if len(values) > 1 else None
+
+
+def _prevalence(sinks: torch.Tensor) -> float:
+    return float(sinks.float().mean())
+
+
+def _agreement(sinks: torch.Tensor) -> float | None:
+    return first_layer_agreement(sinks).agreement
+
+
+def _group_summary(tokens: str, items: list[ProbedPrompt], tau: float, chance_corrected: bool) -> GroupSummary:
+    scored = _scored(items)
+    n_prompts, n_trivial = len(items), len(items) - len(scored)
+    if not scored:
+        return GroupSummary(tokens, n_prompts, n_trivial, None, None, [], None, None, None, None, None, None, {})
+    sinks = _sink_maps(scored, tau, chance_corrected)
+    fla = first_layer_agreement(sinks)
+    classes = torch.stack(
+        [
+            head_classes(
+                p.stats.sink, p.stats.self_, p.stats.prev, threshold_for(tau, p.stats.n_tokens, chance_corrected)
+            )
+            for p in scored
+        ]
+    )
+    return GroupSummary(
+        tokens=tokens,
+        n_prompts=n_prompts,
+        n_trivial=n_trivial,
+        prevalence=_prevalence(sinks),
+        prevalence_se=bootstrap_se(sinks, _prevalence),
+        per_layer_prevalence=sinks.float().mean(dim=(0, 2)).tolist(),
+        first_layer_agreement=fla.agreement,
+        first_layer_agreement_se=bootstrap_se(sinks, _agreement) if fla.agreement is not None else None,
+        base_rate=fla.base_rate,
+        lift=fla.lift,
+        recall=fla.recall,
+        prompts_with_layer0_sink=fla.prompts_with_layer0_sink,
+        head_classes={name: float((classes == i).float().mean()) for i, name in enumerate(HEAD_CLASSES)},
+    )
+
+
+def _top_heads(items: list[ProbedPrompt], tau: float, chance_corrected: bool) -> list[ConsistentHead]:
+    scored = _scored(items)
+    if not scored:
+        return []
+    cons = consistency(_sink_maps(scored, tau, chance_corrected))
+    mean_score = torch.stack([p.stats.sink for p in scored]).mean(dim=0)
+    order = sorted(
+        ((layer, head) for layer in range(cons.shape[0]) for head in range(cons.shape[1])),
+        key=lambda lh: (-float(cons[lh]), -float(mean_score[lh]), lh),
+    )
+    return [
+        ConsistentHead(layer, head, float(cons[layer, head]), float(mean_score[layer, head]))
+        for layer, head in order[:TOP_HEADS]
+    ]
+
+
+def summarize(
+    probed: list[ProbedPrompt], thresholds: tuple[float, ...], chance_corrected: bool = False
+) -> list[ThresholdSummary]:
+    """The summary at each threshold: per length bin, pooled, the length correlation and the top heads."""
+    by_bin = {b: [p for p in probed if length_bin(p.stats.n_tokens) == b] for b in LENGTH_BINS}
+    scored = _scored(probed)
+    lengths = torch.tensor([float(p.stats.n_tokens) for p in scored])
+    summary = []
+    for tau in thresholds:
+        per_prompt = [float(s.float().mean()) for s in _sink_maps(scored, tau, chance_corrected)] if scored else []
+        summary.append(
+            ThresholdSummary(
+                threshold=tau,
+                bins=[_group_summary(bin_key(*b), items, tau, chance_corrected) for b, items in by_bin.items()],
+                all=_group_summary("all", probed, tau, chance_corrected),
+                spearman_length_vs_prevalence=spearman(lengths, torch.tensor(per_prompt)) if scored else None,
+                top_consistent_heads=_top_heads(probed, tau, chance_corrected),
+            )
+        )
+    return summary
+
+
+def _layer_correlation(probed: list[ProbedPrompt]) -> list[list[float]] | None:
+    scored = _scored(probed)
+    if not scored:
+        return None
+    return torch.nan_to_num(layer_correlation(torch.stack([p.stats.sink for p in scored])), nan=0.0).tolist()
+
+
+def _round(t: torch.Tensor) -> list:
+    return [[None if v != v else round(v, 6) for v in row] for row in t.tolist()]
+
+
+def _tensor(scores: list[list[float | None]]) -> torch.Tensor:
+    return torch.tensor([[float("nan") if v is None else v for v in row] for row in scores])
+
+
+def stored_stats(record: PromptRecord) -> PromptStats:
+    """A prompt's statistics as its results record stores them (rounded to 6 digits; NaN for a trivial prompt)."""
+    return PromptStats(
+        record.n_tokens, _tensor(record.sink_score), _tensor(record.self_score), _tensor(record.prev_score)
+    )
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_info(loaded: LoadedModel) -> ModelInfo:
+    """The model section of a result: zoo name, weights fingerprint, attention shape (`shape.model_shape`), dtype."""
+    shape = model_shape(loaded.model)
+    dtype = str(loaded.model.dtype).removeprefix("torch.")
+    return ModelInfo(loaded.spec.name, loaded.fingerprint, shape.layers, shape.heads, shape.kv_heads, dtype)
+
+
+def results(
+    loaded: LoadedModel,
+    probed: list[ProbedPrompt],
+    thresholds: tuple[float, ...],
+    chance_corrected: bool = False,
+    command: str = "",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> AnalysisResult:
+    """The analysis result: model, settings (truncated prompts included), per-prompt scores, summary, provenance."""
+    prompts = [p.prompt.prompt for p in probed]
+    return AnalysisResult(
+        model=model_info(loaded),
+        settings=Settings(
+            thresholds=list(thresholds),
+            chance_corrected_threshold=chance_corrected,
+            exclude_first_query=True,
+            length_bins=[list(b) for b in LENGTH_BINS],
+            prompt_set_sha256=prompt_set_sha256(prompts),
+            max_tokens=max_tokens,
+            truncated=[
+                TruncatedPrompt(p.prompt.prompt.id, p.prompt.truncated_from)
+                for p in probed
+                if p.prompt.truncated_from is not None
+            ],
+        ),
+        prompts=[
+            PromptRecord(
+                id=p.prompt.prompt.id,
+                domain=p.prompt.prompt.domain,
+                text_sha256=text_sha256(p.prompt.prompt.text),
+                n_tokens=p.stats.n_tokens,
+                sink_score=_round(p.stats.sink),
+                self_score=_round(p.stats.self_),
+                prev_score=_round(p.stats.prev),
+            )
+            for p in probed
+        ],
+        summary=summarize(probed, thresholds, chance_corrected),
+        layer_correlation=_layer_correlation(probed),
+        provenance=provenance(command),
+    )
+
+
+def restricted(res: AnalysisResult, keep: set[tuple[str, str]]) -> AnalysisResult:
+    """`res` over only the prompts whose (id, text_sha256) is in `keep`, summarised again from their stored
+    (rounded) scores."""
+    records = [p for p in res.prompts if (p.id, p.text_sha256) in keep]
+    probed = [ProbedPrompt(TokenizedPrompt(Prompt(r.id, r.domain, ""), []), stored_stats(r)) for r in records]
+    thresholds = tuple(res.settings.thresholds)
+    return dataclasses.replace(
+        res,
+        prompts=records,
+        summary=summarize(probed, thresholds, res.settings.chance_corrected_threshold),
+        layer_correlation=_layer_correlation(probed),
+    )

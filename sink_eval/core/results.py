@@ -1,0 +1,188 @@
+"""Typed results on disk: a dataclass to JSON and back, every field checked on the way in.
+
+`from_json(cls, data, source)` reads a dataclass from parsed JSON by its type hints (nested dataclasses, lists,
+string-keyed dicts, `X | None`, str, int, float, bool, Any); a missing or mistyped field is a `SinkEvalError` that
+names the file and the field, e.g. "runs/x/results.json: summary[0].bins[2].prevalence is missing".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, ClassVar, Self, TypeVar
+
+from sink_eval.core.errors import SinkEvalError
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class ModelId:
+    name: str
+    fingerprint: str
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    name: str
+    fingerprint: str
+    layers: int
+    heads: int
+    kv_heads: int
+    dtype: str
+
+
+@dataclasses.dataclass
+class Provenance:
+    date: str
+    command: str
+    versions: dict[str, str]
+
+
+def provenance(command: str, packages: tuple[str, ...] = ("sink_eval", "torch", "transformers")) -> Provenance:
+    """Now, the command and the installed versions of `packages`."""
+    return Provenance(
+        date=datetime.now(UTC).isoformat(timespec="seconds"),
+        command=command,
+        versions={name: version(name) for name in packages},
+    )
+
+
+def to_json(obj: Any) -> Any:
+    """Plain JSON values of a dataclass (recursively), fields in their declared order."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_json(v) for k, v in obj.items()}
+    return obj
+
+
+def from_json(cls: type[T], data: Any, source: str | Path, where: str = "") -> T:
+    """`cls` read from parsed JSON, every field present and of its declared type."""
+    return _read(cls, data, str(source), where)
+
+
+def _describe(tp: Any) -> str:
+    if tp is Any:
+        return "any value"
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "an object"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}[tp]
+
+
+def _json_type(value: Any) -> str:
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "an object",
+    }
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _read(tp: Any, value: Any, source: str, where: str, expected: str | None = None) -> Any:
+    """`value` read as `tp`; `expected` describes the type in errors (default: `tp`'s description)."""
+
+    def mistyped() -> SinkEvalError:
+        what = expected or _describe(tp)
+        return SinkEvalError(f"{source}: {where or 'the file'} should be {what}, not {_json_type(value)}")
+
+    if tp is Any:
+        return value
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a dataclass type (tp is a type hint)
+        if not isinstance(value, dict):
+            raise mistyped()
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            sub = f"{where}.{f.name}" if where else f.name
+            if f.name not in value:
+                raise SinkEvalError(f"{source}: {sub} is missing")
+            kwargs[f.name] = _read(hints[f.name], value[f.name], source, sub)
+        return tp(**kwargs)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) != 1:
+            raise TypeError(f"from_json reads X | None, not {tp}")
+        if value is None:
+            raise mistyped()
+        return _read(options[0], value, source, where, expected or _describe(tp))
+    if origin is list:
+        if not isinstance(value, list):
+            raise mistyped()
+        return [_read(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise mistyped()
+        return {k: _read(args[1], v, source, f"{where}[{k!r}]") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise mistyped()
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise mistyped()
+    if not isinstance(value, tp):
+        raise mistyped()
+    return value
+
+
+def read_json_file(path: Path, schema: str, fix: str) -> dict:
+    """The parsed JSON object of a file written with `schema`; any other content says what is wrong and `fix`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise SinkEvalError(f"no file at {path}; {fix}") from err
+    except OSError as err:
+        raise SinkEvalError(f"cannot read {path}: {err.strerror}; {fix}") from err
+    except json.JSONDecodeError as err:
+        raise SinkEvalError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}); {fix}") from err
+    found = data.get("schema") if isinstance(data, dict) else None
+    if found != schema:
+        raise SinkEvalError(f"{path} has schema {found!r}, this sink_eval reads {schema!r}; {fix}")
+    return data
+
+
+def with_schema(schema: str, obj: Any) -> dict:
+    """The JSON object of a top-level result: its schema first, then its fields."""
+    return {"schema": schema, **to_json(obj)}
+
+
+def without_schema(data: dict, schema: str, source: str | Path) -> dict:
+    """The fields of a top-level result's JSON object, after checking its schema."""
+    if not isinstance(data, dict) or data.get("schema") != schema:
+        found = data.get("schema") if isinstance(data, dict) else None
+        raise SinkEvalError(f"{source} has schema {found!r}, this sink_eval reads {schema!r}")
+    return {k: v for k, v in data.items() if k != "schema"}
+
+
+class TopLevel:
+    """Base of a results file's dataclass: `SCHEMA` names its format; `to_json` writes it first, `from_json` checks
+    it and then every field."""
+
+    SCHEMA: ClassVar[str]
+
+    def to_json(self) -> dict:
+        return with_schema(self.SCHEMA, self)
+
+    @classmethod
+    def from_json(cls, data: dict, source: str | Path) -> Self:
+        return from_json(cls, without_schema(data, cls.SCHEMA, source), source)

@@ -1,0 +1,132 @@
+"""Resumable long commands (`sink-eval analyze`, `sink-eval eval`, `sink-eval longctx`): partial results in a hidden
+work directory beside --out.
+
+The work directory `.<out>.<command>-work` holds `key.json` (what the results depend on: the model fingerprint and
+settings, and the prompt-set SHA-256 of `analyze` or the runs in order of `eval` and `longctx`) and one file per
+finished unit of work, each written atomically as soon as it is done: `prompt-NNNNN.pt` per probed prompt of
+`analyze`; one JSON per (run, task, shard) of `eval`; one JSON per (run, length) and `streaming-llm.json` of `longctx`.
+`--resume` continues from them when the key is the same (another model, prompt set, plan or setting is refused); the
+finished results equal an uninterrupted run's (timings aside: those of a resumed run come from two processes;
+`longctx` measures a length left part-measured again whole, so that each length is timed by one). The directory is
+removed once the results are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from tqdm import tqdm
+
+from sink_eval.analyses.analyze import ProbedPrompt, probe_prompts
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.core.files import write_bytes_atomically, write_text_atomically
+from sink_eval.core.results import from_json, to_json
+from sink_eval.measure.probe import PromptStats
+from sink_eval.models.zoo import LoadedModel
+from sink_eval.prompts.prompt_set import TokenizedPrompt
+
+KEY_FILE = "key.json"
+T = TypeVar("T")
+
+
+def work_dir(out: Path, command: str) -> Path:
+    return Path(out).parent / f".{Path(out).name}.{command}-work"
+
+
+def check_no_interrupted_run(out: Path, command: str) -> None:
+    """Refuse to start afresh over the partial results of an interrupted run (they would be lost silently)."""
+    work = work_dir(out, command)
+    if work.exists():
+        raise SinkEvalError(
+            f"{work} holds the partial results of an interrupted run for --out {out}; pass --resume to continue "
+            f"it, or delete {work} to start over"
+        )
+
+
+def open_work_dir(out: Path, key: dict, resume: bool, command: str) -> Path:
+    """The work directory for `out`, created with `key`; with `resume`, an existing one whose key is `key`."""
+    work = work_dir(out, command)
+    if work.exists():
+        if not resume:
+            check_no_interrupted_run(out, command)
+        _check_key(work, key)
+        return work
+    work.mkdir(parents=True)
+    write_text_atomically(work / KEY_FILE, json.dumps(key, indent=1, sort_keys=True))
+    return work
+
+
+def _check_key(work: Path, key: dict) -> None:
+    try:
+        found = json.loads((work / KEY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SinkEvalError(f"{work / KEY_FILE} is unreadable; delete {work} to start over") from err
+    differ = sorted(k for k in key.keys() | found.keys() if key.get(k) != found.get(k))
+    if differ:
+        raise SinkEvalError(
+            f"--resume refused: the interrupted run in {work} had another {', '.join(differ)}; rerun it with the "
+            f"same model, prompts and options, or delete {work} to start over"
+        )
+
+
+def _prompt_file(work: Path, index: int) -> Path:
+    return work / f"prompt-{index:05d}.pt"
+
+
+def _save(work: Path, index: int, probed: ProbedPrompt) -> None:
+    stats = {f.name: getattr(probed.stats, f.name) for f in dataclasses.fields(PromptStats)}
+    buffer = io.BytesIO()
+    torch.save({"id": probed.prompt.prompt.id, "stats": stats}, buffer)
+    write_bytes_atomically(_prompt_file(work, index), buffer.getvalue())
+
+
+def _load(work: Path, index: int, tp: TokenizedPrompt) -> ProbedPrompt | None:
+    """The saved probe of prompt `index`, or None if it was not probed yet."""
+    path = _prompt_file(work, index)
+    if not path.exists():
+        return None
+    saved = torch.load(path, weights_only=True)
+    if saved["id"] != tp.prompt.id:
+        raise SinkEvalError(f"{path} is of prompt {saved['id']!r}, not {tp.prompt.id!r}; delete {work} to start over")
+    return ProbedPrompt(tp, PromptStats(**saved["stats"]))
+
+
+def probe_resumable(loaded: LoadedModel, prompts: list[TokenizedPrompt], work: Path) -> list[ProbedPrompt]:
+    """`probe_prompts`, saving each prompt's statistics in `work` and reusing those saved by an earlier run."""
+    out = {i: p for i, tp in enumerate(prompts) if (p := _load(work, i, tp)) is not None}
+    todo = [i for i in range(len(prompts)) if i not in out]
+    done = len(prompts) - len(todo)
+    desc = f"probing {loaded.spec.name}"
+    for i in tqdm(todo, desc=desc, unit="prompt", initial=done, total=len(prompts), file=sys.stderr):
+        out[i] = probe_prompts(loaded, [prompts[i]], progress=False)[0]
+        _save(work, i, out[i])
+    return [out[i] for i in range(len(prompts))]
+
+
+def once(work: Path | None, name: str, cls: type[T], compute: Callable[[], T]) -> tuple[T, bool]:
+    """A unit of work (a dataclass `cls`): the one an earlier run saved in `work` as `name` (JSON), and True; or
+    `compute()`, saved there as `name` (unless `work` is None), and False."""
+    if work is None:
+        return compute(), False
+    path = work / name
+    if path.exists():
+        try:
+            return from_json(cls, json.loads(path.read_text(encoding="utf-8")), path), True
+        except (ValueError, SinkEvalError) as err:
+            raise SinkEvalError(f"{path} is unreadable; delete it to redo that part, or {work} to start over") from err
+    value = compute()
+    write_text_atomically(path, json.dumps(to_json(value)))
+    return value, False
+
+
+def finish(work: Path) -> None:
+    """Remove the work directory once the results are written."""
+    shutil.rmtree(work)
