@@ -12,13 +12,24 @@ from tabulate import tabulate
 
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.measure.sinks import DEFAULT_THRESHOLDS
+from sink_eval.prompts.prompt_set import LONG_TOKENS
 
-# sink_eval.policies.base' COPY_POLICIES, STREAMING_POLICIES and POLICIES, without importing torch
-COPY_POLICY_NAMES = ("first_layer", "calibrated", "oracle", "hybrid")
-STREAMING_POLICY_NAMES = ("streaming", "random", "streaming_llm")
-POLICY_NAMES = COPY_POLICY_NAMES + STREAMING_POLICY_NAMES
+PATCH_EVAL_POLICIES = ("first_layer", "calibrated", "oracle", "hybrid")  # patch-eval's default: the copy policies
 HYBRID_DEFAULT_MAX_TOKENS = 64  # L of a hybrid policy given neither limit
-LONG_TOKENS = 2048  # patch-eval: the long passages are cut to this many tokens for the streaming policies
+# the options that set a policy's options: argparse dest -> the option (a field of the policy's `Options`)
+POLICY_OPTIONS = {
+    "threshold": "threshold",
+    "chance_corrected": "chance_corrected",
+    "consistency": "consistency",
+    "hybrid_base": "base",
+    "hybrid_max_tokens": "max_tokens",
+    "hybrid_decode_steps": "decode_steps",
+    "sink": "sink",
+    "window": "window",
+    "streaming_score": "streaming_score",
+    "fraction": "fraction",
+    "seed": "seed",
+}
 # commands whose --out is an output directory of its kind
 OUTPUT_KINDS = ("analyze", "patch-eval", "eval", "compare", "scale", "taxonomy", "longctx")
 OUTPUT_WHAT = {
@@ -31,7 +42,6 @@ OUTPUT_WHAT = {
 }
 RESUMABLE = ("analyze", "eval", "longctx")  # commands that save partial results beside --out (sink_eval.core.resume)
 CPU_MAX_LENGTH = 4096  # longctx: longer prompts only with --device cuda
-LONGCTX_POLICY_NAMES = ("calibrated", "hybrid", *STREAMING_POLICY_NAMES)  # sink_eval.evals.longctx.STATIC_POLICIES
 
 
 def models_table() -> str:
@@ -74,7 +84,8 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> None:
-    from sink_eval.analyses.analyze import probe_prompts, results
+    from sink_eval.analyses.analyze import probe_resumable, results
+    from sink_eval.measure.probe import probe_prompts
     from sink_eval.models.zoo import load_model
     from sink_eval.prompts.prompt_set import (
         check_max_tokens,
@@ -113,7 +124,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
             },
         }
         work = resume.open_work_dir(args.out, key, args.resume, "analyze")
-        probed = resume.probe_resumable(loaded, tokenized, work)
+        probed = probe_resumable(loaded, tokenized, work)
     res = results(loaded, probed, thresholds, args.chance_corrected, command, args.max_tokens)
     if args.out is not None:
         write_analysis(res, args.out, overwrite=args.overwrite)
@@ -147,56 +158,68 @@ def _cmd_scale(args: argparse.Namespace) -> None:
     _print_results(args, res, claims_table)
 
 
-def _policies(args: argparse.Namespace, default: tuple[str, ...]) -> list:
-    from sink_eval.policies.base import Policy, PolicyOptions, check_policy
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
-    streaming = PolicyOptions()
-    options = PolicyOptions(
-        threshold=args.threshold,
-        chance_corrected=args.chance_corrected,
-        consistency=args.consistency,
-        base=args.hybrid_base,
-        max_tokens=_hybrid_max_tokens(args),
-        decode_steps=args.hybrid_decode_steps,
-        sink=getattr(args, "sink", streaming.sink),
-        window=getattr(args, "window", streaming.window),
-        streaming_score=getattr(args, "streaming_score", streaming.streaming_score),
-        fraction=getattr(args, "fraction", streaming.fraction),
-        seed=getattr(args, "seed", streaming.seed),
-    )
-    policies = [Policy(name, options) for name in args.policy or default]
-    for policy in policies:
-        check_policy(policy.name, policy.options)
+
+def _policies(args: argparse.Namespace, default: tuple[str, ...]) -> list:
+    """The chosen policies (each once, in order), each with the options given that it reads; an option given that
+    no chosen policy reads is an error. Rule: a hybrid policy given neither limit copies while <= L = 64 tokens."""
+    import dataclasses
+
+    from sink_eval.policies.registry import policy_class
+
+    given = {dest: getattr(args, dest) for dest in POLICY_OPTIONS if getattr(args, dest, None) is not None}
+    names = list(dict.fromkeys(args.policy or default))
+    read: set[str] = set()
+    policies = []
+    for name in names:
+        cls = policy_class(name)
+        fields = {f.name for f in dataclasses.fields(cls.Options)}
+        options = {POLICY_OPTIONS[dest]: value for dest, value in given.items() if POLICY_OPTIONS[dest] in fields}
+        read |= {dest for dest in given if POLICY_OPTIONS[dest] in fields}
+        if "max_tokens" in fields and "max_tokens" not in options and "decode_steps" not in options:
+            options["max_tokens"] = HYBRID_DEFAULT_MAX_TOKENS
+        policies.append(cls.with_options(**options))
+    unread = [_flag(dest) for dest in given if dest not in read]
+    if unread:
+        raise SinkEvalError(
+            f"{', '.join(unread)}: no chosen policy ({', '.join(names)}) reads this option; drop it or choose a "
+            "--policy that reads it"
+        )
     return policies
 
 
 def _check_long_tokens(args: argparse.Namespace, policies: list) -> None:
-    """Rules for the long passages the streaming policies use with the default prompt set, cut to --long-tokens L:
-    L > s + w (on shorter prompts a streaming plan is the unpatched model), and L >= 4 (s + w) for the calibrated
-    streaming policies (they calibrate on prompts of at least 4 (s + w) tokens)."""
-    streaming = [p for p in policies if p.streaming]
-    if not streaming or getattr(args, "prompts", None) is not None:
+    """Rules for the long passages the long-input (streaming) policies use with the default prompt set, cut to
+    --long-tokens L: L >= the policy's `min_tokens` (on shorter prompts a streaming plan is the unpatched model), and
+    L >= its `min_calibration_tokens` for a calibrating one (the streaming policies count calibration prompts of at
+    least 4 (s + w) tokens)."""
+    if getattr(args, "prompts", None) is not None:
         return
-    options = streaming[0].options
-    span = options.sink + options.window
-    if args.long_tokens <= span:
-        raise SinkEvalError(
-            f"--long-tokens {args.long_tokens} <= s + w = {span}: on prompts that short a streaming plan is the "
-            "unpatched model (every window covers its context) and the streaming score is undefined; raise "
-            "--long-tokens or lower --sink / --window"
-        )
-    if any(p.name != "streaming_llm" for p in streaming) and args.long_tokens < options.calibration_tokens:
-        raise SinkEvalError(
-            f"--long-tokens {args.long_tokens} < 4 (s + w) = {options.calibration_tokens}: the long calibration "
-            "passages would be too short to calibrate the streaming and random policies on; raise --long-tokens"
-        )
+    for policy in (p for p in policies if p.long_inputs):
+        if args.long_tokens < policy.min_tokens:
+            raise SinkEvalError(
+                f"--long-tokens {args.long_tokens} <= s + w = {policy.min_tokens - 1}: on prompts that short the "
+                f"{policy.label} plan is the unpatched model (every window covers its context) and the streaming "
+                "score is undefined; raise --long-tokens or lower --sink / --window"
+            )
+        if policy.calibrates and args.long_tokens < policy.min_calibration_tokens:
+            raise SinkEvalError(
+                f"--long-tokens {args.long_tokens} < 4 (s + w) = {policy.min_calibration_tokens}: the long "
+                f"calibration passages would be too short to calibrate {policy.label} on; raise --long-tokens"
+            )
 
 
-def _hybrid_max_tokens(args: argparse.Namespace) -> int | None:
-    """Rule: --hybrid-max-tokens if given; else none when --hybrid-decode-steps is given; else the default L."""
-    if args.hybrid_max_tokens is None and args.hybrid_decode_steps is None:
-        return HYBRID_DEFAULT_MAX_TOKENS
-    return args.hybrid_max_tokens
+def _check_copy_policies(policies: list) -> None:
+    """Rule for eval: lm-eval scores requests in full forward passes, under copy plans (per row where the policy plans
+    each request)."""
+    for policy in policies:
+        if policy.kind != "copy":
+            raise SinkEvalError(
+                f"eval scores copy policies; {policy.name} makes {policy.kind} plans: measure it with "
+                "sink-eval patch-eval or sink-eval longctx"
+            )
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -231,14 +254,14 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
     )
     from sink_eval.reports.common import patch_table, write_patch_eval
 
-    policies = _policies(args, default=COPY_POLICY_NAMES)
+    policies = _policies(args, default=PATCH_EVAL_POLICIES)
     if args.prompts is None and args.calibration_prompts is None:
         calibration, evaluation = default_split()
     elif args.prompts is not None and args.calibration_prompts is not None:
         calibration, evaluation = read_prompt_file(args.calibration_prompts), read_prompt_file(args.prompts)
     else:
         raise SinkEvalError("give both --prompts and --calibration-prompts, or neither (the default set's split)")
-    streaming = any(p.streaming for p in policies) and args.prompts is None
+    streaming = any(p.long_inputs for p in policies) and args.prompts is None
     long_calibration = long_passages("calibration") if streaming else []
     long_evaluation = long_passages("evaluation") if streaming else []
     check_disjoint(calibration + long_calibration, evaluation + long_evaluation)
@@ -489,9 +512,9 @@ def validate(args: argparse.Namespace) -> None:
     if args.command in RESUMABLE and args.resume and args.out is None:
         raise SinkEvalError("--resume continues an interrupted run of the same --out DIR: give --out")
     if args.command == "patch-eval":
-        _check_long_tokens(args, _policies(args, default=COPY_POLICY_NAMES))
+        _check_long_tokens(args, _policies(args, default=PATCH_EVAL_POLICIES))
     if args.command == "eval":
-        _policies(args, default=COPY_POLICY_NAMES)
+        _check_copy_policies(_policies(args, default=("calibrated",)))
         _tasks(args)
         _check_device(args.device)
     if args.command == "longctx":
@@ -511,12 +534,16 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
-def _policy_arguments(parser: argparse.ArgumentParser, default: str, names: tuple[str, ...]) -> None:
-    parser.add_argument("--policy", action="append", choices=names, help=f"repeat for several ({default})")
-    parser.add_argument("--threshold", type=_threshold, default=0.8, help="sink threshold tau (0.8)")
-    parser.add_argument("--chance-corrected", action="store_true", help="length-dependent tau(N)")
-    parser.add_argument("--consistency", type=_threshold, default=0.9, help="calibrated: consistency p (0.9)")
-    parser.add_argument("--hybrid-base", default="calibrated", choices=[p for p in COPY_POLICY_NAMES if p != "hybrid"])
+def _policy_arguments(parser: argparse.ArgumentParser, default: str, streaming: bool) -> None:
+    """--policy (any registered name; repeat for several) and the options that set the policies' options: each
+    option given must be read by a chosen policy (`_policies`); one not given keeps the policy's default."""
+    from sink_eval.policies.registry import names
+
+    parser.add_argument("--policy", action="append", choices=names(), help=f"repeat for several ({default})")
+    parser.add_argument("--threshold", type=_threshold, help="sink threshold tau (0.8)")
+    parser.add_argument("--chance-corrected", action="store_true", default=None, help="length-dependent tau(N)")
+    parser.add_argument("--consistency", type=_threshold, help="calibrated: consistency p (0.9)")
+    parser.add_argument("--hybrid-base", help="hybrid: the policy it limits, first_layer, calibrated or oracle")
     parser.add_argument(
         "--hybrid-max-tokens",
         type=_positive_int,
@@ -526,20 +553,17 @@ def _policy_arguments(parser: argparse.ArgumentParser, default: str, names: tupl
     parser.add_argument(
         "--hybrid-decode-steps", type=_positive_int, help="hybrid: copy only in the first k decode steps"
     )
-
-
-def _streaming_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sink", type=_nonnegative_int, default=4, help="streaming policies: sink tokens s (4)")
-    parser.add_argument("--window", type=_positive_int, default=256, help="streaming policies: window w (256)")
-    parser.add_argument(
-        "--streaming-score", type=_threshold, default=0.9, help="streaming: heads with calibrated score >= p (0.9)"
-    )
+    if not streaming:
+        return
+    parser.add_argument("--sink", type=_nonnegative_int, help="streaming policies: sink tokens s (4)")
+    parser.add_argument("--window", type=_positive_int, help="streaming policies: window w (256)")
+    parser.add_argument("--streaming-score", type=_threshold, help="streaming: heads with calibrated score >= p (0.9)")
     parser.add_argument(
         "--fraction",
         type=_threshold,
         help="streaming, random: the top q of the KV groups by their weakest head's score (DuoAttention's rule)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random: the seed of the KV groups drawn (0)")
+    parser.add_argument("--seed", type=int, help="random: the seed of the KV groups drawn (0)")
     parser.add_argument(
         "--long-tokens",
         type=_positive_int,
@@ -582,8 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
         "patch-eval", help="copy and streaming policies: heads planned, fidelity, speed-up, KV saved"
     )
     patch_eval.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
-    _policy_arguments(patch_eval, "the copy policies", POLICY_NAMES)
-    _streaming_arguments(patch_eval)
+    _policy_arguments(patch_eval, "the copy policies", streaming=True)
     patch_eval.add_argument("--prompts", type=Path, help="JSONL evaluation prompts (default: half the built-in set)")
     patch_eval.add_argument("--calibration-prompts", type=Path, help="JSONL calibration prompts (default: other half)")
     patch_eval.add_argument(
@@ -615,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder holding task files that no installed package ships, e.g. lambada_openai/lambada_test.jsonl "
         "(default: $SINK_EVAL_DATA)",
     )
-    _policy_arguments(evaluate, "calibrated", COPY_POLICY_NAMES)
+    _policy_arguments(evaluate, "calibrated", streaming=False)
     _output_arguments(evaluate, "eval")
     _resume_argument(evaluate, "(run, task, shard) scores", "model, tasks and options")
     evaluate.set_defaults(func=_cmd_eval)
@@ -624,8 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
         "longctx", help="long-context fidelity: passkey retrieval and long-text perplexity, against random controls"
     )
     longctx.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
-    _policy_arguments(longctx, "calibrated", LONGCTX_POLICY_NAMES)
-    _streaming_arguments(longctx)
+    _policy_arguments(longctx, "calibrated", streaming=True)
     longctx.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096], help="prompt lengths in tokens")
     longctx.add_argument("--depths", type=_depths, default=[0.1, 0.5, 0.9], help="needle depths in (0, 1)")
     longctx.add_argument("--trials", type=_positive_int, default=10, help="passkey trials per (length, depth) (10)")

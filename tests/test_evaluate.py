@@ -125,7 +125,7 @@ def test_sink_hf_refuses_a_streaming_policy():
     from sink_eval.evals.accuracy import SinkLM
     from sink_eval.models.zoo import load_model
 
-    with pytest.raises(SinkEvalError, match="streaming_llm is a streaming policy, measured by sink-eval patch-eval"):
+    with pytest.raises(SinkEvalError, match="streaming_llm makes streaming plans, measured by sink-eval patch-eval"):
         SinkLM(load_model("tiny-llama"), policy="streaming_llm")
 
 

@@ -19,11 +19,13 @@ from sink_eval.evals import longctx
 from sink_eval.evals.longctx import LongctxResult
 from sink_eval.measure.perplexity import token_nll
 from sink_eval.models.zoo import load_model
-from sink_eval.patches import plans
 from sink_eval.patches.copy import CopyPlan
-from sink_eval.patches.streaming.plan import StreamingPlan, candidate_layers
-from sink_eval.policies.base import PolicyOptions, Target, make_plan
+from sink_eval.patches.streaming.plan import StreamingPlan
+from sink_eval.policies import calibration
+from sink_eval.policies.base import Target
+from sink_eval.policies.calibrated import Calibrated
 from sink_eval.policies.controls import CHOOSES_WELL, CHOOSES_WORSE, NOT_DISTINGUISHABLE, random_heads, verdict
+from sink_eval.policies.registry import make_policy
 from sink_eval.prompts.passkey import NEEDLE, evaluation_passages, is_correct, leading_special, make_trial, min_length
 from sink_eval.prompts.prompt_set import long_passages
 
@@ -181,7 +183,7 @@ def _longctx(tmp_path, *extra: str) -> int:
         (["--lengths", "0"], "at least 1"),
         (["--trials", "0"], "at least 1"),
         (["--seeds", "0"], "at least 1"),
-        (["--policy", "oracle"], "invalid choice"),
+        (["--policy", "last_layer"], "invalid choice"),
     ],
 )
 def test_bad_longctx_arguments_are_refused_by_the_parser(tmp_path, capsys, args, message):
@@ -196,6 +198,11 @@ def test_bad_longctx_arguments_are_refused_by_the_parser(tmp_path, capsys, args,
     [
         (["--lengths", "8192"], "--device cuda"),
         (["--policy", "hybrid", "--hybrid-base", "first_layer"], "static plans"),
+        (["--policy", "oracle"], "longctx evaluates static plans, not the per-prompt policy 'oracle tau=0.8'"),
+        (
+            ["--policy", "streaming", "--threshold", "0.5"],
+            "--threshold: no chosen policy (streaming) reads this option",
+        ),
         (["--lengths", "10"], "leaves no haystack"),  # checked once the tokenizer is loaded
     ],
 )
@@ -210,9 +217,9 @@ def test_longctx_writes_results_report_and_heatmap_with_unpatched_policy_and_con
     """A plumbing check: the calibrated policy calibrates on the first 8 calibration prompts (to keep the test short)
     and its plan is replaced by a fixed one of 5 heads (a random tiny model's sink scores put every head or none
     past any one threshold)."""
-    calibration, evaluation = longctx.default_split()
-    monkeypatch.setattr(longctx, "default_split", lambda: (calibration[:8], evaluation))
-    monkeypatch.setattr(longctx, "make_plan", lambda *args: CopyPlan.of({0: [0, 1, 2, 3], 1: [1]}))
+    prompts, evaluation = calibration.default_split()
+    monkeypatch.setattr(calibration, "default_split", lambda: (prompts[:8], evaluation))
+    monkeypatch.setattr(Calibrated, "plan", lambda *args: CopyPlan.of({0: [0, 1, 2, 3], 1: [1]}))
     args = ["--lengths", "128,160", "--depths", "0.25,0.75", "--trials", "1", "--seeds", "2"]
     assert _longctx(tmp_path, *args) == 0
     out = tmp_path / "out"
@@ -287,9 +294,9 @@ def test_a_speedup_sets_the_trials_a_plan_ran_beside_the_same_trials_of_the_unpa
 @pytest.fixture
 def fixed_plan_cli(monkeypatch):
     """`sink-eval longctx` on 4 calibration prompts, every policy's plan a fixed copy plan (for the resume tests)."""
-    calibration, evaluation = longctx.default_split()
-    monkeypatch.setattr(longctx, "default_split", lambda: (calibration[:4], evaluation))
-    monkeypatch.setattr(longctx, "make_plan", lambda *args: CopyPlan.of({0: [0, 1, 2, 3], 1: [1]}))
+    prompts, evaluation = calibration.default_split()
+    monkeypatch.setattr(calibration, "default_split", lambda: (prompts[:4], evaluation))
+    monkeypatch.setattr(Calibrated, "plan", lambda *args: CopyPlan.of({0: [0, 1, 2, 3], 1: [1]}))
 
 
 def test_an_interrupted_longctx_run_holds_whole_lengths_and_resumes_to_the_uninterrupted_result(
@@ -399,13 +406,13 @@ def test_kv_groups_removed_counts_whole_groups_and_none_for_a_conditional_plan(t
     shape = model_shape(tiny.model)
     g = shape.group_size
     plan = CopyPlan.of({0: range(g), 1: [0]})
-    assert plans.kv_groups_removed(plan, shape) == 1
-    assert plans.kv_groups_removed(CopyPlan(plan.heads, max_tokens=64), shape) == 0
+    assert plan.kv_groups_removed(shape) == 1
+    assert CopyPlan(plan.heads, max_tokens=64).kv_groups_removed(shape) == 0
 
 
-def test_a_streaming_plan_runs_through_the_seam_with_controls_in_its_candidate_layers():
+def test_a_streaming_plan_runs_with_controls_in_its_candidate_layers():
     gemma = load_model("tiny-gemma3")
-    layers = candidate_layers(gemma.model)
+    layers = StreamingPlan.candidate_layers(gemma.model)
     shape = model_shape(gemma.model)
     plan = StreamingPlan.of({layers[0]: range(shape.heads)}, sink=2, window=16)
     res = longctx.run(gemma, [longctx.NamedPlan("s", "streaming", plan)], [128], [0.5], 1, [0, 1], progress=False)
@@ -417,8 +424,7 @@ def test_a_streaming_plan_runs_through_the_seam_with_controls_in_its_candidate_l
 
 
 def test_streaming_llm_gets_no_control_and_the_reproduction_has_three_rows(tiny):
-    target = Target.of(tiny.model)
-    plan = make_plan("streaming_llm", PolicyOptions(sink=4, window=32), None, (), target)
+    plan = make_policy("streaming_llm", sink=4, window=32).plan(Target.of(tiny.model, "streaming"))
     res = longctx.run(
         tiny,
         [longctx.NamedPlan("sl", "streaming_llm", plan)],
@@ -436,8 +442,8 @@ def test_streaming_llm_gets_no_control_and_the_reproduction_has_three_rows(tiny)
 
 
 def test_longctx_runs_a_streaming_policy_from_the_command_line(tmp_path, monkeypatch):
-    calibration, evaluation = longctx.default_split()
-    monkeypatch.setattr(longctx, "default_split", lambda: (calibration[:4], evaluation))
+    prompts, evaluation = calibration.default_split()
+    monkeypatch.setattr(calibration, "default_split", lambda: (prompts[:4], evaluation))
     args = ["--policy", "streaming", "--fraction", "0.5", "--sink", "2", "--window", "16", "--long-tokens", "256"]
     assert _longctx(tmp_path, *args, "--lengths", "128", "--depths", "0.5", "--trials", "1", "--seeds", "1") == 0
     res = LongctxResult.from_json(json.loads((tmp_path / "out" / "results.json").read_text()), "r")

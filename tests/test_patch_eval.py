@@ -12,7 +12,7 @@ import torch
 
 from sink_eval import cli
 from sink_eval.evals.patch_eval import PatchEvalResult, kl_and_top1
-from sink_eval.patches.plans import streamed_share
+from sink_eval.patches.streaming.plan import streamed_share
 
 
 def _jsonl(path, texts: list[str], prefix: str):
@@ -46,10 +46,6 @@ def _run(tmp_path, prompt_files, *extra) -> int:
             "2",
             "--new-tokens",
             "4",
-            "--threshold",
-            "0.3",
-            "--consistency",
-            "0.5",
             *extra,
         ]
     )
@@ -60,7 +56,8 @@ def test_patch_eval_writes_a_row_per_policy_with_fidelity_speed_and_kv(tmp_path,
     copies nothing (the hybrid plan, limited to L = 16 tokens, never copies on the 32-token speed prompt). tau = 0.1
     makes the other plans copy heads of the random tiny model."""
     out = tmp_path / "out"
-    assert _run(tmp_path, prompt_files, "--threshold", "0.05", "--hybrid-max-tokens", "16", "--out", str(out)) == 0
+    copy_options = ["--threshold", "0.05", "--consistency", "0.5", "--hybrid-max-tokens", "16"]
+    assert _run(tmp_path, prompt_files, *copy_options, "--out", str(out)) == 0
     data = json.loads((out / "results.json").read_text())
     assert data["schema"] == "sink_eval.patch_eval/4"
     res = PatchEvalResult.from_json(data, out / "results.json")
@@ -164,7 +161,6 @@ def test_a_window_below_one_or_negative_sinks_are_refused_by_the_parser(capsys, 
     assert f"argument {flag}: expected a whole number of at least" in capsys.readouterr().err
 
 
-def test_eval_offers_only_the_copy_policies(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["eval", "--tasks", "piqa", "--policy", "streaming", "--json"])
-    assert "invalid choice: 'streaming'" in capsys.readouterr().err
+def test_eval_refuses_a_policy_that_makes_no_copy_plans_before_any_model_loads(capsys):
+    assert cli.main(["eval", "--tasks", "piqa", "--policy", "streaming", "--json"]) == 2
+    assert "eval scores copy policies; streaming makes streaming plans" in capsys.readouterr().err

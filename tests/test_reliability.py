@@ -16,7 +16,7 @@ from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.files import temp_prefix, write_dir_atomically
 from sink_eval.models import cache
 from sink_eval.models import zoo as models
-from sink_eval.patches.copy import CopyPlan, generate
+from sink_eval.patches.copy import CopyPlan
 from sink_eval.policies.base import check_disjoint
 from sink_eval.prompts.prompt_set import Prompt, read_prompt_file
 from sink_eval.reports.common import read_results
@@ -218,7 +218,7 @@ def test_eval_device_cuda_on_a_cpu_only_torch_is_refused(no_model, capsys):
 
 def test_generate_refuses_zero_new_tokens():
     with pytest.raises(SinkEvalError, match="max_new_tokens .* at least 1, not 0"):
-        generate(torch.nn.Module(), CopyPlan(), torch.ones(1, 2, dtype=torch.long), max_new_tokens=0)
+        CopyPlan().generate(torch.nn.Module(), torch.ones(1, 2, dtype=torch.long), max_new_tokens=0)
 
 
 @pytest.mark.parametrize(
@@ -232,7 +232,7 @@ def test_copy_plan_layers_and_heads_must_be_ints(heads):
 def test_copy_plan_built_directly_checks_its_indices_too():
     with pytest.raises(SinkEvalError, match="layers are ints"):
         CopyPlan({"0": frozenset({1})})
-    assert CopyPlan.of({1: [2, 0], 0: []}).n_copied() == 2
+    assert CopyPlan.of({1: [2, 0], 0: []}).n_heads() == 2
 
 
 # silent wrong results
@@ -251,7 +251,7 @@ def test_overlap_message_counts_each_shared_prompt_once():
 
 def _policy_options(*argv):
     args = cli.build_parser().parse_args(["patch-eval", "--policy", "hybrid", *argv, "--json"])
-    return cli._policies(args, default=cli.POLICY_NAMES)[0].options
+    return cli._policies(args, default=cli.PATCH_EVAL_POLICIES)[0].options
 
 
 def test_hybrid_limited_by_decode_steps_alone_has_no_length_limit():
@@ -271,10 +271,10 @@ def test_patch_eval_refuses_max_tokens_beyond_the_models_context(tmp_path, promp
 
 def test_eval_calibration_prompts_longer_than_the_context_are_cut_to_it(monkeypatch):
     evaluate = pytest.importorskip("sink_eval.evals.accuracy", reason="the evals extra (lm-eval) is not installed")
-    import sink_eval.prompts.prompt_set
+    from sink_eval.policies import calibration
 
     long = [Prompt(f"p{i}", "prose", "x" * 40) for i in range(2)]
-    monkeypatch.setattr(sink_eval.prompts.prompt_set, "default_split", lambda: (long[:1], long[1:]))
+    monkeypatch.setattr(calibration, "default_split", lambda: (long[:1], long[1:]))
     monkeypatch.setattr(evaluate, "_CALIBRATION", {})
     loaded = models.load_model("tiny-llama")
     loaded.model.config.max_position_embeddings = 16
@@ -285,16 +285,16 @@ def test_eval_calibration_prompts_longer_than_the_context_are_cut_to_it(monkeypa
 
 
 def test_killed_analyze_resumes_to_the_results_of_an_uninterrupted_run(tmp_path, prompts_file, monkeypatch, capsys):
-    import sink_eval.analyses.analyze
+    import sink_eval.measure.probe
     from sink_eval.core.resume import work_dir
 
     assert _analyze(prompts_file, "--out", str(tmp_path / "whole")) == 0
-    real_probe = sink_eval.analyses.analyze.probe
+    real_probe = sink_eval.measure.probe.probe
     out = tmp_path / "resumed"
-    monkeypatch.setattr(sink_eval.analyses.analyze, "probe", counted(real_probe, kill_after=2)[0])
+    monkeypatch.setattr(sink_eval.measure.probe, "probe", counted(real_probe, kill_after=2)[0])
     with pytest.raises(KeyboardInterrupt):
         _analyze(prompts_file, "--out", str(out))
-    monkeypatch.setattr(sink_eval.analyses.analyze, "probe", real_probe)
+    monkeypatch.setattr(sink_eval.measure.probe, "probe", real_probe)
     assert not out.exists() and len(list(work_dir(out, "analyze").glob("prompt-*.pt"))) == 2
     capsys.readouterr()
 

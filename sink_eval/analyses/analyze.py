@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from tqdm import tqdm
 
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.core.files import write_bytes_atomically
 from sink_eval.core.results import ModelInfo, Provenance, TopLevel, provenance
-from sink_eval.core.shape import model_shape
 from sink_eval.measure.correlation import consistency, first_layer_agreement, layer_correlation, spearman
-from sink_eval.measure.probe import PromptStats, probe
+from sink_eval.measure.probe import ProbedPrompt, PromptStats, probe_prompts
 from sink_eval.measure.sinks import HEAD_CLASSES, head_classes, sink_heads, threshold_for
+from sink_eval.measure.stats import bootstrap_se
 from sink_eval.models.zoo import LoadedModel
 from sink_eval.prompts.prompt_set import (
     DEFAULT_MAX_TOKENS,
@@ -37,24 +40,7 @@ from sink_eval.prompts.prompt_set import (
 
 SCHEMA = "sink_eval.results/2"
 MIN_SCORED_TOKENS = 2  # a one-token prompt has no query to average over: it is trivial
-BOOTSTRAP_RESAMPLES = 200
 TOP_HEADS = 10
-
-
-@dataclass
-class ProbedPrompt:
-    prompt: TokenizedPrompt
-    stats: PromptStats
-
-
-def probe_prompts(loaded: LoadedModel, prompts: list[TokenizedPrompt], progress: bool = True) -> list[ProbedPrompt]:
-    """Probe each prompt on its own (no padding), with a progress bar on stderr."""
-    device = next(loaded.model.parameters()).device
-    out = []
-    for tp in tqdm(prompts, desc=f"probing {loaded.spec.name}", unit="prompt", disable=not progress, file=sys.stderr):
-        stats = probe(loaded.model, torch.tensor([tp.input_ids], device=device)).stats[0]
-        out.append(ProbedPrompt(tp, stats))
-    return out
 
 
 def bin_key(lo: int, hi: int) -> str:
@@ -157,19 +143,6 @@ def _sink_maps(items: list[ProbedPrompt], tau: float, chance_corrected: bool) ->
     return torch.stack(
         [sink_heads(p.stats.sink, threshold_for(tau, p.stats.n_tokens, chance_corrected)) for p in items]
     )
-
-
-def bootstrap_se(sinks: torch.Tensor, statistic: Callable[[torch.Tensor], float | None]) -> float | None:
-    """Standard deviation of `statistic` over prompts resampled with replacement (seeded, so repeatable)."""
-    if len(sinks) < 2:
-        return None
-    gen = torch.Generator().manual_seed(0)
-    values = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        value = statistic(sinks[torch.randint(len(sinks), (len(sinks),), generator=gen)])
-        if value is not None:
-            values.append(value)
-    return float(torch.tensor(values).std()) if len(values) > 1 else None
 
 
 def _prevalence(sinks: torch.Tensor) -> float:
@@ -276,13 +249,6 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def model_info(loaded: LoadedModel) -> ModelInfo:
-    """The model section of a result: zoo name, weights fingerprint, attention shape (`shape.model_shape`), dtype."""
-    shape = model_shape(loaded.model)
-    dtype = str(loaded.model.dtype).removeprefix("torch.")
-    return ModelInfo(loaded.spec.name, loaded.fingerprint, shape.layers, shape.heads, shape.kv_heads, dtype)
-
-
 def results(
     loaded: LoadedModel,
     probed: list[ProbedPrompt],
@@ -294,7 +260,7 @@ def results(
     """The analysis result: model, settings (truncated prompts included), per-prompt scores, summary, provenance."""
     prompts = [p.prompt.prompt for p in probed]
     return AnalysisResult(
-        model=model_info(loaded),
+        model=loaded.info(),
         settings=Settings(
             thresholds=list(thresholds),
             chance_corrected_threshold=chance_corrected,
@@ -338,3 +304,38 @@ def restricted(res: AnalysisResult, keep: set[tuple[str, str]]) -> AnalysisResul
         summary=summarize(probed, thresholds, res.settings.chance_corrected_threshold),
         layer_correlation=_layer_correlation(probed),
     )
+
+
+def _prompt_file(work: Path, index: int) -> Path:
+    return work / f"prompt-{index:05d}.pt"
+
+
+def _save(work: Path, index: int, probed: ProbedPrompt) -> None:
+    stats = {f.name: getattr(probed.stats, f.name) for f in dataclasses.fields(PromptStats)}
+    buffer = io.BytesIO()
+    torch.save({"id": probed.prompt.prompt.id, "stats": stats}, buffer)
+    write_bytes_atomically(_prompt_file(work, index), buffer.getvalue())
+
+
+def _load(work: Path, index: int, tp: TokenizedPrompt) -> ProbedPrompt | None:
+    """The saved probe of prompt `index`, or None if it was not probed yet."""
+    path = _prompt_file(work, index)
+    if not path.exists():
+        return None
+    saved = torch.load(path, weights_only=True)
+    if saved["id"] != tp.prompt.id:
+        raise SinkEvalError(f"{path} is of prompt {saved['id']!r}, not {tp.prompt.id!r}; delete {work} to start over")
+    return ProbedPrompt(tp, PromptStats(**saved["stats"]))
+
+
+def probe_resumable(loaded: LoadedModel, prompts: list[TokenizedPrompt], work: Path) -> list[ProbedPrompt]:
+    """`probe_prompts`, saving each prompt's statistics in the work directory `work` (`sink_eval.core.resume`) and
+    reusing those saved by an earlier run."""
+    out = {i: p for i, tp in enumerate(prompts) if (p := _load(work, i, tp)) is not None}
+    todo = [i for i in range(len(prompts)) if i not in out]
+    done = len(prompts) - len(todo)
+    desc = f"probing {loaded.spec.name}"
+    for i in tqdm(todo, desc=desc, unit="prompt", initial=done, total=len(prompts), file=sys.stderr):
+        out[i] = probe_prompts(loaded, [prompts[i]], progress=False)[0]
+        _save(work, i, out[i])
+    return [out[i] for i in range(len(prompts))]

@@ -14,7 +14,7 @@ per-prompt prevalence = the fraction of its heads that are sinks):
 - consistency of head (l, h) = the fraction of the non-trivial prompts on which it is a sink
   (`correlation.consistency`); a head is consistent when its consistency is >= CONSISTENT (0.9).
 - SE: the standard deviation over BOOTSTRAP_RESAMPLES (200) seeded resamples of prompts with replacement
-  (`analysis.bootstrap_se`); the length-matched domain statistics resample within each (domain, length bin) cell.
+  (`measure.stats.bootstrap_se`); the length-matched domain statistics resample within each (domain, length bin) cell.
 - the 2-SE rule (`two_se_verdict`), and each claim's verdict rule: the docstrings of `size_verdict`,
   `middle_verdict`, `consistent_verdict`, `short_long_verdict` and `predictability_verdict`, quoted in the report
   (`sink_eval.reports.scale`).
@@ -32,7 +32,6 @@ from typing import ClassVar
 import torch
 
 from sink_eval.analyses.analyze import (
-    BOOTSTRAP_RESAMPLES,
     MIN_SCORED_TOKENS,
     AnalysisResult,
     ConsistentHead,
@@ -40,7 +39,6 @@ from sink_eval.analyses.analyze import (
     Settings,
     ThresholdSummary,
     bin_key,
-    bootstrap_se,
     stored_stats,
 )
 from sink_eval.core.errors import SinkEvalError
@@ -48,6 +46,7 @@ from sink_eval.core.files import sha256_files
 from sink_eval.core.results import Provenance, TopLevel, provenance
 from sink_eval.measure.correlation import consistency, spearman
 from sink_eval.measure.sinks import sink_heads, threshold_for
+from sink_eval.measure.stats import BOOTSTRAP_RESAMPLES, bootstrap_se
 from sink_eval.prompts.prompt_set import length_bin
 from sink_eval.reports.common import read_results
 

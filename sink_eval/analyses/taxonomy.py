@@ -38,7 +38,7 @@ Aggregates (each class, each length):
 - fraction of KV groups = the same over (layer, KV group) pairs, a KV group being in the class on an input when
   every one of its query heads is (query head h belongs to KV group h // group_size, as `repeat_interleave`
   shares keys); the denominators are all heads and all KV groups of the model;
-- SE: standard deviation over a seeded bootstrap of the inputs (`analysis.bootstrap_se`, 200 resamples);
+- SE: standard deviation over a seeded bootstrap of the inputs (`measure.stats.bootstrap_se`, 200 resamples);
 - consistency of (l, h) = fraction of inputs on which it is in the class;
 - a head is a member of a class for the overlaps and the class map when its consistency > 1/2 (a majority of the
   inputs); overlaps[a][b] = number of heads that are members of both a and b (the diagonal: members of a);
@@ -60,11 +60,12 @@ from typing import ClassVar
 import torch
 from tqdm import tqdm
 
-from sink_eval.analyses.analyze import BOOTSTRAP_RESAMPLES, bootstrap_se, model_info, text_sha256
+from sink_eval.analyses.analyze import text_sha256
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.results import ModelInfo, Provenance, from_json, provenance, with_schema, without_schema
 from sink_eval.core.shape import model_shape
 from sink_eval.measure.probe import PromptStats, Window, check_windows, probe
+from sink_eval.measure.stats import BOOTSTRAP_RESAMPLES, bootstrap_se
 from sink_eval.models.zoo import LoadedModel
 from sink_eval.prompts.prompt_set import Prompt, long_passages, model_context, prompt_set_sha256
 
@@ -523,7 +524,7 @@ def results(
     first = next(iter(probed.passages.values()))
     prompts = [p.prompt for p in first]
     return TaxonomyResult(
-        model=model_info(loaded),
+        model=loaded.info(),
         layout=lay,
         settings=TaxonomySettings(
             lengths=list(probed.passages),

@@ -13,25 +13,15 @@ removed once the results are written.
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import torch
-from tqdm import tqdm
-
-from sink_eval.analyses.analyze import ProbedPrompt, probe_prompts
 from sink_eval.core.errors import SinkEvalError
-from sink_eval.core.files import write_bytes_atomically, write_text_atomically
+from sink_eval.core.files import write_text_atomically
 from sink_eval.core.results import from_json, to_json
-from sink_eval.measure.probe import PromptStats
-from sink_eval.models.zoo import LoadedModel
-from sink_eval.prompts.prompt_set import TokenizedPrompt
 
 KEY_FILE = "key.json"
 T = TypeVar("T")
@@ -75,40 +65,6 @@ def _check_key(work: Path, key: dict) -> None:
             f"--resume refused: the interrupted run in {work} had another {', '.join(differ)}; rerun it with the "
             f"same model, prompts and options, or delete {work} to start over"
         )
-
-
-def _prompt_file(work: Path, index: int) -> Path:
-    return work / f"prompt-{index:05d}.pt"
-
-
-def _save(work: Path, index: int, probed: ProbedPrompt) -> None:
-    stats = {f.name: getattr(probed.stats, f.name) for f in dataclasses.fields(PromptStats)}
-    buffer = io.BytesIO()
-    torch.save({"id": probed.prompt.prompt.id, "stats": stats}, buffer)
-    write_bytes_atomically(_prompt_file(work, index), buffer.getvalue())
-
-
-def _load(work: Path, index: int, tp: TokenizedPrompt) -> ProbedPrompt | None:
-    """The saved probe of prompt `index`, or None if it was not probed yet."""
-    path = _prompt_file(work, index)
-    if not path.exists():
-        return None
-    saved = torch.load(path, weights_only=True)
-    if saved["id"] != tp.prompt.id:
-        raise SinkEvalError(f"{path} is of prompt {saved['id']!r}, not {tp.prompt.id!r}; delete {work} to start over")
-    return ProbedPrompt(tp, PromptStats(**saved["stats"]))
-
-
-def probe_resumable(loaded: LoadedModel, prompts: list[TokenizedPrompt], work: Path) -> list[ProbedPrompt]:
-    """`probe_prompts`, saving each prompt's statistics in `work` and reusing those saved by an earlier run."""
-    out = {i: p for i, tp in enumerate(prompts) if (p := _load(work, i, tp)) is not None}
-    todo = [i for i in range(len(prompts)) if i not in out]
-    done = len(prompts) - len(todo)
-    desc = f"probing {loaded.spec.name}"
-    for i in tqdm(todo, desc=desc, unit="prompt", initial=done, total=len(prompts), file=sys.stderr):
-        out[i] = probe_prompts(loaded, [prompts[i]], progress=False)[0]
-        _save(work, i, out[i])
-    return [out[i] for i in range(len(prompts))]
 
 
 def once(work: Path | None, name: str, cls: type[T], compute: Callable[[], T]) -> tuple[T, bool]:

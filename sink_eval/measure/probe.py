@@ -23,17 +23,21 @@ token has no query to average: its scores are NaN ("trivial"), never 1.
 from __future__ import annotations
 
 import contextvars
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from sink_eval.core import attention
 from sink_eval.core.errors import SinkEvalError
+from sink_eval.core.window import Window, check_windows
+from sink_eval.models.zoo import LoadedModel
+from sink_eval.prompts.prompt_set import TokenizedPrompt
 
 PROBE_ATTENTION = "sink_probe"
 DEFAULT_CHUNK_BYTES = 64 * 2**20
-Window = tuple[int, int]  # (s, w): the first s tokens plus the last w keys
 
 
 @dataclass
@@ -250,14 +254,6 @@ def probe(
     return ProbeResult(stats=_per_prompt(recorder, lengths, n_layers), logits=logits)
 
 
-def check_windows(windows: Sequence[Window]) -> None:
-    """Each (s, w) must have s >= 0 sink tokens and a window of w >= 1 keys."""
-    for window in windows:
-        s, w = window
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in window) or s < 0 or w < 1:
-            raise SinkEvalError(f"a streaming window (s, w) needs s >= 0 sink tokens and w >= 1 keys, not {window}")
-
-
 def _per_prompt(recorder: _Recorder, lengths: torch.Tensor, n_layers: int) -> list[PromptStats]:
     some = next(iter(recorder.layers.values()))
     nan = torch.full_like(some.sink, float("nan"))
@@ -286,3 +282,28 @@ def _per_prompt(recorder: _Recorder, lengths: torch.Tensor, n_layers: int) -> li
             )
         )
     return stats
+
+
+@dataclass
+class ProbedPrompt:
+    prompt: TokenizedPrompt
+    stats: PromptStats
+
+
+def probe_prompts(
+    loaded: LoadedModel,
+    prompts: list[TokenizedPrompt],
+    progress: bool = True,
+    windows: Sequence[Window] = (),
+    desc: str | None = None,
+) -> list[ProbedPrompt]:
+    """Probe each prompt on its own (no padding), recording the streaming scores at `windows`, with a progress bar on
+    stderr."""
+    device = next(loaded.model.parameters()).device
+    bar = tqdm(
+        prompts, desc=desc or f"probing {loaded.spec.name}", unit="prompt", disable=not progress, file=sys.stderr
+    )
+    return [
+        ProbedPrompt(tp, probe(loaded.model, torch.tensor([tp.input_ids], device=device), windows=windows).stats[0])
+        for tp in bar
+    ]

@@ -29,7 +29,8 @@ import torch
 
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.files import sha256_files
-from sink_eval.core.shape import config_shape
+from sink_eval.core.results import ModelInfo
+from sink_eval.core.shape import config_shape, model_shape
 from sink_eval.models.cache import cache_is_valid, cache_root, ensure_cache
 
 # transformers is imported where it is used: its import takes ~5 s, which a cached load overlaps with checking
@@ -93,6 +94,12 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     spec: ModelSpec
     fingerprint: str  # identifies the weights: "gguf-sha256:…", "tiny-sha256:…" or "files-sha256:…"
+
+    def info(self) -> ModelInfo:
+        """The model section of a result: zoo name, weights fingerprint, attention shape, dtype."""
+        shape = model_shape(self.model)
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        return ModelInfo(self.spec.name, self.fingerprint, shape.layers, shape.heads, shape.kv_heads, dtype)
 
 
 def _byte_tokenizer(add_bos: bool) -> PreTrainedTokenizerBase:

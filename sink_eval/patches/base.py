@@ -1,155 +1,505 @@
-"""What the two patches (`sink_eval.patches.copy`, `sink_eval.patches.streaming.patch`) share: the running patch's state in a context
-variable read by its registered attention function, the checks on every patched call, `layer_errors` (the exact
-attention, recording each layer's patched error), and greedy generation into a plan's cache.
+"""The plan interface: one abstract `Plan` that every patch kind implements, and the machinery they share.
 
-A patch hands in its own parts: `planned(state, module, query, key, value, mask, scaling)`, the patched output
-(B, T, H, D) of one layer or None where its plan changes nothing there, and `first(state, mask, query)`, the first
-non-padding position (B,) of each row.
+A plan names, per layer, the query heads a patch changes (`heads`, layer -> heads), and defines what a planned head
+attends to (`allowed`: which keys its query may see). A plan kind is one subclass in one file, registered by its
+`kind` name (`PLAN_KINDS`): `CopyPlan` (`sink_eval.patches.copy`: a planned head outputs the first token's value)
+and `StreamingPlan` (`sink_eval.patches.streaming`: the first s tokens and a window of the last w keys).
+
+Running a plan: `plan.patched(model[, cache])` switches the model, inside a block, to the registered attention
+implementation "sink_<kind>" (transformers' `AttentionInterface`, with SDPA's mask function beside it), which asks
+the plan's `PatchState` for each layer's output: heads the plan does not name run transformers' own SDPA, so an
+empty plan is the unpatched model. `plan.new_cache(model, mask)` is the plan's decode cache (what KV memory it
+saves), `plan.generate(...)` greedy generation into it, `plan.layer_errors(...)` each layer's error against the exact
+attention. A kind supplies `allowed` and, for speed, its own `PatchState` and cache; the default `PatchState`
+computes planned layers by `reference_attention`, the plain masked eager definition (`plan.reference(model)`), so a
+new kind works (slowly) with `allowed` alone, and every kind's fast patch is tested against it.
+
+Accounting, the same for every kind: `fraction` of (layer, head) pairs planned, `whole_groups` (KV groups all of
+whose query heads are planned), `work_removed` (the fraction f of the attention work a forward pass skips, for the
+speed ceilings of `sink_eval.evals.speed`), `kv_groups_removed` (KV groups whose decode cache stops growing), and
+`kv_cache_bytes` of any cache. A kind that does not say what work it removes claims none (f = 0).
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Protocol, TypeVar
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
 
 import torch
 from transformers import LogitsProcessorList
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from sink_eval.core import attention
 from sink_eval.core.errors import SinkEvalError
+from sink_eval.core.shape import Shape, model_shape
+
+SUPPORTED_MODEL_TYPES = ("llama", "gemma3_text", "qwen2")
+PLAN_KINDS: dict[str, type[Plan]] = {}  # kind name -> plan class, filled as each kind's module is imported
 
 
-class PatchState(Protocol):
-    errors: dict[int, float]  # per layer, filled by the error attention (layer_errors)
+def is_index(value: object) -> bool:
+    """A layer or head index: an int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-S = TypeVar("S", bound=PatchState)
-C = TypeVar("C", bound=Cache)
-P = TypeVar("P")  # a patch's plan
-Planned = Callable[..., torch.Tensor | None]
-First = Callable[[Any, torch.Tensor | None, torch.Tensor], torch.Tensor]
+def _head_set(kind: str, layer: object, heads: object) -> frozenset:
+    """The heads of one layer as a set; a string or a non-collection is refused."""
+    if isinstance(heads, str | bytes) or not isinstance(heads, Iterable):
+        raise SinkEvalError(f"a {kind} plan maps each layer to a collection of head ints; layer {layer} has {heads!r}")
+    return frozenset(heads)
 
 
-def active_state(var: contextvars.ContextVar[S | None], module: torch.nn.Module, kwargs: dict, patch: str) -> S:
-    """The running `patch`'s state, after checking that the attention call is one the patch supports."""
-    state = var.get()
-    if state is None:
-        raise RuntimeError(f"the {patch} patch's attention ran outside its module's patched() or layer_errors()")
-    if kwargs.get("softcap") is not None:
-        raise SinkEvalError(f"the {patch} patch does not support attention logit soft-capping")
-    if module.training:
-        raise SinkEvalError(f"the {patch} patch is for inference: call model.eval() first")
-    return state
+def _check_indices(kind: str, items: Iterable[tuple[object, Iterable[object]]]) -> None:
+    """Rule: a plan's layers and heads are ints (not bools, floats or strings), so that it does what it counts."""
+    for layer, heads in items:
+        if not is_index(layer):
+            raise SinkEvalError(f"a {kind} plan's layers are ints, not {layer!r} ({type(layer).__name__})")
+        bad = [h for h in heads if not is_index(h)]
+        if bad:
+            name = type(bad[0]).__name__
+            raise SinkEvalError(f"a {kind} plan's heads are ints; layer {layer} names {bad[0]!r} ({name})")
 
 
-@contextmanager
-def running(
-    model: torch.nn.Module,
-    var: contextvars.ContextVar[S | None],
-    state: S,
-    name: str,
-    function: Callable,
-    patch: bool,
-) -> Iterator[None]:
-    """Run `model` with attention `function` (registered as `name`, with SDPA's masks) reading `state` from `var`;
-    `patch`: a patch, which another patch may not nest in (`attention.use`)."""
-    token = var.set(state)
-    try:
-        with attention.use(model, name, function, sdpa_mask, patch=patch):
+@dataclass(frozen=True)
+class Plan(ABC):
+    """Which query heads a patch changes, per layer (0-based), and how (`allowed`). Subclasses are frozen
+    dataclasses that add their own settings (a copy plan's hybrid limits, a streaming plan's s and w)."""
+
+    kind: ClassVar[str]
+    heads: Mapping[int, frozenset[int]] = field(default_factory=dict)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            PLAN_KINDS[cls.kind] = cls
+
+    def __post_init__(self) -> None:
+        _check_indices(self.kind, self.heads.items())
+
+    @classmethod
+    def of(cls, heads: Mapping[int, Iterable[int]], *args: Any, **kwargs: Any) -> Self:
+        """A plan from layer -> heads (layers without heads left out) and the kind's own settings."""
+        items = [(layer, _head_set(cls.kind, layer, h)) for layer, h in heads.items()]
+        _check_indices(cls.kind, items)  # before sorting: mixed types do not sort
+        return cls({layer: h for layer, h in sorted(items) if h}, *args, **kwargs)
+
+    # -- what a kind defines ---------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def allowed(self, query_pos: torch.Tensor, key_pos: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """Which keys a planned head's query may attend to (broadcast shapes; absolute positions, `first` the row's
+        first non-padding position): the definition of the patch, which `reference_attention` computes plainly."""
+
+    def state(self, model: torch.nn.Module, cache: Cache | None) -> PatchState:
+        """What the registered attention reads while the plan runs on `model` (checked here)."""
+        return PatchState(self, self.check(model), cache)
+
+    def new_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Cache:
+        """The plan's decode cache for a left-padded batch with this mask (B, N); by default the model's own, which
+        keeps every entry (no KV memory saved)."""
+        self.check(model)
+        return PlanCache(model, attention_mask)
+
+    @classmethod
+    def candidate_layers(cls, model: torch.nn.Module) -> list[int]:
+        """The layers a plan of this kind may name (every layer by default)."""
+        return list(range(model_shape(model).layers))
+
+    def not_a_candidate(self, layer: int, candidates: list[int]) -> str:
+        """Why `layer` may not be planned, for the error message."""
+        return f"a {self.kind} plan may name the layers {candidates}, not layer {layer}"
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the plan applies to some forward passes only (then it keeps the whole cache)."""
+        return False
+
+    def applies(self, seq_len: int, decode_step: int) -> bool:
+        """Whether the plan changes a forward pass over `seq_len` positions; decode step 0 is the prefill."""
+        return bool(self.heads)
+
+    def work_removed(self, shape: Shape, seq_len: int, decode_step: int) -> float:
+        """The fraction f of the model's attention work a forward pass skips (none, unless a kind says so)."""
+        return 0.0
+
+    def kv_groups_removed(self, shape: Shape) -> int:
+        """KV groups whose decode cache stops growing under `new_cache` (none, unless a kind says so)."""
+        return 0
+
+    def to_json(self) -> dict:
+        """The plan as JSON: heads (layer -> sorted heads) and the kind's own settings."""
+        out: dict[str, Any] = {"heads": {str(layer): sorted(h) for layer, h in self.heads.items()}}
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "heads"})
+        return out
+
+    # -- shared ----------------------------------------------------------------------------------------------------
+
+    def with_heads(self, heads: Mapping[int, Iterable[int]]) -> Self:
+        """A plan of the same kind and settings planning `heads` instead (a random control's)."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "heads"}
+        return type(self).of(heads, **settings)
+
+    def n_heads(self) -> int:
+        return sum(len(h) for h in self.heads.values())
+
+    def fraction(self, layers: int, heads: int) -> float:
+        """Fraction of all (layer, head) pairs the plan names."""
+        return self.n_heads() / (layers * heads)
+
+    def per_layer(self, layers: int) -> list[int]:
+        return [len(self.heads.get(layer, ())) for layer in range(layers)]
+
+    def whole_groups(self, shape: Shape) -> dict[int, frozenset[int]]:
+        """Per layer, the KV groups all of whose query heads the plan names."""
+        return shape.whole_groups(self.heads)
+
+    def n_whole_groups(self, shape: Shape) -> int:
+        return shape.n_whole_groups(self.heads)
+
+    def check(self, model: torch.nn.Module) -> Shape:
+        """The model's shape, after checking that the patches support it and that the plan fits it."""
+        shape = model_shape(model)
+        if shape.model_type not in SUPPORTED_MODEL_TYPES:
+            raise SinkEvalError(
+                f"the {self.kind} patch supports {', '.join(SUPPORTED_MODEL_TYPES)} models, not {shape.model_type!r}"
+            )
+        candidates = self.candidate_layers(model)
+        for layer, heads in self.heads.items():
+            if not 0 <= layer < shape.layers:
+                raise SinkEvalError(f"the plan names layer {layer}; the model has layers 0..{shape.layers - 1}")
+            if layer not in candidates:
+                raise SinkEvalError(self.not_a_candidate(layer, candidates))
+            bad = sorted(h for h in heads if not 0 <= h < shape.heads)
+            if bad:
+                raise SinkEvalError(
+                    f"the plan names head(s) {bad} of layer {layer}; the model has heads 0..{shape.heads - 1}"
+                )
+        return shape
+
+    @property
+    def attention_name(self) -> str:
+        """The name its attention implementation is registered under."""
+        return f"sink_{self.kind}"
+
+    @contextmanager
+    def patched(self, model: torch.nn.Module, cache: Cache | None = None) -> Iterator[None]:
+        """Run `model` under the plan inside the block; the previous attention is restored on exit, also after an
+        exception. `cache`: the plan's own cache (`new_cache`), to decode token by token with its savings."""
+        state = self.state(model, cache)
+        with running(model, state, self.attention_name, patch_attention, patch=True), state.using():
             yield
-    finally:
-        var.reset(token)
+
+    def reference(self, model: torch.nn.Module) -> AbstractContextManager[None]:
+        """Run `model` under the plan's `reference_attention` inside the block (every head of a planned layer by
+        eager masked attention; the model's own cache keeps every entry): slow, the definition a kind's fast patch
+        is held to."""
+        state = PatchState(self, self.check(model), None)
+        return running(model, state, f"{self.attention_name}_reference", patch_attention, patch=True)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        logits_processor: LogitsProcessorList | None = None,
+    ) -> tuple[torch.Tensor, Cache]:
+        """Greedy generation of `max_new_tokens` (at least 1) after input_ids (B, N) under the plan, into its cache:
+        (prompt + new token ids (B, N + new), the cache). `logits_processor`: as `greedy`'s."""
+        if not is_index(max_new_tokens) or max_new_tokens < 1:
+            raise SinkEvalError(
+                f"max_new_tokens is the number of tokens to generate, at least 1, not {max_new_tokens!r}"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cache = self.new_cache(model, attention_mask)
+        with self.patched(model, cache):
+            ids = greedy(model, input_ids, attention_mask, cache, max_new_tokens, logits_processor)
+        return ids, cache
+
+    @torch.no_grad()
+    def layer_errors(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[int, float]:
+        """Per-layer relative error of the patched attention output against the exact one on the same input.
+
+        error(l) = ||O_patched(l) - O_exact(l)|| / ||O_exact(l)|| (Frobenius norms over heads, features and
+        non-padding queries), both from the exact model's hidden states: each layer's own error, not accumulated
+        ones. Layers the plan does not touch have error 0 and are left out."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        first_positions(attention_mask)
+        state = self.state(model, None)
+        with running(model, state, f"{self.attention_name}_error", error_attention, patch=False):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        return dict(sorted(state.errors.items()))
 
 
-def error_attention(var: contextvars.ContextVar[Any], patch: str, planned: Planned, first: First) -> Callable:
-    """`layer_errors`' attention for a patch: records the relative error of the patched output (B, T, H, D) against
-    the exact one, and returns the exact one, so that every layer sees the exact model's hidden states."""
+@dataclass(frozen=True)
+class LayerHeads:
+    """One layer's query heads under a plan, and their KV groups (query head h uses group h // group size)."""
 
-    def attend(
+    planned: list[int]  # sorted
+    planned_groups: list[int]  # the planned heads' KV groups, sorted
+    whole: bool  # the planned heads are exactly every head of `planned_groups`, in order
+    attending: list[int]  # the heads that still attend in full
+    kept_groups: list[int]  # their KV groups
+
+    @classmethod
+    def of(cls, heads: frozenset[int], shape: Shape) -> LayerHeads:
+        g = shape.group_size
+        planned = sorted(heads)
+        groups = sorted({h // g for h in planned})
+        attending = [h for h in range(shape.heads) if h not in heads]
+        whole = planned == [k * g + i for k in groups for i in range(g)]
+        return cls(planned, groups, whole, attending, sorted({h // g for h in attending}))
+
+    @property
+    def dropped_groups(self) -> frozenset[int]:
+        """The planned groups no attending head uses."""
+        return frozenset(self.planned_groups) - set(self.kept_groups)
+
+
+class PlanCache(DynamicCache):
+    """transformers' `DynamicCache`, holding also each row's first non-padding position `first` (B,) read off the
+    attention mask it was made for: in a decode step the mask no longer shows it."""
+
+    def __init__(self, model: torch.nn.Module, attention_mask: torch.Tensor):
+        super().__init__(config=model.config)
+        self.first = first_positions(attention_mask)
+        self.last_first = int(self.first.max())  # the latest row's
+
+
+class PatchState:
+    """A plan running on one model: what the registered attention function asks, on every call, for the layer's
+    output. This default computes every head of a planned layer by `reference_attention`, the plain definition: slow,
+    and what each kind's own fast state is tested against (`Plan.reference`)."""
+
+    def __init__(self, plan: Plan, shape: Shape, cache: Cache | None):
+        self.plan = plan
+        self.shape = shape
+        self.cache = cache
+        self.layers = {layer: LayerHeads.of(heads, shape) for layer, heads in plan.heads.items()}
+        self.errors: dict[int, float] = {}  # per layer, filled by `error_attention` (`Plan.layer_errors`)
+        self._first_of_mask: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def using(self) -> AbstractContextManager[object]:
+        """A context the plan's run holds (e.g. its cache accepting updates)."""
+        return nullcontext()
+
+    def first(self, mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """The first non-padding position of each row (B,): held by the plan's cache; else read off a boolean SDPA
+        mask: in a full pass its diagonal (a real token sees itself; right for sliding-window layers too), in a step
+        after cached context the first key the new token may see (right for full-attention layers)."""
+        batch, _, t_len, _ = query.shape
+        if isinstance(self.cache, PlanCache):
+            return self.cache.first.to(query.device)
+        if mask is None:
+            return torch.zeros(batch, dtype=torch.long, device=query.device)
+        if mask.dtype != torch.bool:
+            raise SinkEvalError(f"the {self.plan.kind} patch expects SDPA's boolean masks")
+        if t_len != key.shape[2]:
+            return mask[:, 0, -1].long().argmax(dim=-1)
+        if self._first_of_mask is None or self._first_of_mask[0] is not mask:  # the same mask serves every layer
+            diagonal = torch.diagonal(mask[:, 0, :, mask.shape[-1] - t_len :], dim1=-2, dim2=-1)
+            self._first_of_mask = (mask, diagonal.long().argmax(dim=-1))
+        return self._first_of_mask[1]
+
+    def output(
+        self,
         module: torch.nn.Module,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        dropout: float = 0.0,
-        scaling: float | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, None]:
-        state = active_state(var, module, kwargs, patch)
-        out = planned(state, module, query, key, value, attention_mask, scaling)
-        exact, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-        if out is not None:
-            state.errors[module.layer_idx] = relative_error(out, exact, first(state, attention_mask, query))
-        return exact, None
+        mask: torch.Tensor | None,
+        scaling: float | None,
+    ) -> torch.Tensor | None:
+        """The patched attention output (B, T, H, D) of one layer from query (B, H, T, D) and key/value
+        (B, H_kv, S, D); None where the plan changes nothing there (the exact attention applies)."""
+        if module.layer_idx not in self.layers:
+            return None
+        first = self.first(mask, query, key)
+        return reference_attention(self.plan, module.layer_idx, query, key, value, mask, first, scaling)
 
-    return attend
+
+def reference_attention(
+    plan: Plan,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    first: torch.Tensor,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """A plan's attention at `layer`, as plainly as it can be written: eager softmax attention of every head, a
+    planned head under the mask `plan.allowed`, any other under the model's own boolean mask (causal, padding, sliding
+    window; None: causal). A query that may see no key sees itself (a padding row, whose output is not used).
+    query (B, H, T, D) at the last T of S positions, key/value (B, H_kv, S, D) holding every position, mask
+    (B, 1, T, S), first (B,) the rows' first real positions -> output (B, T, H, D)."""
+    batch, heads, t_len, dim = query.shape
+    s_len = key.shape[2]
+    group = heads // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)  # (B, H, S, D)
+    query_pos = torch.arange(s_len - t_len, s_len, device=query.device).view(1, 1, t_len, 1)
+    key_pos = torch.arange(s_len, device=query.device).view(1, 1, 1, s_len)
+    own = key_pos <= query_pos if mask is None else mask
+    planned = torch.zeros(1, heads, 1, 1, dtype=torch.bool, device=query.device)
+    planned[0, sorted(plan.heads.get(layer, ())), 0, 0] = True
+    allowed = torch.where(planned, plan.allowed(query_pos, key_pos, first.view(batch, 1, 1, 1)), own)
+    allowed = allowed | ((key_pos == query_pos) & ~allowed.any(dim=-1, keepdim=True))
+    scores = query @ key.transpose(-1, -2) * (dim**-0.5 if scaling is None else scaling)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return (probs @ value).transpose(1, 2)
+
+
+_ACTIVE: contextvars.ContextVar[PatchState | None] = contextvars.ContextVar("sink_eval_patch", default=None)
+
+
+def _active_state(module: torch.nn.Module, kwargs: dict) -> PatchState:
+    """The running plan's state, after checking that the attention call is one the patches support."""
+    state = _ACTIVE.get()
+    if state is None:
+        raise RuntimeError("a sink_eval patch's attention ran outside Plan.patched() or Plan.layer_errors()")
+    if kwargs.get("softcap") is not None:
+        raise SinkEvalError(f"the {state.plan.kind} patch does not support attention logit soft-capping")
+    if module.training:
+        raise SinkEvalError(f"the {state.plan.kind} patch is for inference: call model.eval() first")
+    return state
+
+
+def patch_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The registered attention of every plan kind: query (B, H, T, D), key/value (B, H_kv', S, D) -> (B, T, H, D),
+    the running plan's output where it changes the layer, else transformers' own SDPA."""
+    state = _active_state(module, kwargs)
+    out = state.output(module, query, key, value, attention_mask, scaling)
+    if out is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    return out, None
+
+
+def error_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`Plan.layer_errors`' attention: records the relative error of the patched output against the exact one, and
+    returns the exact one, so that every layer sees the exact model's hidden states."""
+    state = _active_state(module, kwargs)
+    out = state.output(module, query, key, value, attention_mask, scaling)
+    exact, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if out is not None:
+        state.errors[module.layer_idx] = relative_error(out, exact, state.first(attention_mask, query, key))
+    return exact, None
+
+
+@contextmanager
+def running(model: torch.nn.Module, state: PatchState, name: str, function: Any, patch: bool) -> Iterator[None]:
+    """Run `model` with attention `function` (registered as `name`, with SDPA's masks) reading `state`; `patch`: a
+    patch, which another patch may not nest in (`sink_eval.core.attention.use`)."""
+    token = _ACTIVE.set(state)
+    try:
+        with attention.use(model, name, function, sdpa_mask, patch=patch):
+            yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 def relative_error(out: torch.Tensor, exact: torch.Tensor, first: torch.Tensor) -> float:
     """||out - exact|| / ||exact|| over the non-padding queries: outputs (B, T, H, D), `first` (B,) the first real
-    position of each row (the per-layer error of `layer_errors`, for either patch)."""
+    position of each row."""
     t_len = exact.shape[1]
     real = torch.arange(t_len, device=exact.device)[None, :] >= first[:, None]  # (B, T) non-padding queries
     return float(torch.linalg.vector_norm((out - exact)[real].float()) / torch.linalg.vector_norm(exact[real].float()))
 
 
-@torch.no_grad()
-def layer_errors(
-    model: torch.nn.Module,
-    var: contextvars.ContextVar[S | None],
-    state: S,
-    name: str,
-    function: Callable,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-) -> dict[int, float]:
-    """Per-layer relative error of a patch on input_ids (B, N): one forward pass with its error attention `function`
-    (registered as `name`) reading `state` (layers the plan does not touch are left out)."""
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    first_positions(attention_mask)
-    with running(model, var, state, name, function, patch=False):
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
-    return dict(sorted(state.errors.items()))
-
-
 def first_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """First non-padding position per row of a left-padded (batch, tokens) mask."""
+    """First non-padding position per row (B,) of a left-padded (B, N) mask."""
     if bool((attention_mask[:, -1] == 0).any()):
         raise SinkEvalError("the patches need left padding: set tokenizer.padding_side = 'left'")
     return attention_mask.long().argmax(dim=-1)
 
 
-def is_index(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def select_heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """x[:, heads] for x (B, H, ...): a view where the heads are a contiguous range, else a gathered copy."""
+    if heads and heads == list(range(heads[0], heads[0] + len(heads))):
+        return x[:, heads[0] : heads[0] + len(heads)]
+    return x[:, heads]
 
 
-@torch.no_grad()
-def generate(
-    model: torch.nn.Module,
-    plan: P,
-    new_cache: Callable[[torch.nn.Module, P, torch.Tensor], C],
-    patched: Callable[[torch.nn.Module, P, C], AbstractContextManager[None]],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    max_new_tokens: int,
-    logits_processor: LogitsProcessorList | None,
-) -> tuple[torch.Tensor, C]:
-    """Greedy generation of `max_new_tokens` (at least 1) after input_ids (B, N) under a patch's `plan`, into its
-    cache `new_cache(model, plan, mask)`, inside `patched(model, plan, cache)`: (prompt + new token ids, the cache)."""
-    if not is_index(max_new_tokens) or max_new_tokens < 1:
-        raise SinkEvalError(f"max_new_tokens is the number of tokens to generate, at least 1, not {max_new_tokens!r}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    cache = new_cache(model, plan, attention_mask)
-    with patched(model, plan, cache):
-        ids = greedy(model, input_ids, attention_mask, cache, max_new_tokens, logits_processor)
-    return ids, cache
+def attend_heads(
+    layer: LayerHeads,
+    group_size: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    kv_index: dict[int, int],
+    scaling: float | None,
+) -> tuple[list[int], torch.Tensor]:
+    """SDPA for the layer's attending heads (`kv_index`: KV group -> row of key/value), in one call: (the query
+    heads computed, their output (B, h, T, D)).
+
+    Prefill is compute-bound: exactly the attending heads are computed, each with its KV head gathered (a copy of
+    O(S D) per head, small beside the O(T S D) attention). Decode is bound by the bytes of K/V read: every head of a
+    kept KV group is computed against that group's K/V, read once (GQA), and no K/V is copied; the planned heads'
+    rows are overwritten afterwards.
+    """
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if query.shape[2] > 1:
+        kv = torch.tensor([kv_index[h // group_size] for h in layer.attending], device=key.device)
+        result = sdpa(
+            select_heads(query, layer.attending),
+            key.index_select(1, kv),
+            value.index_select(1, kv),
+            attn_mask=mask,
+            scale=scaling,
+            is_causal=mask is None,
+        )
+        return layer.attending, result
+    heads = [group * group_size + i for group in layer.kept_groups for i in range(group_size)]
+    rows = [kv_index[group] for group in layer.kept_groups]
+    if rows != list(range(key.shape[1])):
+        index = torch.tensor(rows, device=key.device)
+        key, value = key.index_select(1, index), value.index_select(1, index)
+    result = sdpa(select_heads(query, heads), key, value, attn_mask=mask, scale=scaling, enable_gqa=group_size > 1)
+    return heads, result
+
+
+def kv_cache_bytes(cache: Cache) -> int:
+    """KV bytes a cache holds: the nbytes of every floating-point tensor its layers hold (keys and values; a copy
+    layer's first-token values; a streaming layer's sink and ring slots), each tensor once. Integer bookkeeping
+    (positions, group indices) is not counted."""
+    seen: set[int] = set()
+    total = 0
+    for layer in cache.layers:
+        for tensor in vars(layer).values():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def greedy(

@@ -1,271 +1,162 @@
-"""Head-selection policies: attention statistics in, copy or streaming plans out.
+"""The policy interface: attention statistics in, a plan out.
 
-Copy policies (sink statistics -> `CopyPlan`):
-
-- `first_layer` (the original hypothesis): on this prompt, copy head h in every layer when layer 0's head h is a
-  sink head. Needs only layer 0's attention on the prompt.
-- `calibrated`: copy (l, h) when its consistency (fraction of calibration prompts on which it is a sink head) is at
-  least p. One plan for every input; the calibration prompts must not overlap the evaluation prompts.
-- `oracle`: copy the heads that are sink heads on this very prompt, measured on the full forward pass. An upper
-  bound on what sink selection can do, not deployable (it needs the attention it is meant to skip).
-- `hybrid`: another policy's plan, applied only while the sequence is at most L tokens and/or only for the first k
-  decode steps (`CopyPlan.max_tokens`, `CopyPlan.decode_steps`).
-
-Each uses a fixed threshold tau or, with `chance_corrected`, the length-dependent tau(N) of `sink_eval.measure.sinks`.
-
-Streaming policies (streaming scores at (s, w) -> `StreamingPlan`), over the candidate layers only (full attention;
-Gemma 3's sliding-window layers already attend to a window): a head's calibrated streaming score is the mean, over
-the calibration prompts of at least 4 (s + w) tokens, of its streaming score (`sink_eval.measure.probe`: mass on the first s
-tokens + the last w keys); a KV group's is its weakest query head's.
-- `streaming`: stream every head whose calibrated score is at least p (a KV group all of whose heads are chosen also
-  keeps only s + w cache entries; the plan reports both counts); with `fraction` q, DuoAttention's deployment rule
-  instead: the top round(q G) of the G candidate KV groups by their calibrated score, every head of each;
-- `random`: as many KV groups as `streaming` streams whole (round(q G) with q), drawn with `seed` from the same
-  candidate layers, every head of each: the control that says whether the choice matters;
-- `streaming_llm`: every head of every candidate layer (StreamingLLM).
-The calibration prompts must not overlap the evaluation prompts (`check_disjoint`).
+A policy is a class, one per file, registered by name (`sink_eval.policies.registry`). It declares the plan kind it
+makes (`kind`, a `sink_eval.patches.base.PLAN_KINDS` name), the options it reads (`Options`: a frozen dataclass whose
+fields are checked as it is made), whether it needs the prompt's own statistics (`per_prompt`) or calibration
+statistics (`calibrates`), and makes the plan: `plan(target, prompt, calibration)`. What it needs measured:
+- `windows`: the streaming windows (s, w) whose scores its calibration prompts must be probed for;
+- `min_tokens`: the shortest prompt on which its plan changes anything (2; a streaming plan's s + w + 1);
+- `long_inputs`: whether it is evaluated on the long passages (a streaming plan is the unpatched model on prompts of
+  at most s + w tokens, so the default prompts, most of them short, would show a trivially perfect fidelity).
+Calibration prompts never overlap evaluation prompts (`check_disjoint`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
 import torch
 
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.shape import Shape, model_shape
-from sink_eval.measure.probe import PromptStats, check_windows
+from sink_eval.core.window import Window, check_windows
+from sink_eval.measure.probe import PromptStats
 from sink_eval.measure.sinks import sink_heads, threshold_for
-from sink_eval.patches.base import is_index
-from sink_eval.patches.copy import CopyPlan
-from sink_eval.patches.plans import Plan
-from sink_eval.patches.streaming.plan import DEFAULT_SINK, DEFAULT_WINDOW, StreamingPlan, candidate_layers
+from sink_eval.patches.base import PLAN_KINDS, Plan
 from sink_eval.prompts.prompt_set import Prompt
 
-COPY_POLICIES = ("first_layer", "calibrated", "oracle", "hybrid")
-STREAMING_POLICIES = ("streaming", "random", "streaming_llm")
-POLICIES = COPY_POLICIES + STREAMING_POLICIES
-PER_PROMPT = ("first_layer", "oracle")
-CALIBRATION_SPANS = 4  # a streaming policy calibrates on prompts of at least 4 (s + w) tokens
+
+def check_unit(value: float, what: str) -> None:
+    """Rule for a threshold or a fraction: in (0, 1]."""
+    if not 0 < value <= 1:
+        raise SinkEvalError(f"{what} is in (0, 1], not {value}")
 
 
 @dataclass(frozen=True)
-class PolicyOptions:
+class SinkOptions:
+    """A sink-head threshold: tau, fixed or (`chance_corrected`) length-dependent (`sink_eval.measure.sinks`)."""
+
     threshold: float = 0.8
     chance_corrected: bool = False
-    consistency: float = 0.9  # calibrated: p
-    base: str = "calibrated"  # hybrid: the policy whose plan it limits
-    max_tokens: int | None = None  # hybrid: L
-    decode_steps: int | None = None  # hybrid: k
-    sink: int = DEFAULT_SINK  # streaming policies: s
-    window: int = DEFAULT_WINDOW  # streaming policies: w
-    streaming_score: float = 0.9  # streaming: p
-    fraction: float | None = None  # streaming, random: q (top q of the KV groups)
-    seed: int = 0  # random
+
+    def __post_init__(self) -> None:
+        check_unit(self.threshold, "a sink threshold")
 
     @property
-    def calibration_tokens(self) -> int:
-        """The shortest calibration prompt a streaming policy counts: 4 (s + w) tokens."""
-        return CALIBRATION_SPANS * (self.sink + self.window)
+    def tau(self) -> str:
+        return f"tau={self.threshold:g}" + ("(N)" if self.chance_corrected else "")
+
+    def sinks(self, stats: PromptStats) -> torch.Tensor:
+        """The sink heads (layers, heads) of a prompt's statistics."""
+        return sink_heads(stats.sink, threshold_for(self.threshold, stats.n_tokens, self.chance_corrected))
+
+
+@dataclass(frozen=True)
+class WindowOptions:
+    """A streaming window: s sink tokens (`sink`) and the last w keys (`window`)."""
+
+    sink: int = 4
+    window: int = 256
+
+    def __post_init__(self) -> None:
+        check_windows([(self.sink, self.window)])
+
+    @property
+    def label(self) -> str:
+        return f"s={self.sink}, w={self.window}"
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a streaming policy plans for: the model's attention shape and its candidate (full-attention) layers."""
+    """What a policy plans for: the model's attention shape and the layers its plan kind may name."""
 
     shape: Shape
     layers: tuple[int, ...]
 
     @classmethod
-    def of(cls, model) -> Target:
-        return cls(model_shape(model), tuple(candidate_layers(model)))
+    def of(cls, model: torch.nn.Module, kind: str) -> Target:
+        return cls(model_shape(model), tuple(PLAN_KINDS[kind].candidate_layers(model)))
 
 
-def base_policy(name: str, options: PolicyOptions) -> str:
-    """The policy that chooses a plan's heads: a hybrid's base policy, else the policy itself."""
-    return options.base if name == "hybrid" else name
+class Policy(ABC):
+    """A head-selection policy with its options (module doc)."""
 
+    name: ClassVar[str]
+    kind: ClassVar[str]  # the plan kind it makes
+    Options: ClassVar[type]  # a frozen dataclass of the options it reads
+    long_inputs: ClassVar[bool] = False
 
-@dataclass(frozen=True)
-class Policy:
-    """A policy by name with its options, as the commands run it."""
+    def __init__(self, options: Any = None):
+        self.options = self.Options() if options is None else options
+        if not isinstance(self.options, self.Options):
+            raise TypeError(f"the {self.name} policy takes {self.Options.__name__}, not {type(self.options).__name__}")
 
-    name: str
-    options: PolicyOptions
+    @classmethod
+    def with_options(cls, **options: Any) -> Self:
+        """The policy with these options; one it does not read is an error."""
+        fields = [f.name for f in dataclasses.fields(cls.Options)]
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise SinkEvalError(
+                f"the {cls.name} policy does not read {', '.join(unknown)}; its options are {', '.join(fields)}"
+            )
+        return cls(cls.Options(**options))
 
     @property
     def label(self) -> str:
-        o = self.options
-        tau = f"tau={o.threshold:g}" + ("(N)" if o.chance_corrected else "")
-        window = f"s={o.sink}, w={o.window}"
-        if self.name == "calibrated":
-            return f"calibrated p={o.consistency:g} {tau}"
-        if self.name == "hybrid":
-            limits = [f"L={o.max_tokens}"] * (o.max_tokens is not None) + [f"k={o.decode_steps}"] * (
-                o.decode_steps is not None
-            )
-            base = Policy(o.base, o).label
-            return f"hybrid({base}, {', '.join(limits)})"
-        if self.name == "streaming":
-            rule = f"p={o.streaming_score:g}" if o.fraction is None else f"q={o.fraction:g}"
-            return f"streaming {rule} ({window})"
-        if self.name == "random":
-            rule = f"as streaming p={o.streaming_score:g}" if o.fraction is None else f"q={o.fraction:g}"
-            return f"random {rule} seed={o.seed} ({window})"
-        if self.name == "streaming_llm":
-            return f"streaming_llm ({window})"
-        return f"{self.name} {tau}"
+        """How results name the policy with its options, e.g. "calibrated p=0.9 tau=0.8"."""
+        return self.name
 
     @property
-    def streaming(self) -> bool:
-        return self.name in STREAMING_POLICIES
-
     def per_prompt(self) -> bool:
-        return base_policy(self.name, self.options) in PER_PROMPT
+        """Whether its plan is made from the prompt's own statistics (one plan per prompt)."""
+        return False
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether its plan is made from calibration statistics."""
+        return not self.per_prompt
 
-def check_policy(name: str, options: PolicyOptions) -> None:
-    if name not in POLICIES:
-        raise SinkEvalError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    if not 0 < options.threshold <= 1:
-        raise SinkEvalError(f"a sink threshold is in (0, 1], not {options.threshold}")
-    if not 0 < options.consistency <= 1:
-        raise SinkEvalError(f"a consistency level p is in (0, 1], not {options.consistency}")
-    if name == "hybrid":
-        if options.base not in PER_PROMPT + ("calibrated",):
-            raise SinkEvalError(f"a hybrid policy limits first_layer, calibrated or oracle, not {options.base!r}")
-        if options.max_tokens is None and options.decode_steps is None:
-            raise SinkEvalError("a hybrid policy needs a limit: max_tokens (L) and/or decode_steps (k)")
-    if name in STREAMING_POLICIES:
-        check_windows([(options.sink, options.window)])
-        if not 0 < options.streaming_score <= 1:
-            raise SinkEvalError(f"a streaming score threshold p is in (0, 1], not {options.streaming_score}")
-        if options.fraction is not None and not 0 < options.fraction <= 1:
-            raise SinkEvalError(f"a fraction q of the KV groups is in (0, 1], not {options.fraction}")
-        if not is_index(options.seed):
-            raise SinkEvalError(f"the random policy's seed is an int, not {options.seed!r}")
+    @property
+    def windows(self) -> tuple[Window, ...]:
+        """The streaming windows (s, w) its calibration statistics need."""
+        return ()
 
+    @property
+    def probe_layers(self) -> int | None:
+        """How many layers (from the first) of a prompt's statistics a per-prompt policy reads (None: all)."""
+        return None
 
-def _sinks(stats: PromptStats, options: PolicyOptions) -> torch.Tensor:
-    return sink_heads(stats.sink, threshold_for(options.threshold, stats.n_tokens, options.chance_corrected))
+    @property
+    def min_tokens(self) -> int:
+        """The shortest prompt on which its plan can change anything."""
+        return 2
 
+    @property
+    def min_calibration_tokens(self) -> int:
+        """The shortest calibration prompt it counts."""
+        return 2
 
-def first_layer_plan(stats: PromptStats, options: PolicyOptions) -> CopyPlan:
-    heads = torch.nonzero(_sinks(stats, options)[0]).flatten().tolist()
-    return CopyPlan.of({layer: heads for layer in range(stats.sink.shape[0])})
+    @abstractmethod
+    def plan(self, target: Target, prompt: PromptStats | None = None, calibration: Sequence[PromptStats] = ()) -> Plan:
+        """The plan for one prompt (`prompt`: its statistics, for a per-prompt policy) from the `calibration`
+        prompts' statistics, for the model `target`."""
 
-
-def oracle_plan(stats: PromptStats, options: PolicyOptions) -> CopyPlan:
-    sinks = _sinks(stats, options)
-    return CopyPlan.of({layer: torch.nonzero(row).flatten().tolist() for layer, row in enumerate(sinks)})
-
-
-def calibrated_plan(calibration: Sequence[PromptStats], options: PolicyOptions) -> CopyPlan:
-    scored = [s for s in calibration if s.n_tokens >= 2]
-    if not scored:
-        raise SinkEvalError("the calibrated policy needs calibration prompts of at least two tokens")
-    consistency = torch.stack([_sinks(s, options) for s in scored]).float().mean(0)
-    chosen = consistency >= options.consistency
-    return CopyPlan.of({layer: torch.nonzero(row).flatten().tolist() for layer, row in enumerate(chosen)})
-
-
-def calibrated_streaming_scores(calibration: Sequence[PromptStats], options: PolicyOptions) -> torch.Tensor:
-    """Per head (layers, heads): the mean streaming score at (s, w) over the calibration prompts of at least
-    4 (s + w) tokens."""
-    window = (options.sink, options.window)
-    long_enough = [s for s in calibration if s.n_tokens >= options.calibration_tokens]
-    if not long_enough:
-        raise SinkEvalError(
-            f"the streaming policies calibrate on prompts of at least 4 (s + w) = {options.calibration_tokens} "
-            f"tokens; none of the {len(calibration)} calibration prompts is that long"
-        )
-    if any(window not in s.streaming for s in long_enough):
-        raise SinkEvalError(f"the calibration statistics have no streaming score at {window}: probe with windows")
-    return torch.stack([s.streaming[window] for s in long_enough]).mean(0)
-
-
-def _group_scores(scores: torch.Tensor, target: Target) -> list[tuple[float, int, int]]:
-    """(score, layer, group) of every candidate KV group: its weakest query head's calibrated score."""
-    g = target.shape.group_size
-    return [
-        (float(scores[layer, k * g : (k + 1) * g].min()), layer, k)
-        for layer in target.layers
-        for k in range(target.shape.kv_heads)
-    ]
-
-
-def _whole_groups(groups: Sequence[tuple[int, int]], target: Target, options: PolicyOptions) -> StreamingPlan:
-    g = target.shape.group_size
-    heads: dict[int, list[int]] = {}
-    for layer, k in groups:
-        heads.setdefault(layer, []).extend(range(k * g, (k + 1) * g))
-    return StreamingPlan.of(heads, options.sink, options.window)
-
-
-def streaming_plan(calibration: Sequence[PromptStats], options: PolicyOptions, target: Target) -> StreamingPlan:
-    """`streaming`: heads scoring at least p; with q, the top round(q G) KV groups (ties: lower layer, group first)."""
-    scores = calibrated_streaming_scores(calibration, options)
-    if options.fraction is None:
-        heads = {
-            layer: torch.nonzero(scores[layer] >= options.streaming_score).flatten().tolist() for layer in target.layers
-        }
-        return StreamingPlan.of(heads, options.sink, options.window)
-    ranked = sorted(_group_scores(scores, target), key=lambda x: (-x[0], x[1], x[2]))
-    n = round(options.fraction * len(ranked))
-    return _whole_groups([(layer, k) for _, layer, k in ranked[:n]], target, options)
-
-
-def random_plan(calibration: Sequence[PromptStats], options: PolicyOptions, target: Target) -> StreamingPlan:
-    """`random`: as many KV groups as `streaming` streams whole, drawn with the seed from the candidate groups."""
-    shape = target.shape
-    n = streaming_plan(calibration, options, target).n_streamed_groups(shape)
-    candidates = [(layer, k) for layer in target.layers for k in range(shape.kv_heads)]
-    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(options.seed)).tolist()
-    return _whole_groups(sorted(candidates[i] for i in order[:n]), target, options)
-
-
-def streaming_llm_plan(options: PolicyOptions, target: Target) -> StreamingPlan:
-    heads = range(target.shape.heads)
-    return StreamingPlan.of({layer: heads for layer in target.layers}, options.sink, options.window)
-
-
-def make_plan(
-    name: str,
-    options: PolicyOptions,
-    prompt: PromptStats | None,
-    calibration: Sequence[PromptStats] = (),
-    target: Target | None = None,
-) -> Plan:
-    """The plan of policy `name` for one prompt (`prompt` = its statistics, needed by per-prompt policies); a
-    streaming policy needs the model's `target`."""
-    check_policy(name, options)
-    if name in STREAMING_POLICIES:
-        if target is None:
-            raise SinkEvalError(f"the {name} policy needs the model's shape and candidate layers (Target.of(model))")
-        if name == "streaming_llm":
-            return streaming_llm_plan(options, target)
-        return (streaming_plan if name == "streaming" else random_plan)(calibration, options, target)
-    return make_copy_plan(name, options, prompt, calibration)
-
-
-def make_copy_plan(
-    name: str, options: PolicyOptions, prompt: PromptStats | None, calibration: Sequence[PromptStats] = ()
-) -> CopyPlan:
-    """The copy plan of copy policy `name` for one prompt (see `make_plan`)."""
-    check_policy(name, options)
-    if name not in COPY_POLICIES:
-        raise SinkEvalError(f"{name} is a streaming policy, not one of the copy policies {', '.join(COPY_POLICIES)}")
-    base = base_policy(name, options)
-    if base in PER_PROMPT:
+    def check_prompt(self, prompt: PromptStats | None) -> PromptStats:
+        """The prompt's statistics, which a per-prompt policy cannot do without."""
         if prompt is None:
-            raise SinkEvalError(f"the {base} policy needs the prompt's own attention statistics")
-        plan = first_layer_plan(prompt, options) if base == "first_layer" else oracle_plan(prompt, options)
-    else:
-        plan = calibrated_plan(calibration, options)
-    if name == "hybrid":
-        return CopyPlan(plan.heads, max_tokens=options.max_tokens, decode_steps=options.decode_steps)
-    return plan
+            raise SinkEvalError(f"the {self.name} policy needs the prompt's own attention statistics")
+        return prompt
+
+
+def heads_where(chosen: torch.Tensor, layers: Sequence[int] | None = None) -> dict[int, list[int]]:
+    """layer -> the heads where `chosen` (layers, heads) is true, over `layers` (default: all)."""
+    rows = range(chosen.shape[0]) if layers is None else layers
+    return {layer: torch.nonzero(chosen[layer]).flatten().tolist() for layer in rows}
 
 
 def check_disjoint(calibration: Sequence[Prompt], evaluation: Sequence[Prompt]) -> None:

@@ -15,8 +15,11 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from sink_eval.core.errors import SinkEvalError
-from sink_eval.core.shape import Shape
+from sink_eval.core.shape import Shape, model_shape
+from sink_eval.patches.base import Plan
 
 
 def random_heads(
@@ -51,6 +54,17 @@ def random_heads(
     if needed:
         raise SinkEvalError(f"no control of {n_heads} heads with exactly {n_whole} whole KV groups fits these layers")
     return {layer: frozenset(hs) for layer, hs in sorted(drawn.items())}
+
+
+def random_control(plan: Plan, model: torch.nn.Module, seed: int) -> Plan:
+    """The seed's control of `plan` on `model`: a plan of the same kind and settings planning `random_heads`."""
+    return plan.with_heads(random_heads(dict(plan.heads), model_shape(model), plan.candidate_layers(model), seed))
+
+
+def plans_every_candidate(plan: Plan, model: torch.nn.Module) -> bool:
+    """Whether `plan` plans every head of its candidate layers (streaming_llm): its random control is itself."""
+    heads = model_shape(model).heads
+    return all(len(plan.heads.get(layer, ())) == heads for layer in plan.candidate_layers(model))
 
 
 CHOOSES_WELL = "chooses well"

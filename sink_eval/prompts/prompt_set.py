@@ -23,6 +23,7 @@ from sink_eval.core.errors import SinkEvalError
 
 LENGTH_BINS: tuple[tuple[int, int], ...] = ((1, 3), (4, 9), (10, 19), (20, 49), (50, 199), (200, 999), (1000, 4096))
 DEFAULT_MAX_TOKENS = 4096
+LONG_TOKENS = 2048  # the long passages are cut to this many tokens by default (patch-eval, longctx calibration)
 
 PROMPT_FILE = "prompts.jsonl"
 

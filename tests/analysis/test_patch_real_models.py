@@ -8,7 +8,7 @@ import torch
 
 from conftest import REAL_MODELS
 from sink_eval.evals.patch_eval import kl_and_top1
-from sink_eval.patches.copy import CopyPlan, generate, patched
+from sink_eval.patches.copy import CopyPlan
 
 pytestmark = pytest.mark.analysis
 
@@ -40,7 +40,7 @@ def test_an_empty_plan_leaves_a_real_model_exactly_unchanged(bundled_model, name
     batch = _batch(loaded)
     with torch.no_grad():
         reference = loaded.model(**batch).logits
-        with patched(loaded.model, CopyPlan()):
+        with CopyPlan().patched(loaded.model):
             out = loaded.model(**batch).logits
     assert torch.equal(out[batch["attention_mask"].bool()], reference[batch["attention_mask"].bool()])
 
@@ -51,9 +51,9 @@ def test_cached_generation_under_a_plan_matches_its_full_forward(bundled_model, 
     loaded = bundled_model(name)
     batch = _batch(loaded)
     plan = most_consistent_plan(analysis_result, name)
-    ids, cache = generate(loaded.model, plan, batch["input_ids"], batch["attention_mask"], max_new_tokens=8)
+    ids, cache = plan.generate(loaded.model, batch["input_ids"], batch["attention_mask"], max_new_tokens=8)
     mask = torch.cat([batch["attention_mask"], torch.ones(len(PROMPTS), 8, dtype=torch.long)], dim=1)
-    with torch.no_grad(), patched(loaded.model, plan):
+    with torch.no_grad(), plan.patched(loaded.model):
         full = loaded.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits
     prompt_len = batch["input_ids"].shape[1]
     assert torch.equal(full[:, prompt_len - 1 :].argmax(-1), ids[:, prompt_len:])
@@ -67,9 +67,9 @@ def test_copying_the_most_consistent_sink_heads_barely_changes_the_next_token(bu
     plan = most_consistent_plan(analysis_result, name)
     with torch.no_grad():
         reference = loaded.model(**batch).logits[:, -1:]
-        with patched(loaded.model, plan):
+        with plan.patched(loaded.model):
             out = loaded.model(**batch).logits[:, -1:]
-        with patched(loaded.model, CopyPlan.of({layer: range(4) for layer in range(4)})):
+        with CopyPlan.of({layer: range(4) for layer in range(4)}).patched(loaded.model):
             damaged = loaded.model(**batch).logits[:, -1:]
     kl, top1 = kl_and_top1(reference, out)
     kl_damaged, _ = kl_and_top1(reference, damaged)

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from conftest import REAL_MODELS
-from sink_eval.patches.streaming.patch import generate, patched
-from sink_eval.patches.streaming.plan import StreamingPlan, candidate_layers
+from sink_eval.patches.streaming.plan import StreamingPlan
 from sink_eval.prompts.prompt_set import long_passages
 
 pytestmark = pytest.mark.analysis
@@ -22,7 +21,7 @@ NEW_TOKENS = 8
 def every_head(model, window: int) -> StreamingPlan:
     """StreamingLLM's plan: every head of every full-attention layer."""
     heads = range(model.config.get_text_config(decoder=True).num_attention_heads)
-    return StreamingPlan.of({layer: heads for layer in candidate_layers(model)}, SINK, window)
+    return StreamingPlan.of({layer: heads for layer in StreamingPlan.candidate_layers(model)}, SINK, window)
 
 
 @pytest.mark.parametrize("name", REAL_MODELS)
@@ -36,7 +35,7 @@ def test_a_window_covering_the_prompt_leaves_a_real_model_unchanged(bundled_mode
     real = batch["attention_mask"].bool()
     with torch.no_grad():
         reference = loaded.model(**batch).logits
-        with patched(loaded.model, every_head(loaded.model, batch["input_ids"].shape[1])):
+        with (every_head(loaded.model, batch["input_ids"].shape[1])).patched(loaded.model):
             out = loaded.model(**batch).logits
     assert (out - reference)[real].abs().max() <= 1e-3
 
@@ -49,8 +48,8 @@ def test_the_constant_cache_decodes_what_a_full_streamed_forward_predicts(bundle
     text = long_passages("evaluation")[0].text
     ids = torch.tensor([loaded.tokenizer(text)["input_ids"][:TOKENS]])
     plan = every_head(loaded.model, WINDOW)
-    generated, cache = generate(loaded.model, plan, ids, max_new_tokens=NEW_TOKENS)
-    with torch.no_grad(), patched(loaded.model, plan):
+    generated, cache = plan.generate(loaded.model, ids, max_new_tokens=NEW_TOKENS)
+    with torch.no_grad(), plan.patched(loaded.model):
         full = loaded.model(input_ids=generated[:, :-1]).logits
     assert torch.equal(full[:, TOKENS - 1 :].argmax(-1), generated[:, TOKENS:])
     assert cache.get_seq_length() == TOKENS + NEW_TOKENS - 1

@@ -38,7 +38,8 @@ from transformers import Cache
 
 from sink_eval.core.shape import model_shape
 from sink_eval.evals.speed import Paired, attention_share, ceiling, gate_passes, growth_share, paired, without_attention
-from sink_eval.patches.copy import CopyPlan, kv_cache_bytes, new_cache, patched
+from sink_eval.patches.base import kv_cache_bytes
+from sink_eval.patches.copy import CopyPlan
 from sink_eval.prompts.prompt_set import default_prompts
 
 pytestmark = pytest.mark.bench
@@ -124,12 +125,12 @@ def test_attention_layer_speedup_saves_80_percent_of_its_ceiling(benchmark, smol
     plans = {f: forced_plan(layers, heads, f) for f in FRACTIONS}
     variants = {"without": region(lambda: without_attention(model))}
     for f, plan in plans.items():
-        variants[f"f={f:g}"] = region(lambda plan=plan: patched(model, plan))
+        variants[f"f={f:g}"] = region(lambda plan=plan: plan.patched(model))
     unpatched = region(nullcontext)
     timings = benchmark.pedantic(
         lambda: paired(unpatched, variants, GATED_ROUNDS, device=model.device), rounds=1, iterations=1
     )
-    fractions = {f: plan.n_copied() / (len(layers) * heads) for f, plan in plans.items()}
+    fractions = {f: plan.n_heads() / (len(layers) * heads) for f, plan in plans.items()}
     rows = report(benchmark, "attention layers", tokens, fractions, timings)
     if tokens >= 2048:
         failed = [label for label, row in rows.items() if row["fraction"] >= 0.25 and not row["gate"]]
@@ -148,12 +149,12 @@ def test_whole_model_prefill_speedup_with_its_ceiling(benchmark, smollm, tokens,
     plans = {f: forced_plan(layers, heads, f) for f in fractions}
     variants = {"without": region(lambda: without_attention(model))}
     for f, plan in plans.items():
-        variants[f"f={f:g}"] = region(lambda plan=plan: patched(model, plan))
+        variants[f"f={f:g}"] = region(lambda plan=plan: plan.patched(model))
     unpatched = region(nullcontext)
     timings = benchmark.pedantic(
         lambda: paired(unpatched, variants, rounds, warmup, device=model.device), rounds=1, iterations=1
     )
-    fractions = {f: p.n_copied() / (len(layers) * heads) for f, p in plans.items()}
+    fractions = {f: p.n_heads() / (len(layers) * heads) for f, p in plans.items()}
     assert_within_ceilings(report(benchmark, "prefill", tokens, fractions, timings))
 
 
@@ -184,13 +185,13 @@ def test_whole_model_decode_speedup_with_its_ceiling(benchmark, smollm, tokens):
     for f, plan in plans.items():
         variants[f"f={f:g}"] = region(
             f"f={f:g}",
-            lambda plan=plan: new_cache(model, plan, mask),
-            lambda cache, plan=plan: patched(model, plan, cache),
+            lambda plan=plan: plan.new_cache(model, mask),
+            lambda cache, plan=plan: plan.patched(model, cache),
         )
     timings = benchmark.pedantic(
         lambda: paired(unpatched, variants, ROUNDS, device=model.device), rounds=1, iterations=1
     )
-    fractions = {f: p.n_copied() / (len(layers) * heads) for f, p in plans.items()}
+    fractions = {f: p.n_heads() / (len(layers) * heads) for f, p in plans.items()}
     shape = model_shape(model)
     groups = {f: shape.n_whole_groups(p.heads) / (shape.layers * shape.kv_heads) for f, p in plans.items()}
     assert_within_ceilings(report(benchmark, "decode", tokens, fractions, timings, groups))

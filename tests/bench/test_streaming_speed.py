@@ -5,7 +5,7 @@ As in `test_patch_speed.py`, each variant is timed right after the unpatched reg
 plan streams half of the KV groups whole (every query head of a chosen group), spread evenly over the layers, so
 that half the heads stream and half the cache shrinks to s + w entries. Its ceiling is 1 / (1 − a f (1 − ρ)): f the
 fraction of heads streamed, ρ the share of a head's attention work a streamed head still does
-(`sink_eval.patches.plans.streamed_share`: scored pairs Σ min(i + 1, s + w) / Σ (i + 1) in a full pass, keys read
+(`sink_eval.patches.streaming.plan.streamed_share`: scored pairs Σ min(i + 1, s + w) / Σ (i + 1) in a full pass, keys read
 (s + w) / N in a decode step). The ceiling with ρ = (s + w) / N in a full pass as well (each query scoring N keys) is
 recorded beside it as `ceiling_all_keys`.
 
@@ -20,7 +20,7 @@ recorded beside it as `ceiling_all_keys`.
   preallocated cache (`sink_eval.evals.speed.growth_share`) and f_g the fraction of KV groups streamed whole (here f_g = f).
   With attention alone the ceiling (1.17) was below the measured speed-up (1.36). Decode is gated on memory at
   8192: the constant-size cache holds at most 55 % of the unpatched cache's KV bytes, both measured from the cache
-  objects (`sink_eval.patches.copy.kv_cache_bytes`), and exactly what the plan keeps.
+  objects (`sink_eval.patches.base.kv_cache_bytes`), and exactly what the plan keeps.
 """
 
 from __future__ import annotations
@@ -42,10 +42,8 @@ from transformers import Cache
 
 from sink_eval.core.shape import model_shape
 from sink_eval.evals.speed import Paired, attention_share, ceiling, gate_passes, growth_share, paired, without_attention
-from sink_eval.patches.copy import kv_cache_bytes
-from sink_eval.patches.plans import streamed_share
-from sink_eval.patches.streaming.patch import new_cache, patched
-from sink_eval.patches.streaming.plan import StreamingPlan
+from sink_eval.patches.base import kv_cache_bytes
+from sink_eval.patches.streaming.plan import StreamingPlan, streamed_share
 from sink_eval.prompts.prompt_set import long_passages
 
 pytestmark = pytest.mark.bench
@@ -126,7 +124,7 @@ def test_attention_layer_streaming_speedup_saves_80_percent_of_its_ceiling(bench
     layers = list(range(ATTENTION_LAYERS))
     region = attention_layers(model, passage_ids(smollm.tokenizer, tokens), layers)
     plan = half_groups_plan(layers, shape.kv_heads, shape.group_size)
-    variants = {"without": region(lambda: without_attention(model)), "streaming": region(lambda: patched(model, plan))}
+    variants = {"without": region(lambda: without_attention(model)), "streaming": region(lambda: plan.patched(model))}
     timings = benchmark.pedantic(
         lambda: paired(region(nullcontext), variants, GATED_ROUNDS, device=model.device),
         rounds=1,
@@ -147,7 +145,7 @@ def test_whole_model_streaming_prefill_with_its_ceiling(benchmark, smollm, token
     shape = model_shape(model)
     region = prefill(model, passage_ids(smollm.tokenizer, tokens))
     plan = half_groups_plan(list(range(shape.layers)), shape.kv_heads, shape.group_size)
-    variants = {"without": region(lambda: without_attention(model)), "streaming": region(lambda: patched(model, plan))}
+    variants = {"without": region(lambda: without_attention(model)), "streaming": region(lambda: plan.patched(model))}
     timings = benchmark.pedantic(
         lambda: paired(region(nullcontext), variants, rounds, warmup, device=model.device), rounds=1, iterations=1
     )
@@ -161,7 +159,7 @@ def planned_kv_bytes(model, plan: StreamingPlan, positions: int) -> int:
     `positions` entries for every kept KV group and s + w for every streamed group."""
     shape = model_shape(model)
     row = model.config.head_dim * torch.finfo(model.dtype).bits // 8
-    streamed = plan.streamed_groups(shape)
+    streamed = plan.whole_groups(shape)
     total = 0
     for layer in range(shape.layers):
         n = len(streamed.get(layer, ()))
@@ -179,7 +177,7 @@ def test_whole_model_streaming_decode_with_its_ceiling_and_constant_cache(benchm
     region = decode(model, tokens, caches)
     unpatched, variants = decode_references(region, model, tokens)
     variants["streaming"] = region(
-        "streaming", lambda: new_cache(model, plan, mask), lambda cache: patched(model, plan, cache)
+        "streaming", lambda: plan.new_cache(model, mask), lambda cache: plan.patched(model, cache)
     )
     timings = benchmark.pedantic(
         lambda: paired(unpatched, variants, ROUNDS, device=model.device), rounds=1, iterations=1

@@ -10,7 +10,7 @@ import torch
 from helpers import random_model
 
 from sink_eval.measure.probe import probe
-from sink_eval.patches.copy import CopyPlan, generate, patched
+from sink_eval.patches.copy import CopyPlan
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,7 +34,7 @@ def test_probe_and_empty_plan_match_the_cpu_on_cuda(arch, dtype):
         assert torch.allclose(got.sink, ref.sink, atol=TOLERANCE[dtype])
     with torch.no_grad():
         exact = gpu(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits
-        with patched(gpu, CopyPlan()):
+        with CopyPlan().patched(gpu):
             same = gpu(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits
     assert torch.equal(same, exact)
 
@@ -45,6 +45,6 @@ def test_generation_under_a_plan_is_the_same_on_cuda_as_on_the_cpu(dtype):
     cpu = random_model("llama", kv_heads=2, groups=2, head_dim=16, window=8).to(dtype)
     gpu = random_model("llama", kv_heads=2, groups=2, head_dim=16, window=8).to("cuda", dtype)
     ids = torch.randint(1, 64, (1, 16), generator=torch.Generator().manual_seed(1))
-    on_cpu, _ = generate(cpu, plan, ids, max_new_tokens=4)
-    on_gpu, _ = generate(gpu, plan, ids.cuda(), max_new_tokens=4)
+    on_cpu, _ = plan.generate(cpu, ids, max_new_tokens=4)
+    on_gpu, _ = plan.generate(gpu, ids.cuda(), max_new_tokens=4)
     assert torch.equal(on_gpu.cpu()[:, :17], on_cpu[:, :17])  # the first new token; later ones may differ by rounding

@@ -1,10 +1,10 @@
 """The constant-size decode cache of a streaming plan: a transformers `Cache` whose streamed KV groups keep s + w
 entries.
 
-`StreamingCache(model, plan, attention_mask)` is a `DynamicCache` (so `model.generate(..., cache=cache)`
-uses it as it is) in which every layer with a streamed group (`StreamingPlan.streamed_groups`: all its query heads
-stream) is a `StreamingLayer`; the other layers are the model's own (`DynamicLayer`, Gemma 3's
-`DynamicSlidingWindowLayer`). A `StreamingLayer` keeps
+`StreamingCache(model, plan, attention_mask)` is a `DynamicCache` (a `PlanCache`: `model.generate(..., cache=cache)`
+uses it as it is) in which every layer with a streamed group (`Plan.whole_groups`: all its query heads stream) is a
+`StreamingLayer`; the other layers are the model's own (`DynamicLayer`, Gemma 3's `DynamicSlidingWindowLayer`).
+A `StreamingLayer` keeps
 - the other KV groups of its layer in full, as a `DynamicLayer` does (`keys`, `values`: (B, kept groups, N, D));
 - for each streamed group s sink slots, holding the first s real tokens of each row (left padding: the sinks are
   counted from each row's first non-padding token), and a ring buffer of w slots, where position p is written to
@@ -12,13 +12,13 @@ stream) is a `StreamingLayer`; the other layers are the model's own (`DynamicLay
   the position each slot holds, −1 for none). Keys are cached after RoPE, so a kept key keeps its own rotation and
   the ring buffer is exact. A position among a row's first s real tokens is held by its sink slot only.
 Each update also leaves `step`, the streamed groups' key set of that forward pass, which the streaming attention
-(`sink_eval.patches.streaming.patch`) reads once and releases, so between forward passes a streamed group holds exactly
-s + w entries whatever the number of steps: in a decode step (one new token) the slots once it is written (the
-position it overwrites, i − w, is out of its window); in a pass over T > 1 tokens the slots as they were before it,
-followed by the new keys. The cache accepts updates only while the streaming
-patch runs with it (`in_use`): the model's own attention would read the kept groups only.
+(`sink_eval.patches.streaming.patch`) reads once and releases, so between forward passes a streamed group holds
+exactly s + w entries whatever the number of steps: in a decode step (one new token) the slots once it is written
+(the position it overwrites, i − w, is out of its window); in a pass over T > 1 tokens the slots as they were
+before it, followed by the new keys. The cache accepts updates only while the streaming patch runs with it
+(`in_use`): the model's own attention would read the kept groups only.
 
-KV bytes (`sink_eval.patches.copy.kv_cache_bytes`) count every floating-point tensor a cache layer holds.
+KV bytes (`sink_eval.patches.base.kv_cache_bytes`) count every floating-point tensor a cache layer holds.
 """
 
 from __future__ import annotations
@@ -26,13 +26,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
 
 from sink_eval.core.errors import SinkEvalError
-from sink_eval.patches.base import first_positions
-from sink_eval.patches.streaming.plan import StreamingPlan, check_streaming_plan
+from sink_eval.patches.base import PlanCache
+
+if TYPE_CHECKING:
+    from sink_eval.patches.streaming.plan import StreamingPlan
 
 
 @dataclass
@@ -75,9 +78,7 @@ class StreamingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """key/value states (B, KV heads, T, D) -> the kept groups' keys and values (B, kept, N, D)."""
         if not self.use.active:
-            raise SinkEvalError(
-                "a StreamingCache is updated only inside sink_eval.patches.streaming.patch.patched(model, plan, cache)"
-            )
+            raise SinkEvalError("a StreamingCache is updated only inside plan.patched(model, cache)")
         batch, _, t_len, dim = key_states.shape
         device = key_states.device
         if self.stream_keys is None:
@@ -159,17 +160,15 @@ class StreamingLayer(DynamicLayer):
     crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
 
 
-class StreamingCache(DynamicCache):
+class StreamingCache(PlanCache):
     """The decode cache of `plan` for a batch with this (left-padded) attention mask (B, N)."""
 
     def __init__(self, model: torch.nn.Module, plan: StreamingPlan, attention_mask: torch.Tensor):
-        shape = check_streaming_plan(model, plan)
-        super().__init__(config=model.config)
+        shape = plan.check(model)
+        super().__init__(model, attention_mask)
         self.plan = plan
-        self.first = first_positions(attention_mask)  # (B,) first non-padding position of each row
-        self.last_first = int(self.first.max())
         self.use = _Use()
-        for index, groups in plan.streamed_groups(shape).items():
+        for index, groups in plan.whole_groups(shape).items():
             if type(self.layers[index]) is not DynamicLayer:
                 raise SinkEvalError(f"the streaming cache does not replace {type(self.layers[index]).__name__} layers")
             self.layers[index] = StreamingLayer(

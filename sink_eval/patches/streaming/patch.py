@@ -1,75 +1,53 @@
 """The streaming patch: planned heads attend only to the s sink tokens and the last w keys, at that cost.
 
-`patched(model, plan)` runs `model` with the registered attention implementation "sink_stream" (transformers'
-`AttentionInterface`), per layer in at most two attention calls:
+`StreamingState` is what the registered attention ("sink_streaming", `sink_eval.patches.base`) asks for each layer's
+output while a `StreamingPlan` runs, computed in at most two attention calls:
 - the heads that attend in full: SDPA with transformers' own mask, exactly as unpatched
-  (`sink_eval.patches.copy.attend_heads`, one call, each head with its KV group);
-- the streamed heads, in one call: in a full pass (no earlier context) `sink_eval.patches.streaming.banded.banded_attention`, work
-  O(N (s + w)); in a decode step (or a chunk after it) `sink_eval.patches.streaming.banded.keyed_attention` over the s sinks and the
-  last w (+ T) keys only, or, once every one of those slots holds a key the new token sees, plain SDPA over them
-  without a mask. Streamed heads that make up whole KV groups share their groups' keys (GQA); others get their
-  group's keys gathered per head.
+  (`sink_eval.patches.base.attend_heads`, one call, each head with its KV group);
+- the streamed heads, in one call: in a full pass (no earlier context) `banded.banded_attention`, work O(N (s + w));
+  in a decode step (or a chunk after it) `banded.keyed_attention` over the s sinks and the last w (+ T) keys only, or,
+  once every one of those slots holds a key the new token sees, plain SDPA over them without a mask. Streamed heads
+  that make up whole KV groups share their groups' keys (GQA); others get their group's keys gathered per head.
 A layer without streamed heads runs transformers' own SDPA function, so an empty plan is the unpatched model.
 
-Decoding: with `StreamingCache` (`new_cache`, `generate`), streamed groups keep s + w entries; with transformers'
-own cache (plain `model.generate` inside `patched`) every entry is kept and the streamed heads read their sinks and
-window from it: the same outputs, no memory saved. Positions count from each row's first non-padding token: read off
-the attention mask in a pass without the plan's cache, held by the cache otherwise.
-
-This module knows no statistics: plans come from `sink_eval.policies.base`, or from anyone.
+Decoding: with the plan's `StreamingCache` (`plan.new_cache`, `plan.generate`), streamed groups keep s + w entries;
+with transformers' own cache (plain `model.generate` inside `plan.patched(model)`) every entry is kept and the
+streamed heads read their sinks and window from it: the same outputs, no memory saved. Positions count from each
+row's first non-padding token: read off the attention mask in a pass without the plan's cache, held by the cache
+otherwise.
 """
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from transformers import LogitsProcessorList
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.shape import Shape
-from sink_eval.patches import base as seam
-from sink_eval.patches.copy import attend_heads, select_heads
+from sink_eval.patches.base import PatchState, attend_heads, select_heads
 from sink_eval.patches.streaming.banded import BandLayout, band_layout, banded_attention, keyed_attention
 from sink_eval.patches.streaming.cache import StepKV, StreamingCache, StreamingLayer
-from sink_eval.patches.streaming.plan import StreamingPlan, check_streaming_plan
 
-STREAM_ATTENTION = "sink_stream"
-STREAM_ERROR_ATTENTION = "sink_stream_error"  # layer_errors(): the exact attention, recording the patch's error
+if TYPE_CHECKING:
+    from sink_eval.patches.streaming.plan import StreamingPlan
+
 LAYOUTS_KEPT = 4  # band layouts remembered per patch (one per distinct input length and padding)
 
 
-@dataclass(frozen=True)
-class _LayerPlan:
-    streamed: list[int]  # query heads that stream
-    streamed_kv: list[int]  # their KV groups, sorted
-    whole: bool  # the streamed heads are exactly every head of `streamed_kv`, in order (one GQA call)
-    attending: list[int]  # query heads that attend in full
-    kept_groups: list[int]  # their KV groups
+class StreamingState(PatchState):
+    """A streaming plan running: its layers' streamed and attending heads, its cache, and its band layouts."""
 
+    plan: StreamingPlan
+    cache: StreamingCache | None
 
-def _layer_plan(heads: frozenset[int], shape: Shape) -> _LayerPlan:
-    g = shape.group_size
-    streamed = sorted(heads)
-    groups = sorted({h // g for h in streamed})
-    attending = [h for h in range(shape.heads) if h not in heads]
-    whole = streamed == [k * g + i for k in groups for i in range(g)]
-    return _LayerPlan(streamed, groups, whole, attending, sorted({h // g for h in attending}))
-
-
-class _State:
     def __init__(self, plan: StreamingPlan, shape: Shape, cache: StreamingCache | None):
-        self.plan = plan
-        self.shape = shape
-        self.layers = {layer: _layer_plan(heads, shape) for layer, heads in plan.heads.items()}
-        self.cache = cache
+        super().__init__(plan, shape, cache)
         self.layouts: dict[tuple, BandLayout] = {}
-        self.errors: dict[int, float] = {}  # per layer, filled by error_attention (layer_errors)
+
+    def using(self) -> AbstractContextManager[object]:
+        return self.cache.in_use() if self.cache is not None else nullcontext()
 
     def layout(self, n: int, first: torch.Tensor, dtype: torch.dtype) -> BandLayout:
         """The band layout of N = n positions with these first positions, made once per patch and shape."""
@@ -80,105 +58,55 @@ class _State:
             self.layouts[key] = band_layout(n, first, self.plan.sink, self.plan.window, dtype)
         return self.layouts[key]
 
-
-_ACTIVE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("sink_eval_streaming", default=None)
-
-
-def _first_of_mask(mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-    """First non-padding position per row: the first key the last query (a real token, left padding) may see."""
-    if mask is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    if mask.dtype != torch.bool:
-        raise SinkEvalError("the streaming patch expects SDPA's boolean masks")
-    return mask[:, 0, -1].long().argmax(dim=-1)
-
-
-def stream_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """query (B, H, T, D), key/value (B, H_kv', S, D) -> (B, T, H, D): streamed heads over their sinks and window,
-    the others by SDPA."""
-    state = seam.active_state(_ACTIVE, module, kwargs, "streaming")
-    out = _planned_output(state, module, query, key, value, attention_mask, scaling)
-    if out is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    return out, None
-
-
-def _planned_output(
-    state: _State,
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None,
-) -> torch.Tensor | None:
-    """The patched attention output (B, T, H, D) of one layer; None where the plan streams nothing in it."""
-    layer = state.layers.get(module.layer_idx)
-    if layer is None:
-        return None
-    batch, heads, t_len, _ = query.shape
-    cache_layer = None if state.cache is None else state.cache.layers[module.layer_idx]
-    streaming = cache_layer if isinstance(cache_layer, StreamingLayer) else None
-    kv_index = streaming.kv_index if streaming is not None else {k: k for k in range(state.shape.kv_heads)}
-    if state.cache is not None:
-        first = state.cache.first.to(query.device)
-    else:
-        first = _first_of_mask(attention_mask, batch, query.device)
-    parts: list[tuple[list[int], torch.Tensor]] = []  # (query heads, their output (B, T, h, D)), in order
-    if layer.attending:
-        attend, result = attend_heads(
-            layer.attending,
-            layer.kept_groups,
-            state.shape.group_size,
-            query,
-            key,
-            value,
-            attention_mask,
-            kv_index,
-            scaling,
-        )
-        parts.append((attend, result.transpose(1, 2)))
-    step = None if streaming is None else streaming.release_step()
-    stream_index = {} if streaming is None else streaming.stream_index
-    q = select_heads(query, layer.streamed)
-    g = state.shape.group_size
-    if key.shape[2] == t_len:  # a full pass: no earlier context
-        groups = layer.streamed_kv if layer.whole else [h // g for h in layer.streamed]
-        keys, values = _full_pass_kv(groups, kv_index, stream_index, key, value, step)
-        streamed = banded_attention(q, keys, values, state.layout(t_len, first, q.dtype), scaling)
-    else:
-        keys, values, positions = _window_kv(
-            state.plan, layer.streamed_kv, kv_index, stream_index, key, value, step, first, t_len
-        )
-        plan = state.plan
-        last_first = state.cache.last_first if state.cache is not None else int(first.max())
-        if layer.whole and t_len == 1 and key.shape[2] >= last_first + plan.sink + plan.window:
-            # every slot holds a key the new token sees: no mask, each KV group read once
-            streamed = F.scaled_dot_product_attention(q, keys, values, scale=scaling, enable_gqa=g > 1)
-            streamed = streamed.transpose(1, 2)
+    def output(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        scaling: float | None,
+    ) -> torch.Tensor | None:
+        """The patched attention output (B, T, H, D) of one layer; None where the plan streams nothing in it."""
+        layer = self.layers.get(module.layer_idx)
+        if layer is None:
+            return None
+        heads, t_len = query.shape[1], query.shape[2]
+        cache_layer = None if self.cache is None else self.cache.layers[module.layer_idx]
+        streaming = cache_layer if isinstance(cache_layer, StreamingLayer) else None
+        kv_index = streaming.kv_index if streaming is not None else {k: k for k in range(self.shape.kv_heads)}
+        first = self.first(mask, query, key)
+        parts: list[tuple[list[int], torch.Tensor]] = []  # (query heads, their output (B, T, h, D)), in order
+        if layer.attending:
+            attend, result = attend_heads(layer, self.shape.group_size, query, key, value, mask, kv_index, scaling)
+            parts.append((attend, result.transpose(1, 2)))
+        step = None if streaming is None else streaming.release_step()
+        stream_index = {} if streaming is None else streaming.stream_index
+        q = select_heads(query, layer.planned)
+        g = self.shape.group_size
+        plan = self.plan
+        if key.shape[2] == t_len:  # a full pass: no earlier context
+            groups = layer.planned_groups if layer.whole else [h // g for h in layer.planned]
+            keys, values = _full_pass_kv(groups, kv_index, stream_index, key, value, step)
+            streamed = banded_attention(q, keys, values, self.layout(t_len, first, q.dtype), scaling)
         else:
-            per_head = torch.tensor([layer.streamed_kv.index(h // g) for h in layer.streamed], device=key.device)
-            keys, values, positions = (x.index_select(1, per_head) for x in (keys, values, positions))
-            query_pos = torch.arange(key.shape[2] - t_len, key.shape[2], device=key.device)
-            streamed = keyed_attention(q, query_pos, keys, values, positions, first, plan.sink, plan.window, scaling)
-    parts.append((layer.streamed, streamed))
-    return _assemble(parts, heads)
-
-
-def _first_of(state: _State, mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
-    return _first_of_mask(mask, query.shape[0], query.device)
-
-
-error_attention = seam.error_attention(_ACTIVE, "streaming", _planned_output, _first_of)
+            keys, values, positions = _window_kv(
+                plan, layer.planned_groups, kv_index, stream_index, key, value, step, first, t_len
+            )
+            last_first = self.cache.last_first if self.cache is not None else int(first.max())
+            if layer.whole and t_len == 1 and key.shape[2] >= last_first + plan.sink + plan.window:
+                # every slot holds a key the new token sees: no mask, each KV group read once
+                streamed = F.scaled_dot_product_attention(q, keys, values, scale=scaling, enable_gqa=g > 1)
+                streamed = streamed.transpose(1, 2)
+            else:
+                per_head = torch.tensor([layer.planned_groups.index(h // g) for h in layer.planned], device=key.device)
+                keys, values, positions = (x.index_select(1, per_head) for x in (keys, values, positions))
+                query_pos = torch.arange(key.shape[2] - t_len, key.shape[2], device=key.device)
+                streamed = keyed_attention(
+                    q, query_pos, keys, values, positions, first, plan.sink, plan.window, scaling
+                )
+        parts.append((layer.planned, streamed))
+        return _assemble(parts, heads)
 
 
 def _assemble(parts: list[tuple[list[int], torch.Tensor]], heads: int) -> torch.Tensor:
@@ -256,43 +184,3 @@ def _window_kv(
             values.append(step.values[:, stream_index[k]])
             positions.append(step.positions)
     return torch.stack(keys, 1), torch.stack(values, 1), torch.stack(positions, 1)
-
-
-@contextmanager
-def patched(model: torch.nn.Module, plan: StreamingPlan, cache: StreamingCache | None = None) -> Iterator[None]:
-    """Run `model` with the plan's heads streamed inside the block; the previous attention is restored on exit, also
-    after an exception. `cache` is the plan's own constant-size cache (`new_cache`); without it, decoding keeps
-    transformers' full cache."""
-    state = _State(plan, check_streaming_plan(model, plan), cache)
-    if cache is not None and cache.plan != plan:
-        raise SinkEvalError("this StreamingCache was made for another plan: make one with new_cache(model, plan, mask)")
-    running = seam.running(model, _ACTIVE, state, STREAM_ATTENTION, stream_attention, patch=True)
-    with running, cache.in_use() if cache else nullcontext():
-        yield
-
-
-def new_cache(model: torch.nn.Module, plan: StreamingPlan, attention_mask: torch.Tensor) -> StreamingCache:
-    """The constant-size cache of `plan` for a left-padded batch with this attention mask (B, N)."""
-    return StreamingCache(model, plan, attention_mask)
-
-
-def generate(
-    model: torch.nn.Module,
-    plan: StreamingPlan,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 32,
-    logits_processor: LogitsProcessorList | None = None,
-) -> tuple[torch.Tensor, StreamingCache]:
-    """Greedy generation under `plan` with its constant-size cache, by plain `model.generate`: (prompt + new token
-    ids, the cache). `max_new_tokens` is at least 1; `logits_processor` as in `seam.greedy`."""
-    return seam.generate(model, plan, new_cache, patched, input_ids, attention_mask, max_new_tokens, logits_processor)
-
-
-def layer_errors(
-    model: torch.nn.Module, plan: StreamingPlan, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> dict[int, float]:
-    """Per-layer relative error of the patched attention output against the exact one on the same input (defined as
-    in `sink_eval.patches.copy.layer_errors`); layers the plan does not touch are left out."""
-    state = _State(plan, check_streaming_plan(model, plan), None)
-    return seam.layer_errors(model, _ACTIVE, state, STREAM_ERROR_ATTENTION, error_attention, input_ids, attention_mask)

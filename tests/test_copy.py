@@ -1,4 +1,5 @@
-"""The copy-pattern patch: exact where it should be, really skipping work, and never leaving a model half-patched."""
+"""The copy plan's own promises: a head attending one-hot to the first token is reproduced exactly; per-row plans;
+dropped KV groups; hybrid limits. (What every plan kind promises: `test_plans.py`.)"""
 
 from __future__ import annotations
 
@@ -7,20 +8,11 @@ import torch
 from helpers import random_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, MistralConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sink_eval.core.errors import SinkEvalError
-from sink_eval.patches.copy import (
-    PATCH_ATTENTION,
-    CopyPlan,
-    copy_attention,
-    generate,
-    kv_cache_bytes,
-    layer_errors,
-    new_cache,
-    patched,
-)
+from sink_eval.patches.base import kv_cache_bytes, patch_attention
+from sink_eval.patches.copy import CopyPlan, rows_patched
 
 SHAPES = st.tuples(
     st.sampled_from(["llama", "qwen2", "gemma3"]),
@@ -38,19 +30,6 @@ def _batch(vocab: int, rows: int, length: int, pads: list[int], seed: int) -> tu
     for row, pad in enumerate(pads):
         mask[row, : min(pad, length - 1)] = 0
     return ids, mask
-
-
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shape=SHAPES, length=st.integers(1, 30), pads=st.lists(st.integers(0, 10), min_size=1, max_size=3))
-def test_empty_plan_reproduces_the_unpatched_model(shape, length, pads):
-    model = random_model(*shape)
-    ids, mask = _batch(64, len(pads), length, pads, seed=length)
-    with torch.no_grad():
-        reference = model(input_ids=ids, attention_mask=mask).logits
-        with patched(model, CopyPlan()):
-            out = model(input_ids=ids, attention_mask=mask).logits
-    real = mask.bool()
-    assert (out - reference)[real].abs().max() <= 1e-6
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -85,8 +64,8 @@ def test_heads_attending_one_hot_to_the_first_token_are_reproduced_when_copied(s
     mask = (causal[None] & (positions[None, None, :] >= first[:, None, None]))[:, None]
     with torch.no_grad():
         exact, _ = sdpa_attention_forward(attention, query, key, value, mask, scaling=dim**-0.5)
-        with patched(model, CopyPlan.of({1: copied})):
-            out, _ = copy_attention(attention, query, key, value, mask, scaling=dim**-0.5)
+        with CopyPlan.of({1: copied}).patched(model):
+            out, _ = patch_attention(attention, query, key, value, mask, scaling=dim**-0.5)
     real = positions[None, :] >= first[:, None]
     assert (out - exact)[real].abs().max() <= 1e-6
 
@@ -113,10 +92,10 @@ def test_per_row_plans_give_each_row_what_it_gets_alone_under_its_plan(shape, le
         span = slice(width - len(row), width) if padding == "left" else slice(0, len(row))
         ids[b, span], mask[b, span] = row, 1
     kwargs = {"attention_mask": mask} if padding == "left" else {}
-    with torch.no_grad(), patched(model, plans):
+    with torch.no_grad(), rows_patched(model, plans):
         out = model(input_ids=ids, **kwargs).logits
     for b, (row, plan) in enumerate(zip(rows, plans, strict=True)):
-        with torch.no_grad(), patched(model, plan):
+        with torch.no_grad(), plan.patched(model):
             alone = model(input_ids=row[None]).logits[0]
         span = slice(width - len(row), width) if padding == "left" else slice(0, len(row))
         assert (out[b, span] - alone).abs().max() <= 1e-5
@@ -126,48 +105,19 @@ def test_per_row_plans_must_be_unconditional_and_one_per_row():
     model = random_model("llama", 1, 2, 4, 4)
     with (
         pytest.raises(SinkEvalError, match="resolve a hybrid plan"),
-        patched(model, [CopyPlan.of({0: [0]}, max_tokens=4)]),
+        rows_patched(model, [CopyPlan.of({0: [0]}, max_tokens=4)]),
     ):
         pass
-    with torch.no_grad(), patched(model, [CopyPlan.of({0: [0]})]), pytest.raises(SinkEvalError, match="1 per-row"):
+    with torch.no_grad(), rows_patched(model, [CopyPlan.of({0: [0]})]), pytest.raises(SinkEvalError, match="1 per-row"):
         model(input_ids=torch.ones(2, 3, dtype=torch.long))
-
-
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    shape=SHAPES, length=st.integers(2, 20), pads=st.lists(st.integers(0, 6), min_size=1, max_size=2), data=st.data()
-)
-def test_generate_with_a_plan_equals_a_manual_step_by_step_decode(shape, length, pads, data):
-    """generate() always decodes max_new_tokens tokens, so the end-of-sequence token is never chosen before then."""
-    model = random_model(*shape)
-    heads = model.config.num_attention_heads
-    plan = CopyPlan.of(
-        {layer: data.draw(st.sets(st.integers(0, heads - 1)), label=f"layer {layer}") for layer in range(2)}
-    )
-    ids, mask = _batch(64, len(pads), length, pads, seed=length)
-    generated, _ = generate(model, plan, ids, mask, max_new_tokens=6)
-
-    cache = new_cache(model, plan, mask)
-    tokens, step_mask = ids, mask
-    manual = [ids]
-    eos = model.generation_config.eos_token_id  # None for a config without one (Qwen2's): nothing to suppress
-    with torch.no_grad(), patched(model, plan, cache):
-        for _ in range(6):
-            logits = model(input_ids=tokens, attention_mask=step_mask, cache=cache).logits[:, -1:]
-            if eos is not None:
-                logits[..., eos] = -torch.inf
-            tokens = logits.argmax(-1)
-            manual.append(tokens)
-            step_mask = torch.cat([step_mask, torch.ones_like(tokens)], dim=1)
-    assert torch.equal(generated, torch.cat(manual, dim=1))
 
 
 def test_copying_every_head_of_a_kv_group_drops_it_from_the_cache():
     model = random_model("llama", kv_heads=2, groups=2, head_dim=8, window=4)
     ids, mask = _batch(64, 1, 16, [0], seed=0)
-    _, full = generate(model, CopyPlan(), ids, mask, max_new_tokens=4)
-    _, half = generate(model, CopyPlan.of({0: [0, 1], 1: [0, 1]}), ids, mask, max_new_tokens=4)
-    _, partial = generate(model, CopyPlan.of({0: [0], 1: [2]}), ids, mask, max_new_tokens=4)
+    _, full = CopyPlan().generate(model, ids, mask, max_new_tokens=4)
+    _, half = CopyPlan.of({0: [0, 1], 1: [0, 1]}).generate(model, ids, mask, max_new_tokens=4)
+    _, partial = CopyPlan.of({0: [0], 1: [2]}).generate(model, ids, mask, max_new_tokens=4)
     first_values = 2 * 1 * 2 * 8 * 4  # layers x batch x KV heads x head dim x float32 bytes
     assert kv_cache_bytes(half) == (kv_cache_bytes(full) - first_values) // 2 + first_values
     assert kv_cache_bytes(partial) == kv_cache_bytes(full)
@@ -179,78 +129,22 @@ def test_a_hybrid_plan_copies_only_within_its_limit():
     heads = {0: [0], 1: [1]}
     with torch.no_grad():
         exact = model(input_ids=ids).logits
-        with patched(model, CopyPlan.of(heads)):
+        with CopyPlan.of(heads).patched(model):
             always = model(input_ids=ids).logits
-        with patched(model, CopyPlan.of(heads, max_tokens=11)):
+        with CopyPlan.of(heads, max_tokens=11).patched(model):
             too_long = model(input_ids=ids).logits
-        with patched(model, CopyPlan.of(heads, max_tokens=12)):
+        with CopyPlan.of(heads, max_tokens=12).patched(model):
             within = model(input_ids=ids).logits
-        with patched(model, CopyPlan.of(heads, decode_steps=3)):
+        with CopyPlan.of(heads, decode_steps=3).patched(model):
             prefill = model(input_ids=ids).logits
     assert not torch.allclose(always, exact)
     assert torch.equal(too_long, exact) and torch.equal(prefill, exact)
     assert torch.equal(within, always)
 
 
-def test_layer_errors_are_zero_for_exact_copies_and_positive_otherwise():
-    model = random_model("llama", kv_heads=1, groups=2, head_dim=8, window=4)
-    ids, _ = _batch(64, 1, 10, [0], seed=2)
-    assert layer_errors(model, CopyPlan(), ids) == {}
-    errors = layer_errors(model, CopyPlan.of({1: [0]}), ids)
-    assert list(errors) == [1] and errors[1] > 0.01
-
-
-@pytest.mark.parametrize(
-    "plan, message",
-    [
-        (CopyPlan.of({2: [0]}), "layer 2"),
-        (CopyPlan.of({0: [4]}), r"head\(s\) \[4\]"),
-        (CopyPlan.of({0: [-1]}), r"head\(s\) \[-1\]"),
-        (CopyPlan.of({0: [0]}, max_tokens=0), "max_tokens must be at least 1"),
-    ],
-)
-def test_a_plan_that_does_not_fit_the_model_is_refused_and_leaves_it_unpatched(plan, message):
-    model = random_model("llama", kv_heads=2, groups=2, head_dim=8, window=4)
-    with pytest.raises(SinkEvalError, match=message), patched(model, plan):
-        pass
-    assert model.config._attn_implementation == "sdpa"
-
-
-def test_an_exception_inside_the_patch_restores_the_attention():
-    model = random_model("gemma3", kv_heads=1, groups=2, head_dim=8, window=4)
-    with pytest.raises(ValueError), patched(model, CopyPlan.of({0: [1]})):
-        assert model.config._attn_implementation == PATCH_ATTENTION
-        raise ValueError("boom")
-    assert model.config._attn_implementation == "sdpa"
-
-
-def test_an_unsupported_architecture_is_refused():
-    config = MistralConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    model = AutoModelForCausalLM.from_config(config)
-    with (
-        pytest.raises(SinkEvalError, match="supports llama, gemma3_text, qwen2 models, not 'mistral'"),
-        patched(model, CopyPlan()),
-    ):
-        pass
-
-
 def test_decoding_with_a_foreign_cache_is_refused():
     model = random_model("llama", kv_heads=1, groups=2, head_dim=8, window=4)
     ids, _ = _batch(64, 1, 6, [0], seed=3)
-    with torch.no_grad(), patched(model, CopyPlan.of({0: [0]})):
-        with pytest.raises(SinkEvalError, match="sink_eval.patches.copy.generate"):
+    with torch.no_grad(), CopyPlan.of({0: [0]}).patched(model):
+        with pytest.raises(SinkEvalError, match=r"CopyPlan.generate\(\)"):
             model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
-
-
-def test_right_padding_is_refused():
-    model = random_model("llama", kv_heads=1, groups=2, head_dim=8, window=4)
-    ids = torch.ones(1, 4, dtype=torch.long)
-    with pytest.raises(SinkEvalError, match="left padding"):
-        generate(model, CopyPlan(), ids, torch.tensor([[1, 1, 1, 0]]))
