@@ -94,7 +94,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         read_prompt_file,
         tokenize,
     )
-    from sink_eval.reports.common import (
+    from sink_eval.reports.analyze import (
         NO_NONTRIVIAL_PROMPT,
         agreement_table,
         has_scored_prompts,
@@ -139,9 +139,10 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from sink_eval.reports.common import read_results, write_compare
+    from sink_eval.analyses.analyze import AnalysisResult
+    from sink_eval.reports.compare import write_compare
 
-    a, b = read_results(args.first), read_results(args.second)
+    a, b = AnalysisResult.read(args.first), AnalysisResult.read(args.second)
     labels = args.first.name or "first", args.second.name or "second"
     print(write_compare(a, b, labels, args.out, overwrite=args.overwrite, inputs=_inputs(args)))
 
@@ -225,7 +226,7 @@ def _check_copy_policies(policies: list) -> None:
 def _cmd_eval(args: argparse.Namespace) -> None:
     from sink_eval.evals.accuracy import run_eval
     from sink_eval.models.zoo import load_model
-    from sink_eval.reports.common import eval_table, write_eval
+    from sink_eval.reports.accuracy import eval_table, write_eval
 
     tasks = _tasks(args)
     policies = _policies(args, default=("calibrated",))
@@ -252,7 +253,7 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
         read_prompt_file,
         tokenize,
     )
-    from sink_eval.reports.common import patch_table, write_patch_eval
+    from sink_eval.reports.patch_eval import patch_table, write_patch_eval
 
     policies = _policies(args, default=PATCH_EVAL_POLICIES)
     if args.prompts is None and args.calibration_prompts is None:

@@ -24,7 +24,6 @@ from sink_eval.prompts.prompt_set import (
     read_prompt_file,
     tokenize,
 )
-from sink_eval.reports.common import read_results
 
 
 def _prompt_file(tmp_path, lines: list[str]):
@@ -44,7 +43,7 @@ def _analyze(tmp_path, prompts_file, *extra, out: str = "out") -> AnalysisResult
     assert (
         cli.main(["analyze", "--model", "tiny-llama", "--prompts", str(prompts_file), "--out", str(out), *extra]) == 0
     )
-    return read_results(out)
+    return AnalysisResult.read(out)
 
 
 def test_analyze_writes_results_report_and_figures(tmp_path, prompts_file):
@@ -262,7 +261,7 @@ def test_a_mistyped_results_field_is_an_error_naming_file_and_field(tmp_path, pr
     with pytest.raises(
         SinkEvalError, match=rf"^{path}: summary\[0\]\.all\.prevalence should be a number or null, not a string$"
     ):
-        read_results(tmp_path / "out")
+        AnalysisResult.read(tmp_path / "out")
 
 
 def test_compare_of_different_prompt_sets_says_so_and_compares_the_shared_prompts(tmp_path, prompts_file):

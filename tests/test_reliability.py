@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sink_eval import cli
+from sink_eval.analyses.analyze import AnalysisResult
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.files import temp_prefix, write_dir_atomically
 from sink_eval.models import cache
@@ -19,7 +20,6 @@ from sink_eval.models import zoo as models
 from sink_eval.patches.copy import CopyPlan
 from sink_eval.policies.base import check_disjoint
 from sink_eval.prompts.prompt_set import Prompt, read_prompt_file
-from sink_eval.reports.common import read_results
 
 
 class ModelLoaded(Exception):
@@ -157,7 +157,7 @@ def test_only_one_token_prompts_write_the_report_and_say_no_non_trivial_prompt(t
     assert "no non-trivial prompt" in err.splitlines()[-1] and "| " in out_err.out  # the table, then the error
     assert "figures" not in err.replace("without figures", "")  # never "wrote ...: ..., figures"
     assert "no non-trivial prompt" in (out / "report.md").read_text()
-    res = read_results(out)
+    res = AnalysisResult.read(out)
     assert res.at(0.8).all.n_trivial == 2 and res.at(0.8).all.prevalence is None
     assert not list(out.glob("*.png"))
 

@@ -17,7 +17,6 @@ from sink_eval.core.errors import SinkEvalError
 from sink_eval.measure.probe import PromptStats, probe
 from sink_eval.models.zoo import load_model
 from sink_eval.prompts.prompt_set import Prompt
-from sink_eval.reports.taxonomy import read_taxonomy
 
 WINDOWS = [(1, 4), (4, 16)]
 
@@ -263,7 +262,7 @@ def test_taxonomy_command_writes_results_report_and_class_map(taxonomy_run):
         "results.json",
     ]
     assert json.loads((taxonomy_run / "results.json").read_text())["schema"] == "sink_eval.taxonomy/1"
-    res = read_taxonomy(taxonomy_run)
+    res = taxonomy.TaxonomyResult.read(taxonomy_run)
     assert res.model.name == "tiny-llama" and res.model.fingerprint.startswith("tiny-sha256:")
     assert res.settings.lengths == [64, 128] and res.settings.windows == [[1, 4], [4, 16]]
     assert [len(s.inputs) for s in res.lengths] == [8, 8] and len(res.settings.passages) == 8
@@ -278,7 +277,7 @@ def test_taxonomy_command_writes_results_report_and_class_map(taxonomy_run):
 
 
 def test_taxonomy_results_round_trip_through_json_unchanged(taxonomy_run):
-    res = read_taxonomy(taxonomy_run)
+    res = taxonomy.TaxonomyResult.read(taxonomy_run)
     assert taxonomy.TaxonomyResult.from_json(json.loads(json.dumps(res.to_json())), "x") == res
     assert res.to_json() == json.loads((taxonomy_run / "results.json").read_text())
 
@@ -289,7 +288,7 @@ def test_a_mistyped_or_missing_taxonomy_field_is_an_error_naming_file_and_field(
     path = tmp_path / "results.json"
     path.write_text(json.dumps(data))
     with pytest.raises(SinkEvalError, match=rf"^{path}: lengths\[1\]\.classes\[2\]\.kv_groups should be a number"):
-        read_taxonomy(path)
+        taxonomy.TaxonomyResult.read(path)
     data = json.loads((taxonomy_run / "results.json").read_text())
     del data["repeats"]["induction"]
     with pytest.raises(SinkEvalError, match=r"^x: repeats\.induction is missing$"):

@@ -124,6 +124,7 @@ class ThresholdSummary:
 @dataclass
 class AnalysisResult(TopLevel):
     SCHEMA: ClassVar[str] = SCHEMA
+    COMMAND: ClassVar[str] = "analyze"
     model: ModelInfo
     settings: Settings
     prompts: list[PromptRecord]

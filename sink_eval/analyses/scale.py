@@ -43,12 +43,11 @@ from sink_eval.analyses.analyze import (
 )
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.files import sha256_files
-from sink_eval.core.results import Provenance, TopLevel, provenance
+from sink_eval.core.results import Provenance, TopLevel, provenance, results_file
 from sink_eval.measure.correlation import consistency, spearman
 from sink_eval.measure.sinks import sink_heads, threshold_for
 from sink_eval.measure.stats import BOOTSTRAP_RESAMPLES, bootstrap_se
 from sink_eval.prompts.prompt_set import length_bin
-from sink_eval.reports.common import read_results
 
 SCHEMA = "sink_eval.scale/1"
 CLAIM_THRESHOLD = 0.8  # the original notes' tau: every claim is tested at it
@@ -296,6 +295,7 @@ class ScaleSettings:
 @dataclass
 class ScaleResult(TopLevel):
     SCHEMA: ClassVar[str] = SCHEMA
+    COMMAND: ClassVar[str] = "scale"
     settings: ScaleSettings
     models: list[ModelScale]
     size: SizeClaim
@@ -321,9 +321,7 @@ def read_inputs(dirs: Sequence[Path]) -> list[ScaleInput]:
         )
     inputs = []
     for d in dirs:
-        res = read_results(Path(d))
-        file = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
-        inputs.append(ScaleInput(Path(d), res, sha256_files([file])))
+        inputs.append(ScaleInput(Path(d), AnalysisResult.read(d), sha256_files([results_file(d)])))
     for other in inputs[1:]:
         _check_comparable(inputs[0], other)
     _check_distinct_models(inputs)

@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 from sink_eval.analyses.analyze import text_sha256
 from sink_eval.core.errors import SinkEvalError
-from sink_eval.core.results import ModelInfo, Provenance, from_json, provenance, with_schema, without_schema
+from sink_eval.core.results import ModelInfo, Provenance, TopLevel, provenance
 from sink_eval.core.shape import model_shape
 from sink_eval.measure.probe import PromptStats, Window, check_windows, probe
 from sink_eval.measure.stats import BOOTSTRAP_RESAMPLES, bootstrap_se
@@ -322,8 +322,9 @@ class TaxonomySettings:
 
 
 @dataclass
-class TaxonomyResult:
+class TaxonomyResult(TopLevel):
     SCHEMA: ClassVar[str] = SCHEMA
+    COMMAND: ClassVar[str] = "taxonomy"
     model: ModelInfo
     layout: Layout
     settings: TaxonomySettings
@@ -333,13 +334,6 @@ class TaxonomyResult:
 
     def at(self, tokens: int) -> LengthSummary:
         return next(s for s in self.lengths if s.tokens == tokens)
-
-    def to_json(self) -> dict:
-        return with_schema(SCHEMA, self)
-
-    @classmethod
-    def from_json(cls, data: dict, source: str | Path) -> TaxonomyResult:
-        return from_json(cls, without_schema(data, SCHEMA, source), source)
 
 
 def _round(t: torch.Tensor) -> list:

@@ -174,11 +174,29 @@ def without_schema(data: dict, schema: str, source: str | Path) -> dict:
     return {k: v for k, v in data.items() if k != "schema"}
 
 
+RESULTS_FILE = "results.json"
+
+
+def results_file(path: Path) -> Path:
+    """The results file a command's output directory holds (a file is taken as it is)."""
+    path = Path(path)
+    return path / RESULTS_FILE if path.is_dir() else path
+
+
 class TopLevel:
-    """Base of a results file's dataclass: `SCHEMA` names its format; `to_json` writes it first, `from_json` checks
-    it and then every field."""
+    """Base of a results file's dataclass: `SCHEMA` names its format and `COMMAND` the `sink-eval` command that writes
+    it; `to_json` writes the schema first, `from_json` checks it and then every field, `read` reads a file."""
 
     SCHEMA: ClassVar[str]
+    COMMAND: ClassVar[str]
+
+    @classmethod
+    def read(cls, path: Path) -> Self:
+        """The results of an output directory (or a results file), every field checked; anything else is an error
+        that says what to give instead."""
+        file = results_file(path)
+        fix = f"give a directory written by this version's `sink-eval {cls.COMMAND}`, or re-run it"
+        return cls.from_json(read_json_file(file, cls.SCHEMA, fix), file)
 
     def to_json(self) -> dict:
         return with_schema(self.SCHEMA, self)

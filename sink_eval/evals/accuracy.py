@@ -301,7 +301,7 @@ class SinkLM(HFLM):
         if self.policy is not None and not self.policy.per_prompt:
             stats = calibration_stats(loaded) if calibration is None else calibration
             self.static_plan = self._copy_plan(None, stats)
-        if self._plans_per_request and not str(batch_size).isdigit():
+        if self.policy is not None and self._plans_per_request and not str(batch_size).isdigit():
             raise SinkEvalError(
                 f"policy {self.policy.name} plans each request: give a number as batch_size, not {batch_size}"
             )
@@ -491,6 +491,7 @@ class EvalSettings:
 @dataclass
 class EvalResult(TopLevel):
     SCHEMA: ClassVar[str] = EVAL_SCHEMA
+    COMMAND: ClassVar[str] = "eval"
     model: ModelId
     settings: EvalSettings
     runs: list[EvalRun]

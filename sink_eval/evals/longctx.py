@@ -174,6 +174,7 @@ class LongctxSettings:
 @dataclass
 class LongctxResult(TopLevel):
     SCHEMA: ClassVar[str] = SCHEMA
+    COMMAND: ClassVar[str] = "longctx"
     model: ModelInfo
     settings: LongctxSettings
     runs: list[Run]

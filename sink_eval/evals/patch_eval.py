@@ -158,6 +158,7 @@ class PatchEvalSettings:
 @dataclass
 class PatchEvalResult(TopLevel):
     SCHEMA: ClassVar[str] = SCHEMA
+    COMMAND: ClassVar[str] = "patch-eval"
     model: ModelInfo
     settings: PatchEvalSettings
     policies: list[PolicyRow]

@@ -13,7 +13,6 @@ from sink_eval.analyses.taxonomy import (
     INDUCTION,
     OTHER,
     PREVIOUS,
-    SCHEMA,
     SINK,
     WINDOWED,
     ClassStats,
@@ -22,7 +21,6 @@ from sink_eval.analyses.taxonomy import (
     kv_groups,
     streaming_name,
 )
-from sink_eval.core.results import read_json_file
 from sink_eval.reports.common import pyplot, save_figure, write_report_dir
 
 HEADLINE_WINDOW = (4, 256)  # the window the issue compares with pure sinks
@@ -303,11 +301,3 @@ def write_taxonomy(res: TaxonomyResult, out: Path, overwrite: bool = False) -> N
     """DIR/results.json, DIR/report.md and the class map, all or nothing."""
     render = lambda tmp: taxonomy_report(res, _class_map(res, tmp))  # noqa: E731
     write_report_dir(out, "taxonomy", render, res.to_json(), overwrite=overwrite)
-
-
-def read_taxonomy(path: Path) -> TaxonomyResult:
-    """A taxonomy results.json (or the directory that holds one), every field checked."""
-    path = Path(path)
-    file = path / "results.json" if path.is_dir() else path
-    fix = "give a directory written by this version's `sink-eval taxonomy`, or re-run it"
-    return TaxonomyResult.from_json(read_json_file(file, SCHEMA, fix), file)
