@@ -1,1 +1,1 @@
-"""TODO"""
+"""Tables, figures and Markdown reports, one module per command."""
