@@ -59,7 +59,7 @@ def bundled_model():
     """`bundled_model(name)` -> LoadedModel: the real model `name`, loaded (converted if need be) when first asked
     for. Only one is held at a time: asking for another releases the previous one first (the 1.5B alone takes 6 GB
     in float32), so a session never holds two large models."""
-    from sink_eval.models.zoo import load_model
+    from sink_eval.models.load import load_model
 
     held: dict = {}
 

@@ -46,7 +46,8 @@ CPU_MAX_LENGTH = 4096  # longctx: longer prompts only with --device cuda
 
 def models_table() -> str:
     """The zoo as a table: name, architecture, shape, whether installed and cached, and how to install."""
-    from sink_eval.models.zoo import ZOO, cache_status, gguf_chunk_paths
+    from sink_eval.models.gguf import cache_status, gguf_chunk_paths
+    from sink_eval.models.zoo import ZOO
 
     rows = []
     for spec in ZOO.values():
@@ -86,7 +87,7 @@ def _cmd_models(args: argparse.Namespace) -> None:
 def _cmd_analyze(args: argparse.Namespace) -> None:
     from sink_eval.analyses.analyze import probe_resumable, results
     from sink_eval.measure.probe import probe_prompts
-    from sink_eval.models.zoo import load_model
+    from sink_eval.models.load import load_model
     from sink_eval.prompts.prompt_set import (
         check_max_tokens,
         default_prompts,
@@ -225,7 +226,7 @@ def _check_copy_policies(policies: list) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from sink_eval.evals.accuracy import run_eval
-    from sink_eval.models.zoo import load_model
+    from sink_eval.models.load import load_model
     from sink_eval.reports.accuracy import eval_table, write_eval
 
     tasks = _tasks(args)
@@ -243,7 +244,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _cmd_patch_eval(args: argparse.Namespace) -> None:
     from sink_eval.evals.patch_eval import run
-    from sink_eval.models.zoo import load_model
+    from sink_eval.models.load import load_model
     from sink_eval.policies.base import check_disjoint
     from sink_eval.prompts.prompt_set import (
         check_max_tokens,
@@ -307,7 +308,7 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
 
 def _cmd_longctx(args: argparse.Namespace) -> None:
     from sink_eval.evals.longctx import check_lengths, policy_plans, run
-    from sink_eval.models.zoo import load_model
+    from sink_eval.models.load import load_model
     from sink_eval.reports.longctx import summary_table, write_longctx
 
     policies = _policies(args, default=("calibrated",))
@@ -387,7 +388,7 @@ def _taxonomy_options(args: argparse.Namespace) -> tuple[list[int], list[tuple[i
 
 def _cmd_taxonomy(args: argparse.Namespace) -> None:
     from sink_eval.analyses.taxonomy import Thresholds, check_repeats_fit, passage_inputs, probe_inputs, results
-    from sink_eval.models.zoo import load_model
+    from sink_eval.models.load import load_model
     from sink_eval.reports.taxonomy import headline_table, write_taxonomy
 
     lengths, windows = _taxonomy_options(args)

@@ -128,14 +128,14 @@ def test_missing_prompt_file_is_a_clear_error(tmp_path):
 
 
 def test_empty_prompt_is_refused():
-    from sink_eval.models.zoo import load_model
+    from sink_eval.models.load import load_model
 
     with pytest.raises(SinkEvalError, match="is empty"):
         tokenize(load_model("tiny-llama").tokenizer, [Prompt("e", "d", "")])
 
 
 def test_prompt_longer_than_max_tokens_is_an_error_unless_truncated(tmp_path, capsys):
-    from sink_eval.models.zoo import load_model
+    from sink_eval.models.load import load_model
 
     tok = load_model("tiny-llama").tokenizer
     long = [Prompt("long", "d", "x" * 50)]

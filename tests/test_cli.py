@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sink_eval import cli
+from sink_eval.core.errors import SinkEvalError
 from sink_eval.models import cache
 from sink_eval.models import zoo as models
 
@@ -34,7 +35,7 @@ def test_models_table_gives_the_install_command_for_a_missing_package(monkeypatc
 
 def test_sink_eval_error_exits_2_with_message_and_no_traceback(monkeypatch, capsys):
     def boom(args):
-        raise models.SinkEvalError("model 'x' is not installed: pip install x")
+        raise SinkEvalError("model 'x' is not installed: pip install x")
 
     monkeypatch.setattr(cli, "_cmd_models", boom)
     assert cli.main(["models"]) == 2

@@ -90,7 +90,7 @@ def _requests(lengths: list[int]) -> list[tuple]:
 
 def _scores(policy: str | None, batch_size: int, requests: list[tuple], **options) -> list[float]:
     from sink_eval.evals.accuracy import SinkLM
-    from sink_eval.models.zoo import load_model
+    from sink_eval.models.load import load_model
 
     lm = SinkLM(load_model("tiny-llama"), policy=policy, threshold=0.2, batch_size=batch_size, **options)
     return [logprob for logprob, _ in lm._loglikelihood_tokens(requests, disable_tqdm=True)]
@@ -115,7 +115,7 @@ def test_a_hybrid_limit_applies_to_each_requests_own_length():
 
 def test_a_per_request_policy_refuses_an_automatic_batch_size():
     from sink_eval.evals.accuracy import SinkLM
-    from sink_eval.models.zoo import load_model
+    from sink_eval.models.load import load_model
 
     with pytest.raises(SinkEvalError, match="give a number as batch_size"):
         SinkLM(load_model("tiny-llama"), policy="first_layer", batch_size="auto")
@@ -123,7 +123,7 @@ def test_a_per_request_policy_refuses_an_automatic_batch_size():
 
 def test_sink_hf_refuses_a_streaming_policy():
     from sink_eval.evals.accuracy import SinkLM
-    from sink_eval.models.zoo import load_model
+    from sink_eval.models.load import load_model
 
     with pytest.raises(SinkEvalError, match="streaming_llm makes streaming plans, measured by sink-eval patch-eval"):
         SinkLM(load_model("tiny-llama"), policy="streaming_llm")
@@ -213,7 +213,7 @@ def test_a_task_evaluated_in_shards_scores_as_one_lm_eval_run_of_its_documents(t
 
 def test_the_documents_of_a_shard_score_as_lm_evals_limit_of_as_many():
     from sink_eval.evals.accuracy import SinkLM, evaluate
-    from sink_eval.models.zoo import load_model
+    from sink_eval.models.load import load_model
 
     lm = SinkLM(load_model("tiny-llama"))
     by_limit, _ = evaluate(lm, ["piqa"], limit=3)

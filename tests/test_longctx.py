@@ -18,7 +18,7 @@ from sink_eval.core.shape import model_shape
 from sink_eval.evals import longctx
 from sink_eval.evals.longctx import LongctxResult
 from sink_eval.measure.perplexity import token_nll
-from sink_eval.models.zoo import load_model
+from sink_eval.models.load import load_model
 from sink_eval.patches.copy import CopyPlan
 from sink_eval.patches.streaming.plan import StreamingPlan
 from sink_eval.policies import calibration

@@ -15,10 +15,12 @@ import torch
 import transformers.modeling_utils  # noqa: F401  (importing the library is not part of building a tiny model)
 
 from sink_eval.core.errors import SinkEvalError
-from sink_eval.models import cache
+from sink_eval.models import cache, gguf
 from sink_eval.models import zoo as models
 from sink_eval.models.cache import cache_is_valid, ensure_cache
-from sink_eval.models.zoo import ZOO, load_model, verify_gguf
+from sink_eval.models.gguf import verify_gguf
+from sink_eval.models.load import load_model
+from sink_eval.models.zoo import ZOO
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", "tiny-qwen2"])
@@ -115,7 +117,7 @@ def test_part_of_the_wrong_size_is_refused_before_hashing_with_reinstall_command
     part2 = _fake_gguf_package(tmp_path, "fake_part2", b"second, truncated")
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = _spec_with_chunks([part1, dataclasses.replace(part2, size=99)], "0" * 64, name="qwen2.5-coder-0.5b")
-    monkeypatch.setattr(models, "sha256_files", lambda paths: pytest.fail("hashed a part of the wrong size"))
+    monkeypatch.setattr(gguf, "sha256_files", lambda paths: pytest.fail("hashed a part of the wrong size"))
     with pytest.raises(SinkEvalError) as err:
         verify_gguf(spec)
     message = str(err.value)
@@ -138,7 +140,7 @@ def test_gguf_chunks_are_found_without_import_and_hashed_in_order(monkeypatch, t
     spec = _spec_with_chunks(chunks, hashlib.sha256(b"first half|second half").hexdigest())
     paths = verify_gguf(spec)
     assert [p.parent.name for p in paths] == ["fake_part1", "fake_part2"]
-    with models._gguf_file(paths, tmp_path) as joined:
+    with gguf._gguf_file(paths, tmp_path) as joined:
         assert joined.read_bytes() == b"first half|second half"
     assert not joined.exists()
 

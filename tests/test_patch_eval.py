@@ -148,7 +148,7 @@ def test_an_older_results_file_is_read_as_copy_policies_on_the_default_prompts()
     ],
 )
 def test_streaming_options_are_checked_before_any_model_loads(monkeypatch, capsys, args, message):
-    monkeypatch.setattr("sink_eval.models.zoo.load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr("sink_eval.models.load.load_model", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(SystemExit) if "--fraction" in args else contextlib.nullcontext():
         assert cli.main(["patch-eval", "--policy", "streaming", "--json", *args]) == 2
     assert re.search(message, capsys.readouterr().err)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.measure.probe import probe
-from sink_eval.models.zoo import load_model
+from sink_eval.models.load import load_model
 
 
 def _eager_reference(model, ids, mask):

@@ -11,12 +11,14 @@ from helpers import counted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sink_eval.models.load
 from sink_eval import cli
 from sink_eval.analyses.analyze import AnalysisResult
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.files import temp_prefix, write_dir_atomically
-from sink_eval.models import cache
+from sink_eval.models import cache, gguf
 from sink_eval.models import zoo as models
+from sink_eval.models.load import load_model
 from sink_eval.patches.copy import CopyPlan
 from sink_eval.policies.base import check_disjoint
 from sink_eval.prompts.prompt_set import Prompt, read_prompt_file
@@ -33,7 +35,7 @@ def no_model(monkeypatch):
     def load(*args, **kwargs):
         raise ModelLoaded
 
-    monkeypatch.setattr(models, "load_model", load)
+    monkeypatch.setattr(sink_eval.models.load, "load_model", load)
 
 
 @pytest.fixture
@@ -179,7 +181,7 @@ def test_cache_root_that_is_a_file_is_refused_before_converting(tmp_path, monkey
         raise AssertionError("conversion started")
 
     with pytest.raises(SinkEvalError, match=f"is a file, not a directory; set {cache.CACHE_ENV}"):
-        cache.ensure_cache(models._cache_dir(spec), spec.gguf.sha256, fill)
+        cache.ensure_cache(gguf._cache_dir(spec), spec.gguf.sha256, fill)
 
 
 @pytest.mark.parametrize(
@@ -276,7 +278,7 @@ def test_eval_calibration_prompts_longer_than_the_context_are_cut_to_it(monkeypa
     long = [Prompt(f"p{i}", "prose", "x" * 40) for i in range(2)]
     monkeypatch.setattr(calibration, "default_split", lambda: (long[:1], long[1:]))
     monkeypatch.setattr(evaluate, "_CALIBRATION", {})
-    loaded = models.load_model("tiny-llama")
+    loaded = load_model("tiny-llama")
     loaded.model.config.max_position_embeddings = 16
     assert [s.n_tokens for s in evaluate.calibration_stats(loaded)] == [16]
 
@@ -371,4 +373,4 @@ def test_cli_option_fuzz_gives_exit_2_or_reaches_the_model(no_model, prompts_fil
 
 def test_tiny_tokenizer_gives_the_same_ids_in_every_load():
     text = "The cat sat on the mat."
-    assert len({tuple(models.load_model("tiny-llama").tokenizer(text)["input_ids"]) for _ in range(3)}) == 1
+    assert len({tuple(load_model("tiny-llama").tokenizer(text)["input_ids"]) for _ in range(3)}) == 1

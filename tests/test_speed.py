@@ -39,7 +39,7 @@ def test_paired_speedup_is_the_median_ratio_with_its_quartiles_and_iqr():
 def test_the_growth_free_cache_preallocates_only_full_attention_layers_and_fills_in_place():
     from transformers.cache_utils import DynamicSlidingWindowLayer, StaticLayer
 
-    from sink_eval.models.zoo import load_model
+    from sink_eval.models.load import load_model
 
     model = load_model("tiny-gemma3").model
     cache = speed.growth_free_cache(model, 40)

@@ -15,7 +15,7 @@ from sink_eval.analyses import taxonomy
 from sink_eval.analyses.taxonomy import Thresholds
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.measure.probe import PromptStats, probe
-from sink_eval.models.zoo import load_model
+from sink_eval.models.load import load_model
 from sink_eval.prompts.prompt_set import Prompt
 
 WINDOWS = [(1, 4), (4, 16)]

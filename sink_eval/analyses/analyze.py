@@ -28,7 +28,7 @@ from sink_eval.measure.correlation import consistency, first_layer_agreement, la
 from sink_eval.measure.probe import ProbedPrompt, PromptStats, probe_prompts
 from sink_eval.measure.sinks import HEAD_CLASSES, head_classes, sink_heads, threshold_for
 from sink_eval.measure.stats import bootstrap_se
-from sink_eval.models.zoo import LoadedModel
+from sink_eval.models.load import LoadedModel
 from sink_eval.prompts.prompt_set import (
     DEFAULT_MAX_TOKENS,
     LENGTH_BINS,

@@ -65,7 +65,7 @@ from sink_eval.core.results import ModelInfo, Provenance, TopLevel, provenance
 from sink_eval.core.shape import model_shape
 from sink_eval.measure.probe import PromptStats, Window, check_windows, probe
 from sink_eval.measure.stats import BOOTSTRAP_RESAMPLES, bootstrap_se
-from sink_eval.models.zoo import LoadedModel
+from sink_eval.models.load import LoadedModel
 from sink_eval.prompts.prompt_set import Prompt, long_passages, model_context, prompt_set_sha256
 
 SCHEMA = "sink_eval.taxonomy/1"

@@ -47,7 +47,7 @@ from sink_eval.core.files import sha256_files
 from sink_eval.core.results import ModelId, Provenance, TopLevel, provenance, to_json
 from sink_eval.core.shape import model_shape
 from sink_eval.measure.probe import PromptStats, probe, probe_prompts
-from sink_eval.models.zoo import LoadedModel, load_model
+from sink_eval.models.load import LoadedModel, load_model
 from sink_eval.patches.copy import CopyPlan, rows_patched
 from sink_eval.policies.base import Policy, Target
 from sink_eval.policies.calibration import default_calibration

@@ -51,7 +51,7 @@ from sink_eval.core.shape import model_shape
 from sink_eval.evals.speed import StepClock
 from sink_eval.evals.speed import clock as speed_clock
 from sink_eval.measure.perplexity import token_nll
-from sink_eval.models.zoo import LoadedModel
+from sink_eval.models.load import LoadedModel
 from sink_eval.patches.base import Plan, greedy, kv_cache_bytes
 from sink_eval.patches.streaming.plan import StreamingPlan
 from sink_eval.policies import calibration

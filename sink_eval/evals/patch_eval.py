@@ -39,7 +39,7 @@ from sink_eval.core.shape import Shape, model_shape
 from sink_eval.evals.speed import SpeedResult, ceiling, measure
 from sink_eval.measure.probe import ProbeResult, PromptStats, probe
 from sink_eval.measure.stats import bootstrap_se
-from sink_eval.models.zoo import LoadedModel
+from sink_eval.models.load import LoadedModel
 from sink_eval.patches.base import Plan
 from sink_eval.patches.copy import CopyPlan
 from sink_eval.policies import calibration

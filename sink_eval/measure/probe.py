@@ -33,7 +33,7 @@ from tqdm import tqdm
 from sink_eval.core import attention
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.window import Window, check_windows
-from sink_eval.models.zoo import LoadedModel
+from sink_eval.models.load import LoadedModel
 from sink_eval.prompts.prompt_set import TokenizedPrompt
 
 PROBE_ATTENTION = "sink_probe"

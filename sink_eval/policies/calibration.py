@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from sink_eval.core.window import Window
 from sink_eval.measure.probe import PromptStats, probe_prompts
-from sink_eval.models.zoo import LoadedModel
+from sink_eval.models.load import LoadedModel
 from sink_eval.patches.base import Plan
 from sink_eval.policies.base import Policy, Target
 from sink_eval.prompts.prompt_set import (

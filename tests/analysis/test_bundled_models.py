@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import REAL_MODELS
-from sink_eval.models.zoo import ZOO, load_model
+from sink_eval.models.load import load_model
+from sink_eval.models.zoo import ZOO
 
 pytestmark = pytest.mark.analysis
 

