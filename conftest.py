@@ -77,7 +77,7 @@ def bundled_model():
 def probed(bundled_model):
     """`probed(name, prompts)` -> the `ProbedPrompt` of each `TokenizedPrompt` on the real model `name`, each prompt
     probed once a session: the analysis bands and the eval tests' calibration share them."""
-    from sink_eval.analyses.analyze import probe_prompts
+    from sink_eval.measure.probe import probe_prompts
 
     done: dict = {}
 

@@ -411,15 +411,23 @@ def _threshold(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    """The argparse type of every option that counts something: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text}")
-    return value
+def _whole_number(least: int) -> Callable[[str], int]:
+    """The argparse type of an option that counts something: a whole number of at least `least`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {least}, not {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {least}, not {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _whole_number(1)
+_nonnegative_int = _whole_number(0)
 
 
 def _output_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -523,17 +531,6 @@ def validate(args: argparse.Namespace) -> None:
         _check_longctx(args)
     if args.command == "taxonomy":
         _taxonomy_options(args)
-
-
-def _nonnegative_int(text: str) -> int:
-    """The argparse type of a count that may be 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, not {text}")
-    return value
 
 
 def _policy_arguments(parser: argparse.ArgumentParser, default: str, streaming: bool) -> None:

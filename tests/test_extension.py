@@ -5,7 +5,6 @@ registered by name, is measured by `sink-eval patch-eval` like the built-in ones
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -15,7 +14,8 @@ from helpers import random_model
 from sink_eval import cli
 from sink_eval.measure.probe import PromptStats
 from sink_eval.patches.base import PLAN_KINDS, Plan
-from sink_eval.policies.base import Policy, SinkOptions, Target, heads_where
+from sink_eval.policies.base import Calibration, Policy, Target, heads_where
+from sink_eval.policies.options import SinkOptions
 from sink_eval.policies.registry import names, register_policy
 
 
@@ -38,11 +38,7 @@ class SelfOnly(Policy):
     Options = SinkOptions
     options: SinkOptions
 
-    @property
-    def label(self) -> str:
-        return f"self_only {self.options.tau}"
-
-    def plan(self, target: Target, prompt: PromptStats | None = None, calibration: Sequence[PromptStats] = ()) -> Plan:
+    def plan(self, target: Target, prompt: PromptStats | None = None, calibration: Calibration = ()) -> Plan:
         scores = torch.stack([s.self_ for s in calibration if s.n_tokens >= 2]).mean(0)
         return SelfOnlyPlan.of(heads_where(scores >= self.options.threshold, target.layers))
 

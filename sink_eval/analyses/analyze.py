@@ -16,7 +16,6 @@ import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from tqdm import tqdm
@@ -122,9 +121,9 @@ class ThresholdSummary:
 
 
 @dataclass
-class AnalysisResult(TopLevel):
-    SCHEMA: ClassVar[str] = SCHEMA
-    COMMAND: ClassVar[str] = "analyze"
+class AnalysisResult(TopLevel, schema=SCHEMA, command="analyze"):
+    """The results.json of `sink-eval analyze`: per-prompt scores, their summary by length bin and threshold."""
+
     model: ModelInfo
     settings: Settings
     prompts: list[PromptRecord]

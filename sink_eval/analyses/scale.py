@@ -27,7 +27,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
@@ -293,9 +292,9 @@ class ScaleSettings:
 
 
 @dataclass
-class ScaleResult(TopLevel):
-    SCHEMA: ClassVar[str] = SCHEMA
-    COMMAND: ClassVar[str] = "scale"
+class ScaleResult(TopLevel, schema=SCHEMA, command="scale"):
+    """The results.json of `sink-eval scale`: several models' analyses side by side, the notes' claims with verdicts."""
+
     settings: ScaleSettings
     models: list[ModelScale]
     size: SizeClaim

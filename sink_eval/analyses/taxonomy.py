@@ -54,7 +54,6 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from tqdm import tqdm
@@ -321,9 +320,9 @@ class TaxonomySettings:
 
 
 @dataclass
-class TaxonomyResult(TopLevel):
-    SCHEMA: ClassVar[str] = SCHEMA
-    COMMAND: ClassVar[str] = "taxonomy"
+class TaxonomyResult(TopLevel, schema=SCHEMA, command="taxonomy"):
+    """The results.json of `sink-eval taxonomy`: head classes by input length and on repeated random sequences."""
+
     model: ModelInfo
     layout: Layout
     settings: TaxonomySettings

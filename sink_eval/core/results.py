@@ -190,6 +190,11 @@ class TopLevel:
     SCHEMA: ClassVar[str]
     COMMAND: ClassVar[str]
 
+    def __init_subclass__(cls, schema: str = "", command: str = "", **kwargs: Any) -> None:
+        """`class XResult(TopLevel, schema="sink_eval.x/1", command="x")`."""
+        super().__init_subclass__(**kwargs)
+        cls.SCHEMA, cls.COMMAND = schema, command
+
     @classmethod
     def read(cls, path: Path) -> Self:
         """The results of an output directory (or a results file), every field checked; anything else is an error

@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from lm_eval.api.registry import register_model
@@ -259,39 +259,24 @@ def model_args(policy: Policy) -> dict[str, Any]:
 class SinkLM(HFLM):
     """lm-eval's HFLM around a sink_eval model, each forward pass under the copy plan of `policy` (none: unpatched).
 
-    model_args: pretrained (zoo name, hub id or local dir), policy, threshold, consistency, chance_corrected,
-    hybrid_base, max_tokens, decode_steps (those the policy reads), data_dir, batch_size. From Python, `calibration`:
-    the probe statistics a static policy is calibrated on (default: `calibration_stats`, the calibration half of the
-    default prompt set).
+    model_args: pretrained (zoo name, hub id or local dir), policy, the `POLICY_ARGS` (threshold, consistency,
+    chance_corrected, hybrid_base, max_tokens, decode_steps: those the policy reads), data_dir, batch_size. From
+    Python, `calibration`: the probe statistics a static policy is calibrated on (default: `calibration_stats`, the
+    calibration half of the default prompt set).
     """
 
     def __init__(
         self,
         pretrained: str | LoadedModel = "smollm2-135m",
         policy: str | None = None,
-        threshold: float = 0.8,
-        consistency: float = 0.9,
-        chance_corrected: bool = False,
-        hybrid_base: str = "calibrated",
-        max_tokens: int | None = None,
-        decode_steps: int | None = None,
         data_dir: str | Path | None = None,
         batch_size: int | str = 8,
         calibration: list[PromptStats] | None = None,
         **kwargs,
     ):
         loaded = pretrained if isinstance(pretrained, LoadedModel) else load_model(pretrained)
-        self.policy = None
-        if policy:
-            self.policy = copy_policy(
-                policy,
-                threshold=threshold,
-                consistency=consistency,
-                chance_corrected=chance_corrected,
-                hybrid_base=hybrid_base,
-                max_tokens=max_tokens,
-                decode_steps=decode_steps,
-            )
+        args = {name: kwargs.pop(name, default) for name, default in POLICY_ARGS.items()}
+        self.policy = copy_policy(policy, **args) if policy else None
         self.shape = model_shape(loaded.model)
         self.target = Target.of(loaded.model, CopyPlan.kind)
         self.static_plan: CopyPlan | None = None
@@ -489,9 +474,9 @@ class EvalSettings:
 
 
 @dataclass
-class EvalResult(TopLevel):
-    SCHEMA: ClassVar[str] = EVAL_SCHEMA
-    COMMAND: ClassVar[str] = "eval"
+class EvalResult(TopLevel, schema=EVAL_SCHEMA, command="eval"):
+    """The results.json of `sink-eval eval`: lm-eval accuracy per task, unpatched and under each policy."""
+
     model: ModelId
     settings: EvalSettings
     runs: list[EvalRun]

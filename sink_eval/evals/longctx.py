@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -172,9 +172,9 @@ class LongctxSettings:
 
 
 @dataclass
-class LongctxResult(TopLevel):
-    SCHEMA: ClassVar[str] = SCHEMA
-    COMMAND: ClassVar[str] = "longctx"
+class LongctxResult(TopLevel, schema=SCHEMA, command="longctx"):
+    """The results.json of `sink-eval longctx`: each run per length, and the policies' verdicts against controls."""
+
     model: ModelInfo
     settings: LongctxSettings
     runs: list[Run]

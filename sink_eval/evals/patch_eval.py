@@ -28,7 +28,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -156,9 +156,9 @@ class PatchEvalSettings:
 
 
 @dataclass
-class PatchEvalResult(TopLevel):
-    SCHEMA: ClassVar[str] = SCHEMA
-    COMMAND: ClassVar[str] = "patch-eval"
+class PatchEvalResult(TopLevel, schema=SCHEMA, command="patch-eval"):
+    """The results.json of `sink-eval patch-eval`: per policy, fidelity, greedy agreement, speed and KV memory."""
+
     model: ModelInfo
     settings: PatchEvalSettings
     policies: list[PolicyRow]

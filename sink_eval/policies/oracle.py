@@ -3,28 +3,19 @@ bound on what sink selection can do, not deployable: it needs the attention it i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from sink_eval.measure.probe import PromptStats
 from sink_eval.patches.copy import CopyPlan
-from sink_eval.policies.base import Policy, SinkOptions, Target, heads_where
+from sink_eval.policies.base import Calibration, SinkPolicy, Target, heads_where
 
 
-class Oracle(Policy):
+class Oracle(SinkPolicy):
+    """The prompt's own sink heads (`oracle`)."""
+
     name = "oracle"
-    kind = "copy"
-    Options = SinkOptions
-    options: SinkOptions
-
-    @property
-    def label(self) -> str:
-        return f"oracle {self.options.tau}"
 
     @property
     def per_prompt(self) -> bool:
         return True
 
-    def plan(
-        self, target: Target, prompt: PromptStats | None = None, calibration: Sequence[PromptStats] = ()
-    ) -> CopyPlan:
+    def plan(self, target: Target, prompt: PromptStats | None = None, calibration: Calibration = ()) -> CopyPlan:
         return CopyPlan.of(heads_where(self.options.sinks(self.check_prompt(prompt))))

@@ -11,7 +11,6 @@ both counts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -19,30 +18,8 @@ from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.window import Window
 from sink_eval.measure.probe import PromptStats
 from sink_eval.patches.streaming.plan import StreamingPlan
-from sink_eval.policies.base import Policy, Target, WindowOptions, check_unit, heads_where
-
-CALIBRATION_SPANS = 4  # a streaming policy calibrates on prompts of at least 4 (s + w) tokens
-
-
-@dataclass(frozen=True)
-class StreamingOptions(WindowOptions):
-    streaming_score: float = 0.9  # p
-    fraction: float | None = None  # q: the top q of the KV groups
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_unit(self.streaming_score, "a streaming score threshold p")
-        if self.fraction is not None:
-            check_unit(self.fraction, "a fraction q of the KV groups")
-
-    @property
-    def calibration_tokens(self) -> int:
-        """The shortest calibration prompt counted: 4 (s + w) tokens."""
-        return CALIBRATION_SPANS * (self.sink + self.window)
-
-    @property
-    def rule(self) -> str:
-        return f"p={self.streaming_score:g}" if self.fraction is None else f"q={self.fraction:g}"
+from sink_eval.policies.base import Calibration, Policy, Target, heads_where
+from sink_eval.policies.options import StreamingOptions, WindowOptions
 
 
 class WindowPolicy(Policy):
@@ -69,13 +46,11 @@ class WindowPolicy(Policy):
 
 
 class Streaming(WindowPolicy):
+    """Heads of calibrated streaming score >= p, or the top q of the KV groups (`streaming`)."""
+
     name = "streaming"
     Options = StreamingOptions
     options: StreamingOptions
-
-    @property
-    def label(self) -> str:
-        return f"streaming {self.options.rule} ({self.options.label})"
 
     @property
     def windows(self) -> tuple[Window, ...]:
@@ -99,9 +74,7 @@ class Streaming(WindowPolicy):
             raise SinkEvalError(f"the calibration statistics have no streaming score at {window}: probe with windows")
         return torch.stack([s.streaming[window] for s in long_enough]).mean(0)
 
-    def plan(
-        self, target: Target, prompt: PromptStats | None = None, calibration: Sequence[PromptStats] = ()
-    ) -> StreamingPlan:
+    def plan(self, target: Target, prompt: PromptStats | None = None, calibration: Calibration = ()) -> StreamingPlan:
         """Heads scoring at least p; with q, the top round(q G) KV groups (ties: lower layer, group first)."""
         scores = self.scores(calibration)
         if self.options.fraction is None:

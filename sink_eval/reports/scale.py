@@ -35,28 +35,27 @@ from sink_eval.analyses.scale import (
 from sink_eval.reports.common import pyplot, save_figure, tau_label, write_report_dir
 
 
-def _pct(value: float | None, se: float | None = None) -> str:
+def _plus_minus(value: float | None, se: float | None, scale: float = 1, spec: str = "", unit: str = "") -> str:
+    """scale x value in format `spec` with its unit, ± scale x se to one decimal; "undefined" without a value."""
     if value is None:
         return "undefined"
-    return f"{100 * value:.1f} %" + (f" ± {100 * se:.1f}" if se is not None else "")
+    return f"{scale * value:{spec}}{unit}" + (f" ± {scale * se:.1f}" if se is not None else "")
+
+
+def _pct(value: float | None, se: float | None = None) -> str:
+    return _plus_minus(value, se, 100, ".1f", " %")
 
 
 def _points(diff: Difference) -> str:
-    if diff.value is None:
-        return "undefined"
-    return f"{100 * diff.value:+.1f}" + (f" ± {100 * diff.se:.1f}" if diff.se is not None else "") + " pts"
+    return "undefined" if diff.value is None else _plus_minus(diff.value, diff.se, 100, "+.1f") + " pts"
 
 
 def _count(value: int | None, se: float | None) -> str:
-    if value is None:
-        return "undefined"
-    return f"{value}" + (f" ± {se:.1f}" if se is not None else "")
+    return _plus_minus(value, se)
 
 
 def _heads_diff(diff: Difference) -> str:
-    if diff.value is None:
-        return "undefined"
-    return f"{diff.value:+.0f}" + (f" ± {diff.se:.1f}" if diff.se is not None else "")
+    return _plus_minus(diff.value, diff.se, 1, "+.0f")
 
 
 def _params_label(params: int | None) -> str:

@@ -68,7 +68,7 @@ def test_smollm2_cached_load_adds_under_three_seconds_to_importing_transformers(
     transformers' modelling code): verifying the cache and loading from it. The absolute time is printed."""
     bundled_model("smollm2-135m")  # the cache exists from here on
     floor_code = "import torch; from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel"
-    load_code = "from sink_eval.models.zoo import load_model; load_model('smollm2-135m')"
+    load_code = "from sink_eval.models.load import load_model; load_model('smollm2-135m')"
     floors, loads = [], []
     for _ in range(2):
         floors.append(_wall_seconds(floor_code)[0])

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import REAL_MODELS, analysis_baseline_name, checked_baseline
 from sink_eval import baselines
-from sink_eval.analyses.analyze import AnalysisResult, bin_key, probe_prompts, results
+from sink_eval.analyses.analyze import AnalysisResult, bin_key, results
+from sink_eval.measure.probe import probe_prompts
 from sink_eval.measure.sinks import DEFAULT_THRESHOLDS
 from sink_eval.prompts.prompt_set import LENGTH_BINS, Prompt, TokenizedPrompt
 

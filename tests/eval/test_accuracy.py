@@ -36,19 +36,19 @@ POLICIES = (("calibrated", 0.8), ("calibrated", 0.3))
 
 
 def calibration(loaded, probed) -> list:
-    """`evaluate.calibration_stats(loaded)`: the statistics of `evaluate.calibration_prompts`, taken from the session's
-    shared probes (`probed`), which the analysis bands fill (all but the 1.5B's four prompts of more than
+    """`accuracy.calibration_stats(loaded)`: the statistics of `calibration.default_calibration`, taken from the
+    session's shared probes (`probed`), which the analysis bands fill (all but the 1.5B's four prompts of more than
     CI_PROMPT_TOKENS tokens, probed here)."""
-    from sink_eval.evals.accuracy import calibration_prompts
+    from sink_eval.policies.calibration import default_calibration
 
-    return [p.stats for p in probed(loaded.spec.name, calibration_prompts(loaded))]
+    return [p.stats for p in probed(loaded.spec.name, default_calibration(loaded))]
 
 
 @pytest.fixture(scope="module")
 def measured(bundled_model, probed, pytestconfig):
     """`measured(name)` -> (eval results, checked baseline); with --update-baselines the baseline is rewritten."""
     from sink_eval.evals.accuracy import run_eval
-    from sink_eval.policies.base import Policy, PolicyOptions
+    from sink_eval.policies.registry import make_policy
 
     results: dict[str, EvalResult] = {}
     checked: dict[str, baselines.EvalBaseline] = {}
@@ -56,7 +56,7 @@ def measured(bundled_model, probed, pytestconfig):
     def get(name: str) -> tuple[EvalResult, baselines.EvalBaseline]:
         if name not in results:  # measured once, even where the baseline check below fails
             loaded = bundled_model(name)
-            policies = [Policy(policy, PolicyOptions(threshold=tau)) for policy, tau in POLICIES]
+            policies = [make_policy(policy, threshold=tau) for policy, tau in POLICIES]
             limit = CI_LIMIT.get(name, EVAL_LIMIT)
             stats = calibration(loaded, probed)
             results[name] = run_eval(loaded, policies, EVAL_TASKS, limit, command="pytest -m eval", calibration=stats)

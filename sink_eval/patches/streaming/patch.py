@@ -20,13 +20,14 @@ otherwise.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from sink_eval.core.shape import Shape
-from sink_eval.patches.base import PatchState, attend_heads, select_heads
+from sink_eval.patches.base import AttentionCall, PatchState, attend_heads, select_heads
 from sink_eval.patches.streaming.banded import BandLayout, band_layout, banded_attention, keyed_attention
 from sink_eval.patches.streaming.cache import StepKV, StreamingCache, StreamingLayer
 
@@ -58,52 +59,43 @@ class StreamingState(PatchState):
             self.layouts[key] = band_layout(n, first, self.plan.sink, self.plan.window, dtype)
         return self.layouts[key]
 
-    def output(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        mask: torch.Tensor | None,
-        scaling: float | None,
-    ) -> torch.Tensor | None:
+    def output(self, call: AttentionCall) -> torch.Tensor | None:
         """The patched attention output (B, T, H, D) of one layer; None where the plan streams nothing in it."""
-        layer = self.layers.get(module.layer_idx)
+        layer = self.layers.get(call.layer)
         if layer is None:
             return None
+        query, key, value = call.query, call.key, call.value
         heads, t_len = query.shape[1], query.shape[2]
-        cache_layer = None if self.cache is None else self.cache.layers[module.layer_idx]
+        cache_layer = None if self.cache is None else self.cache.layers[call.layer]
         streaming = cache_layer if isinstance(cache_layer, StreamingLayer) else None
         kv_index = streaming.kv_index if streaming is not None else {k: k for k in range(self.shape.kv_heads)}
-        first = self.first(mask, query, key)
+        first = self.first(call)
         parts: list[tuple[list[int], torch.Tensor]] = []  # (query heads, their output (B, T, h, D)), in order
         if layer.attending:
-            attend, result = attend_heads(layer, self.shape.group_size, query, key, value, mask, kv_index, scaling)
+            attend, result = attend_heads(layer, self.shape.group_size, call, key, value, kv_index)
             parts.append((attend, result.transpose(1, 2)))
         step = None if streaming is None else streaming.release_step()
-        stream_index = {} if streaming is None else streaming.stream_index
+        sources = GroupKV(key, value, kv_index, {} if streaming is None else streaming.stream_index, step)
         q = select_heads(query, layer.planned)
         g = self.shape.group_size
         plan = self.plan
         if key.shape[2] == t_len:  # a full pass: no earlier context
             groups = layer.planned_groups if layer.whole else [h // g for h in layer.planned]
-            keys, values = _full_pass_kv(groups, kv_index, stream_index, key, value, step)
-            streamed = banded_attention(q, keys, values, self.layout(t_len, first, q.dtype), scaling)
+            keys, values = sources.full_pass(groups)
+            streamed = banded_attention(q, keys, values, self.layout(t_len, first, q.dtype), call.scaling)
         else:
-            keys, values, positions = _window_kv(
-                plan, layer.planned_groups, kv_index, stream_index, key, value, step, first, t_len
-            )
+            keys, values, positions = sources.window(layer.planned_groups, plan, first, t_len)
             last_first = self.cache.last_first if self.cache is not None else int(first.max())
             if layer.whole and t_len == 1 and key.shape[2] >= last_first + plan.sink + plan.window:
                 # every slot holds a key the new token sees: no mask, each KV group read once
-                streamed = F.scaled_dot_product_attention(q, keys, values, scale=scaling, enable_gqa=g > 1)
+                streamed = F.scaled_dot_product_attention(q, keys, values, scale=call.scaling, enable_gqa=g > 1)
                 streamed = streamed.transpose(1, 2)
             else:
                 per_head = torch.tensor([layer.planned_groups.index(h // g) for h in layer.planned], device=key.device)
                 keys, values, positions = (x.index_select(1, per_head) for x in (keys, values, positions))
                 query_pos = torch.arange(key.shape[2] - t_len, key.shape[2], device=key.device)
                 streamed = keyed_attention(
-                    q, query_pos, keys, values, positions, first, plan.sink, plan.window, scaling
+                    q, query_pos, keys, values, positions, first, plan.sink, plan.window, call.scaling
                 )
         parts.append((layer.planned, streamed))
         return _assemble(parts, heads)
@@ -122,65 +114,62 @@ def _assemble(parts: list[tuple[list[int], torch.Tensor]], heads: int) -> torch.
     return out
 
 
-def _full_pass_kv(
-    groups: list[int],
-    kv_index: dict[int, int],
-    stream_index: dict[int, int],
-    key: torch.Tensor,
-    value: torch.Tensor,
-    step: StepKV | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values (B, len(groups), N, D) of KV groups `groups` in a full pass over N positions: a kept group's
-    from `key`/`value` (rows `kv_index`), a streamed group's from the step its cache layer left (rows
-    `stream_index`)."""
-    if step is None and groups == list(range(key.shape[1])):
-        return key, value
-    n = key.shape[2]
+@dataclass
+class GroupKV:
+    """Where one layer's KV groups' keys come from in a forward pass: a kept group's from the call's (or the cache's
+    kept) `key`/`value` (B, H_kv', N, D) at row `kv_index[group]`; a streamed group's from the `step` its cache layer
+    left, at row `stream_index[group]`."""
 
-    def group(x: torch.Tensor, new: torch.Tensor | None, k: int) -> torch.Tensor:  # (B, N, D)
-        if k in kv_index:
-            return x[:, kv_index[k]]
-        assert new is not None, "a streamed group's keys come from its cache layer's step"
-        return new[:, stream_index[k], -n:]
+    key: torch.Tensor
+    value: torch.Tensor
+    kv_index: dict[int, int]
+    stream_index: dict[int, int]
+    step: StepKV | None
 
-    keys = torch.stack([group(key, None if step is None else step.keys, k) for k in groups], dim=1)
-    values = torch.stack([group(value, None if step is None else step.values, k) for k in groups], dim=1)
-    return keys, values
+    def _streamed(self, k: int) -> StepKV:
+        assert self.step is not None and k in self.stream_index, "a streamed group's keys come from its step"
+        return self.step
 
+    def full_pass(self, groups: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, len(groups), N, D) of `groups` in a full pass over N positions."""
+        if self.step is None and groups == list(range(self.key.shape[1])):
+            return self.key, self.value
+        n = self.key.shape[2]
 
-def _window_kv(
-    plan: StreamingPlan,
-    groups: list[int],
-    kv_index: dict[int, int],
-    stream_index: dict[int, int],
-    key: torch.Tensor,
-    value: torch.Tensor,
-    step: StepKV | None,
-    first: torch.Tensor,
-    t_len: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The key set of a decode step (T new tokens, N positions in all) for KV groups `groups`: keys/values
-    (B, k, M, D) and their positions (B, k, M). A kept group's sinks and last w + T − 1 keys (w + T after T > 1: the
-    size of a streamed group's step) are gathered from its full cache; a streamed group's are the step its cache
-    layer left (M = s + w for one new token, s + w + T otherwise)."""
-    s, w = plan.sink, plan.window
-    n = key.shape[2]
-    device = key.device
-    sink_pos = first[:, None] + torch.arange(s, device=device)  # (B, s)
-    sink_pos = torch.where(sink_pos < n, sink_pos, -1)
-    recent = torch.arange(n - w - t_len + (t_len == 1), n, device=device).expand(len(first), -1)
-    recent = torch.where((recent >= 0) & (recent - first[:, None] >= s), recent, -1)
-    gathered_pos = torch.cat([sink_pos, recent], dim=1)  # (B, M); a sink is held by its sink slot only
-    rows = gathered_pos.clamp(min=0)[:, :, None].expand(-1, -1, key.shape[-1])
-    keys, values, positions = [], [], []
-    for k in groups:
-        if k in kv_index:
-            keys.append(key[:, kv_index[k]].gather(1, rows))
-            values.append(value[:, kv_index[k]].gather(1, rows))
-            positions.append(gathered_pos)
-        else:
-            assert step is not None, "a streamed group's keys come from its cache layer's step"
-            keys.append(step.keys[:, stream_index[k]])
-            values.append(step.values[:, stream_index[k]])
-            positions.append(step.positions)
-    return torch.stack(keys, 1), torch.stack(values, 1), torch.stack(positions, 1)
+        def of(k: int) -> tuple[torch.Tensor, torch.Tensor]:  # (B, N, D) each
+            if k in self.kv_index:
+                return self.key[:, self.kv_index[k]], self.value[:, self.kv_index[k]]
+            step = self._streamed(k)
+            return step.keys[:, self.stream_index[k], -n:], step.values[:, self.stream_index[k], -n:]
+
+        keys, values = zip(*(of(k) for k in groups), strict=True)
+        return torch.stack(keys, dim=1), torch.stack(values, dim=1)
+
+    def window(
+        self, groups: list[int], plan: StreamingPlan, first: torch.Tensor, t_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The key set of a decode step (T new tokens, N positions in all) for `groups`: keys/values (B, k, M, D) and
+        their positions (B, k, M). A kept group's sinks and last w + T − 1 keys (w + T after T > 1: the size of a
+        streamed group's step) are gathered from its full cache; a streamed group's are its step (M = s + w for one
+        new token, s + w + T otherwise)."""
+        s, w = plan.sink, plan.window
+        n = self.key.shape[2]
+        device = self.key.device
+        sink_pos = first[:, None] + torch.arange(s, device=device)  # (B, s)
+        sink_pos = torch.where(sink_pos < n, sink_pos, -1)
+        recent = torch.arange(n - w - t_len + (t_len == 1), n, device=device).expand(len(first), -1)
+        recent = torch.where((recent >= 0) & (recent - first[:, None] >= s), recent, -1)
+        gathered_pos = torch.cat([sink_pos, recent], dim=1)  # (B, M); a sink is held by its sink slot only
+        rows = gathered_pos.clamp(min=0)[:, :, None].expand(-1, -1, self.key.shape[-1])
+        keys, values, positions = [], [], []
+        for k in groups:
+            if k in self.kv_index:
+                keys.append(self.key[:, self.kv_index[k]].gather(1, rows))
+                values.append(self.value[:, self.kv_index[k]].gather(1, rows))
+                positions.append(gathered_pos)
+            else:
+                step = self._streamed(k)
+                keys.append(step.keys[:, self.stream_index[k]])
+                values.append(step.values[:, self.stream_index[k]])
+                positions.append(step.positions)
+        return torch.stack(keys, 1), torch.stack(values, 1), torch.stack(positions, 1)
