@@ -293,12 +293,27 @@ def test_compare_of_prompt_sets_sharing_no_prompt_is_refused(tmp_path, prompts_f
     assert "different prompt sets that share no prompt" in capsys.readouterr().err
 
 
-def test_compare_writes_difference_table_and_figure(tmp_path, prompts_file):
-    res = _analyze(tmp_path, prompts_file)
-    assert cli.main(["compare", str(tmp_path / "out"), str(tmp_path / "out"), "--out", str(tmp_path / "cmp")]) == 0
+def test_compare_reports_the_difference_between_two_runs_that_differ(tmp_path, prompts_file):
+    """A fixed and a length-dependent threshold give the same prompts other prevalences; compare.md's difference
+    column is the second run's prevalence minus the first's, in points, for every (threshold, bin)."""
+    fixed = _analyze(tmp_path, prompts_file, out="fixed")
+    corrected = _analyze(tmp_path, prompts_file, "--chance-corrected", out="corrected")
+    argv = ["compare", str(tmp_path / "fixed"), str(tmp_path / "corrected"), "--out", str(tmp_path / "cmp")]
+    assert cli.main(argv) == 0
     text = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "+0.0" in text and (tmp_path / "cmp" / "compare_prevalence.png").is_file()
-    assert res.model.name in text and "Both on the same 4 prompts" in text
+    assert (tmp_path / "cmp" / "compare_prevalence.png").is_file()
+    assert fixed.model.name in text and "Both on the same 4 prompts" in text
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| tau=")]
+    differences = {}
+    for summary in fixed.summary:
+        for group in summary.groups():
+            other = corrected.at(summary.threshold).group(group.tokens)
+            if group.prevalence is not None and other.prevalence is not None:
+                differences[(summary.threshold, group.tokens)] = 100 * (other.prevalence - group.prevalence)
+    assert any(abs(d) >= 0.05 for d in differences.values()), "the two runs do not differ"
+    for (tau, tokens), difference in differences.items():
+        row = next(r for r in rows if r[0].strip() == f"tau={tau:g}" and r[1].strip() == tokens)
+        assert row[4].strip() == f"{difference:+.1f}"
 
 
 def test_threshold_outside_zero_one_is_rejected_by_the_parser(capsys):
@@ -312,7 +327,9 @@ def analysis(tmp_path, prompts_file):
     return _analyze(tmp_path, prompts_file)
 
 
-def test_baseline_round_trip_and_bands_contain_their_values(tmp_path, analysis):
+def test_a_baseline_round_trips_and_its_diff_and_bands_tell_another_run_apart(tmp_path, prompts_file, analysis):
+    """Written and read back, a baseline is the same object; against a run with another threshold rule, `diff` lists
+    exactly the values that changed, with both numbers, and a value just outside a band is reported as such."""
     path = tmp_path / "b.json"
     written = baselines.make_baseline(analysis, "test")
     baselines.write_baseline(path, written)
@@ -320,9 +337,14 @@ def test_baseline_round_trip_and_bands_contain_their_values(tmp_path, analysis):
     assert baseline == written
     assert baseline.sink_scores == {p.id: p.sink_score for p in analysis.prompts}
     baselines.check_comparable(baselines.make_baseline(analysis, "now"), baseline, path, baselines.ANALYSIS.identity)
-    for key, measured in baselines.measured_values(analysis).items():
-        assert baselines.outside_band(measured, baseline.values[key]) is None
-    assert baselines.diff(baseline, baseline) == "no value changed"
+    other = baselines.make_baseline(_analyze(tmp_path, prompts_file, "--chance-corrected", out="other"), "other")
+    changed = {k for k, b in baseline.values.items() if b.value != other.values[k].value}
+    lines = baselines.diff(baseline, other).splitlines()
+    assert changed and {line.split(":")[0] for line in lines} == changed
+    key, band = next((k, b) for k, b in baseline.values.items() if b.value is not None and b.hi is not None)
+    assert baselines.outside_band(baselines.Measurement(band.hi, None), band) is None
+    problem = baselines.outside_band(baselines.Measurement(band.hi + 1e-3, None), band)
+    assert problem is not None and "outside the band" in problem
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])

@@ -53,8 +53,9 @@ def _run(tmp_path, prompt_files, *extra) -> int:
 
 def test_patch_eval_writes_a_row_per_policy_with_fidelity_speed_and_kv(tmp_path, prompt_files):
     """The ceilings follow from the reported fraction f and share a: 1 / (1 - f a), and are exactly 1 where the plan
-    copies nothing (the hybrid plan, limited to L = 16 tokens, never copies on the 32-token speed prompt). tau = 0.1
-    makes the other plans copy heads of the random tiny model."""
+    copies nothing (the hybrid plan, limited to L = 16 tokens, never copies on the 32-token speed prompt). tau = 0.05
+    makes the other plans copy heads of the random tiny model, which are no sinks (their attention is spread over the
+    prompt): copying them changes the next-token distribution (KL > 0)."""
     out = tmp_path / "out"
     copy_options = ["--threshold", "0.05", "--consistency", "0.5", "--hybrid-max-tokens", "16"]
     assert _run(tmp_path, prompt_files, *copy_options, "--out", str(out)) == 0
@@ -77,6 +78,7 @@ def test_patch_eval_writes_a_row_per_policy_with_fidelity_speed_and_kv(tmp_path,
         growth = row.ceilings.decode_groups_removed * row.speed.decode_growth_share
         assert row.ceilings.decode == pytest.approx(1 / (1 - removed - growth), rel=1e-12)
     assert any(row.ceilings.plan_fraction > 0 for row in res.policies), "no plan copied a head"
+    assert all(row.fidelity.kl > 1e-3 for row in res.policies if row.fidelity.fraction_heads > 0)
     assert set(res.settings.calibration_prompts).isdisjoint(res.settings.evaluation_prompts)
     assert (out / "speedup_vs_fidelity.png").exists()
     assert "| policy" in (out / "report.md").read_text()
@@ -86,6 +88,16 @@ def test_patch_eval_writes_a_row_per_policy_with_fidelity_speed_and_kv(tmp_path,
     older = PatchEvalResult.from_json({**data, "schema": "sink_eval.patch_eval/3"}, "x")
     assert [row.ceilings.decode for row in older.policies] == [row.ceilings.decode for row in res.policies]
     assert all(row.speed.decode_growth_share is row.ceilings.decode_groups_removed is None for row in older.policies)
+
+
+def test_an_empty_plan_has_no_kl_and_full_top1_agreement(tmp_path, prompt_files, capsys):
+    """tau = p = 1: no head of the random tiny model is a sink on every calibration prompt, so the calibrated plan is
+    empty and its model is the unpatched one (KL against the probe's eager pass at the level of float noise)."""
+    options = ["--policy", "calibrated", "--threshold", "1", "--consistency", "1"]
+    assert _run(tmp_path, prompt_files, *options, "--json") == 0
+    (row,) = json.loads(capsys.readouterr().out)["policies"]
+    assert row["fidelity"]["fraction_heads"] == 0
+    assert row["fidelity"]["kl"] < 1e-6 and row["fidelity"]["top1"] == 1.0 and row["greedy"]["agreement"] == 1.0
 
 
 def test_patch_eval_refuses_overlapping_calibration_prompts(tmp_path, prompt_files, capsys):

@@ -141,7 +141,7 @@ def test_attention_layer_speedup_saves_80_percent_of_its_ceiling(benchmark, smol
     "tokens, fractions, rounds, warmup",
     [(512, FRACTIONS, 3, True), (2048, FRACTIONS, 1, True), (8192, (0.5,), 1, False)],
 )
-def test_whole_model_prefill_speedup_with_its_ceiling(benchmark, smollm, tokens, fractions, rounds, warmup):
+def test_whole_model_prefill_speedup_never_exceeds_its_ceiling(benchmark, smollm, tokens, fractions, rounds, warmup):
     model = smollm.model
     layers = list(range(model.config.num_hidden_layers))
     heads = model.config.num_attention_heads

@@ -138,7 +138,7 @@ def test_attention_layer_streaming_speedup_saves_80_percent_of_its_ceiling(bench
 
 
 @pytest.mark.parametrize("tokens, rounds, warmup", [(2048, 3, True), (8192, 3, False)])
-def test_whole_model_streaming_prefill_with_its_ceiling(benchmark, smollm, tokens, rounds, warmup):
+def test_whole_model_streaming_prefill_never_exceeds_its_ceiling(benchmark, smollm, tokens, rounds, warmup):
     """8192 tokens: no warm-up (about 40 s a forward here); one round proved too noisy to hold its ceiling (patched
     25-33 s over two runs)."""
     model = smollm.model
