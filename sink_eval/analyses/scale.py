@@ -48,7 +48,9 @@ from sink_eval.measure.sinks import sink_heads, threshold_for
 from sink_eval.measure.stats import BOOTSTRAP_RESAMPLES, bootstrap_se
 from sink_eval.prompts.prompt_set import length_bin
 
-SCHEMA = "sink_eval.scale/1"
+SCHEMA = (
+    "sink_eval.scale/2"  # /2: stricter verdict rules (leave-one-domain-out, peak layer, robust heads, both figures)
+)
 CLAIM_THRESHOLD = 0.8  # the original notes' tau: every claim is tested at it
 CONSISTENT = 0.9  # a head sinks on at least this fraction of prompts
 TOP_HEADS = 10  # predictability: mean consistency of this many most consistent heads
@@ -68,7 +70,8 @@ SUPPORTED, CONTRADICTED, NOT_DISTINGUISHABLE, UNDEFINED = (
     "undefined",
 )
 NOT_SUPPORTED = "not supported"
-REPRODUCED, IN_KIND, NOT_REPRODUCED = "reproduced", "in kind", "not reproduced"
+REPRODUCED, SHORT_ONLY, LONG_ONLY, NOT_REPRODUCED = "reproduced", "short only", "10+ only", "not reproduced"
+ROBUST_SHARE = 0.975  # (c): the share of bootstrap resamples that must keep a consistent head
 
 
 @dataclass(frozen=True)
@@ -129,9 +132,18 @@ class ThresholdStats:
 
 
 @dataclass
+class LeftOut:
+    """A size difference recomputed without one domain's prompts."""
+
+    domain: str
+    n_prompts: int  # the prompts left in
+    difference: Difference
+
+
+@dataclass
 class SizePair:
     """Two models of one family, on the prompts non-trivial in both: pooled prevalence of each and the smaller's
-    minus the larger's."""
+    minus the larger's, on all of them and with each domain left out in turn."""
 
     family: str
     smaller: str
@@ -140,6 +152,7 @@ class SizePair:
     smaller_prevalence: float | None
     larger_prevalence: float | None
     difference: Difference
+    left_out: list[LeftOut]
     verdict: str
 
 
@@ -176,12 +189,18 @@ class MiddleClaim:
     max_layer: int | None
     max_relative_depth: float | None
     max_prevalence: float | None
+    max_third: int | None  # the third (`layer_thirds`) of the layer of highest prevalence
 
 
 @dataclass
 class ConsistentClaim:
+    """The heads of consistency >= CONSISTENT, their number's bootstrap SE over prompts, and the share of the
+    bootstrap resamples in which at least one head is consistent."""
+
     threshold: float
     n_consistent: int
+    n_consistent_se: float | None
+    robust_share: float | None
     n_heads: int
     verdict: str
 
@@ -411,24 +430,44 @@ def _bootstrapped(values: torch.Tensor, statistic: Callable[[torch.Tensor], floa
 # ---- (a) larger models have fewer sink heads
 
 
-def size_verdict(pair: Difference) -> str:
+def size_verdict(pair: Difference, left_out: list[Difference]) -> str:
     """(a) "larger models have fewer sink heads", within one family: d = pooled prevalence of the smaller model minus
     that of the larger, over the prompts non-trivial in both, paired by prompt id; SE by bootstrap over those
-    prompts (a resampled prompt brings both models' values). Supported if d > 2 SE, contradicted if d < -2 SE, else
-    not distinguishable. Across families only Spearman's rho of parameter count vs pooled prevalence is given: it
-    confounds size with family (architecture, tokenizer, training data), so it gets no verdict."""
-    return two_se_verdict(pair)
+    prompts (a resampled prompt brings both models' values). Supported if d > 2 SE and, with the prompts of any one
+    domain left out (where there are two domains or more), d still exceeds 2 SE of its own (no single domain carries
+    the gap); contradicted if likewise
+    d < -2 SE throughout; else not distinguishable. A verdict is about the pair of models it compares: with one pair
+    in a family it says nothing about size in general. Across families only Spearman's rho of parameter count vs
+    pooled prevalence is given: it confounds size with family (architecture, tokenizer, training data), so it gets no
+    verdict."""
+    verdicts = {two_se_verdict(pair), *(two_se_verdict(d) for d in left_out)}
+    if UNDEFINED in verdicts:
+        return UNDEFINED
+    return verdicts.pop() if len(verdicts) == 1 and verdicts != {NOT_DISTINGUISHABLE} else NOT_DISTINGUISHABLE
 
 
 def size_pair(family: str, small: tuple[str, SinkMaps], large: tuple[str, SinkMaps]) -> SizePair:
     large_index = {r.id: i for i, r in enumerate(large[1].records)}
     pairs = [(i, large_index[r.id]) for i, r in enumerate(small[1].records) if r.id in large_index]
+    if not pairs:
+        undefined = Difference(None, None)
+        return SizePair(family, small[0], large[0], 0, None, None, undefined, [], UNDEFINED)
     both = torch.stack(
         [small[1].per_prompt()[[i for i, _ in pairs]], large[1].per_prompt()[[j for _, j in pairs]]], dim=1
     )
-    diff = _bootstrapped(both, lambda x: float(x[:, 0].mean() - x[:, 1].mean())) if pairs else Difference(None, None)
-    means = both.mean(dim=0).tolist() if pairs else [None, None]
-    return SizePair(family, small[0], large[0], len(pairs), means[0], means[1], diff, size_verdict(diff))
+
+    def gap(rows: torch.Tensor) -> Difference:
+        return _bootstrapped(rows, lambda x: float(x[:, 0].mean() - x[:, 1].mean()))
+
+    domains = [small[1].records[i].domain for i, _ in pairs]
+    left_out = []
+    for domain in sorted(set(domains)) if len(set(domains)) > 1 else []:
+        kept = [k for k, d in enumerate(domains) if d != domain]
+        left_out.append(LeftOut(domain, len(kept), gap(both[kept])))
+    diff = gap(both)
+    means = both.mean(dim=0).tolist()
+    verdict = size_verdict(diff, [lo.difference for lo in left_out])
+    return SizePair(family, small[0], large[0], len(pairs), means[0], means[1], diff, left_out, verdict)
 
 
 def size_claim(inputs: list[ScaleInput], tau: float) -> SizeClaim:
@@ -476,18 +515,20 @@ def _third_mean(sinks: torch.Tensor, third: int) -> float:
     return float(sinks[:, layers, :].float().mean())
 
 
-def middle_verdict(middle_minus_first: Difference, middle_minus_last: Difference) -> str:
+def middle_verdict(middle_minus_first: Difference, middle_minus_last: Difference, max_third: int | None) -> str:
     """(b) "middle layers hold the most sinks": the layers are cut in thirds by relative depth (`layer_thirds`); the
     middle third's prevalence (over non-trivial prompts and the heads of its layers) minus the first third's, and
-    minus the last third's, each with a bootstrap SE over prompts. Supported if both differences exceed 2 SE;
-    contradicted if either is below -2 SE (a third holds more sinks than the middle); else not distinguishable;
+    minus the last third's, each with a bootstrap SE over prompts; and the third of the single layer of highest
+    prevalence. Supported if both differences exceed 2 SE and that layer lies in the middle third; contradicted if
+    either difference is below -2 SE (a third holds more sinks than the middle) and that layer lies outside the middle
+    third; else not distinguishable (the thirds and the peak layer disagree, or the differences are within 2 SE);
     undefined with fewer than 3 layers or 2 prompts."""
     verdicts = {two_se_verdict(middle_minus_first), two_se_verdict(middle_minus_last)}
-    if UNDEFINED in verdicts:
+    if UNDEFINED in verdicts or max_third is None:
         return UNDEFINED
-    if CONTRADICTED in verdicts:
+    if CONTRADICTED in verdicts and max_third != 1:
         return CONTRADICTED
-    return SUPPORTED if verdicts == {SUPPORTED} else NOT_DISTINGUISHABLE
+    return SUPPORTED if verdicts == {SUPPORTED} and max_third == 1 else NOT_DISTINGUISHABLE
 
 
 def middle_claim(res: AnalysisResult, maps: SinkMaps, tau: float) -> MiddleClaim:
@@ -495,12 +536,13 @@ def middle_claim(res: AnalysisResult, maps: SinkMaps, tau: float) -> MiddleClaim
     top = max(range(len(per_layer)), key=lambda layer: per_layer[layer]) if per_layer else None
     if len(maps.records) == 0 or res.model.layers < 3:
         undefined = Difference(None, None)
-        return MiddleClaim(tau, None, None, None, undefined, undefined, UNDEFINED, top, None, None)
+        return MiddleClaim(tau, None, None, None, undefined, undefined, UNDEFINED, top, None, None, None)
 
     def minus(third: int) -> Difference:
         return _bootstrapped(maps.sinks, lambda s: _third_mean(s, 1) - _third_mean(s, third))
 
     first, last = minus(0), minus(2)
+    max_third = None if top is None else layer_thirds(res.model.layers)[top]
     return MiddleClaim(
         threshold=tau,
         first=_third_mean(maps.sinks, 0),
@@ -508,10 +550,11 @@ def middle_claim(res: AnalysisResult, maps: SinkMaps, tau: float) -> MiddleClaim
         last=_third_mean(maps.sinks, 2),
         middle_minus_first=first,
         middle_minus_last=last,
-        verdict=middle_verdict(first, last),
+        verdict=middle_verdict(first, last, max_third),
         max_layer=top,
         max_relative_depth=None if top is None else top / res.model.layers,
         max_prevalence=None if top is None else per_layer[top],
+        max_third=max_third,
     )
 
 
@@ -534,10 +577,32 @@ def consistent_heads(maps: SinkMaps) -> list[ConsistentHead]:
     ]
 
 
-def consistent_verdict(n_consistent: int) -> str:
+def consistent_verdict(n_consistent: int, robust_share: float | None) -> str:
     """(c) "some heads are consistently sinks": supported if at least one head is a sink on >= 90 % of the
-    non-trivial prompts at tau = 0.8 (consistency >= 0.9), else not supported."""
-    return SUPPORTED if n_consistent >= 1 else NOT_SUPPORTED
+    non-trivial prompts at tau = 0.8 (consistency >= 0.9) and at least one head still is in >= 97.5 % of the
+    bootstrap resamples of those prompts (200, seeded: a consistent head that one prompt more or less would unmake
+    does not count); else not supported."""
+    return (
+        SUPPORTED if n_consistent >= 1 and robust_share is not None and robust_share >= ROBUST_SHARE else NOT_SUPPORTED
+    )
+
+
+def consistent_claim(maps: SinkMaps, n_heads: int, tau: float) -> ConsistentClaim:
+    n = len(consistent_heads(maps))
+    if len(maps.records) < 2:
+        return ConsistentClaim(tau, n, None, None, n_heads, consistent_verdict(n, None))
+
+    def count(sinks: torch.Tensor) -> float:
+        return float((consistency(sinks) >= CONSISTENT).sum())
+
+    se = bootstrap_se(maps.sinks, count)
+    gen = torch.Generator().manual_seed(0)
+    kept = [
+        count(maps.sinks[torch.randint(len(maps.sinks), (len(maps.sinks),), generator=gen)]) >= 1
+        for _ in range(BOOTSTRAP_RESAMPLES)
+    ]
+    share = sum(kept) / len(kept)
+    return ConsistentClaim(tau, n, se, share, n_heads, consistent_verdict(n, share))
 
 
 # ---- (d) short prompts ~71 %, 10+ tokens ~30-36 %
@@ -550,14 +615,17 @@ def _overlaps(value: float, se: float, band: tuple[float, float]) -> bool:
 def short_long_verdict(claim: ShortLongClaim) -> str:
     """(d) "short prompts ~71 %, 10+ tokens ~30-36 %" at tau = 0.8: short = the summary's prevalence of the 1-3-token
     bin (non-trivial prompts: 2-3 tokens, since a one-token prompt has no score); long = the mean per-prompt
-    prevalence of all prompts of 10 or more tokens, pooled. Reproduced if short ± 2 SE overlaps [0.66, 0.76] and long
-    ± 2 SE overlaps [0.30, 0.36]; else "in kind" if short - long > 2 SE (SE = sqrt(SE_short^2 + SE_long^2)); else
-    not reproduced; undefined without both values and SEs."""
+    prevalence of all prompts of 10 or more tokens, pooled. Each figure is judged on its own: short ± 2 SE overlaps
+    [0.66, 0.76]; long ± 2 SE overlaps [0.30, 0.36]. Reproduced if both do; "short only" or "10+ only" if one does;
+    else not reproduced; undefined without both values and SEs. Short minus long (SE sqrt(SE_short^2 +
+    SE_long^2)) is reported beside it: a direction, which reproduces neither figure."""
     if claim.short is None or claim.short_se is None or claim.long is None or claim.long_se is None:
         return UNDEFINED
-    if _overlaps(claim.short, claim.short_se, NOTES_SHORT) and _overlaps(claim.long, claim.long_se, NOTES_LONG):
-        return REPRODUCED
-    return IN_KIND if two_se_verdict(claim.difference) == SUPPORTED else NOT_REPRODUCED
+    short = _overlaps(claim.short, claim.short_se, NOTES_SHORT)
+    long = _overlaps(claim.long, claim.long_se, NOTES_LONG)
+    return {(True, True): REPRODUCED, (True, False): SHORT_ONLY, (False, True): LONG_ONLY}.get(
+        (short, long), NOT_REPRODUCED
+    )
 
 
 def _difference_of_independent(a: float | None, a_se: float | None, b: float | None, b_se: float | None) -> Difference:
@@ -769,7 +837,6 @@ def model_scale(given: ScaleInput) -> ModelScale:
     maps = {tau: sink_maps(res, tau) for tau in res.settings.thresholds}
     size = MODEL_SIZES.get(res.model.name)
     claim_maps = maps[CLAIM_THRESHOLD]
-    n_consistent = len(consistent_heads(claim_maps))
     return ModelScale(
         name=res.model.name,
         fingerprint=res.model.fingerprint,
@@ -781,9 +848,7 @@ def model_scale(given: ScaleInput) -> ModelScale:
         results_sha256=given.results_sha256,
         thresholds=[threshold_stats(res, s, maps[s.threshold]) for s in res.summary],
         middle=middle_claim(res, claim_maps, CLAIM_THRESHOLD),
-        consistent=ConsistentClaim(
-            CLAIM_THRESHOLD, n_consistent, res.model.layers * res.model.heads, consistent_verdict(n_consistent)
-        ),
+        consistent=consistent_claim(claim_maps, res.model.layers * res.model.heads, CLAIM_THRESHOLD),
         short_long=short_long_claim(res, claim_maps, CLAIM_THRESHOLD),
         domains=[domain_threshold(res, maps[tau], tau) for tau in res.settings.thresholds],
     )

@@ -35,6 +35,9 @@ from sink_eval.analyses.scale import (
 from sink_eval.reports.common import pyplot, save_figure, tau_label, write_report_dir
 
 
+THIRDS = ("first", "middle", "last")
+
+
 def _plus_minus(value: float | None, se: float | None, scale: float = 1, spec: str = "", unit: str = "") -> str:
     """scale x value in format `spec` with its unit, ± scale x se to one decimal; "undefined" without a value."""
     if value is None:
@@ -128,10 +131,23 @@ def claims_table(res: ScaleResult) -> str:
 def _size_cell(pair: SizePair | None) -> str:
     if pair is None:
         return "no other model of its family"
+    defined = [lo for lo in pair.left_out if lo.difference.value is not None]
+    weakest = min(defined, key=lambda lo: _z(lo.difference), default=None)
+    without = (
+        ""
+        if weakest is None
+        else f"; weakest with one domain left out: without {weakest.domain}, "
+        + (f"{_points(weakest.difference)} ({weakest.n_prompts} prompts)")
+    )
     return (
         f"**{pair.verdict}**: {pair.smaller} − {pair.larger} = {_points(pair.difference)} ({pair.n_prompts} "
-        "paired prompts)"
+        f"paired prompts){without}"
     )
+
+
+def _z(diff: Difference) -> float:
+    """d / SE, the weakest difference first (0 without an SE)."""
+    return (diff.value or 0.0) / diff.se if diff.se else 0.0
 
 
 def _across_cell(m: ModelScale) -> str:
@@ -145,20 +161,24 @@ def _middle_cell(c: MiddleClaim) -> str:
     return (
         f"**{c.verdict}**: thirds {_pct(c.first)} / {_pct(c.middle)} / {_pct(c.last)}; middle − first "
         f"{_points(c.middle_minus_first)}, middle − last {_points(c.middle_minus_last)}; max at L{c.max_layer} "
-        f"(depth {depth}, {_pct(c.max_prevalence)})"
+        f"(depth {depth}, {_pct(c.max_prevalence)}, {THIRDS[c.max_third] if c.max_third is not None else '?'} "
+        "third)"
     )
 
 
 def _consistent_cell(m: ModelScale) -> str:
     c = m.consistent
     heads = m.at(c.threshold).consistent_heads
-    return f"**{c.verdict}**: {c.n_consistent} of {c.n_heads}" + (f" ({_heads(heads)})" if heads else "")
+    robust = "" if c.robust_share is None else f"; some head consistent in {100 * c.robust_share:.1f} % of resamples"
+    count = _count(c.n_consistent, c.n_consistent_se)
+    return f"**{c.verdict}**: {count} of {c.n_heads}" + (f" ({_heads(heads)})" if heads else "") + robust
 
 
 def _short_long_cell(c: ShortLongClaim) -> str:
     return (
         f"**{c.verdict}**: {c.short_tokens} tokens {_pct(c.short, c.short_se)} (n={c.short_n}), "
-        f"≥ {c.long_min_tokens} tokens {_pct(c.long, c.long_se)} (n={c.long_n})"
+        f"≥ {c.long_min_tokens} tokens {_pct(c.long, c.long_se)} (n={c.long_n}); notes 66-76 % and 30-36 %; "
+        f"short − long {_points(c.difference)}"
     )
 
 
