@@ -94,3 +94,12 @@ def test_the_runtime_module_graph_has_no_cycle():
         if module not in state:
             cycle = visit(module, [])
             assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_architecture_md_draws_the_layers_as_written_in_code():
+    """ARCHITECTURE.md's diagram has one line per layer, top first, naming that layer's packages."""
+    text = (ROOT.parent / "ARCHITECTURE.md").read_text()
+    drawn = {int(line.split()[1]): line for line in text.splitlines() if line.startswith("layer ")}
+    assert sorted(drawn) == list(range(len(sink_eval.LAYERS)))
+    for index, names in enumerate(sink_eval.LAYERS):
+        assert drawn[index].split()[2:2 + 2 * len(names) - 1:2] == list(names), drawn[index]
