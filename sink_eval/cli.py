@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -706,14 +707,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _holding_out(args: argparse.Namespace) -> AbstractContextManager:
+    """The lock of the command's --out (`files.output_lock`), held for the whole run: one run per --out at a time."""
+    from sink_eval.core.files import output_lock
+
+    out = getattr(args, "out", None)
+    return output_lock(out) if args.command in OUTPUT_KINDS and out is not None else nullcontext()
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """The line for a run stopped by Ctrl-C: where a resumable run kept its finished part."""
+    if args.command in RESUMABLE and args.out is not None:
+        from sink_eval.core.resume import work_dir
+
+        work = work_dir(args.out, args.command)
+        if work.exists():
+            return f"interrupted; the finished part is kept in {work}: rerun with --resume to continue"
+    return "interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command: 0 on success; a `SinkEvalError` is one line and exit status 2; Ctrl-C one line and 130."""
     args = build_parser().parse_args(argv)
     try:
         validate(args)
-        args.func(args)
+        with _holding_out(args):
+            args.func(args)
     except SinkEvalError as err:
         print(f"sink-eval: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"sink-eval: {_interrupted(args)}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +18,7 @@ from helpers import counted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sink_eval
 import sink_eval.models.load
 from sink_eval import cli
 from sink_eval.analyses.analyze import AnalysisResult
@@ -294,8 +302,7 @@ def test_killed_analyze_resumes_to_the_results_of_an_uninterrupted_run(tmp_path,
     real_probe = sink_eval.measure.probe.probe
     out = tmp_path / "resumed"
     monkeypatch.setattr(sink_eval.measure.probe, "probe", counted(real_probe, kill_after=2)[0])
-    with pytest.raises(KeyboardInterrupt):
-        _analyze(prompts_file, "--out", str(out))
+    assert _analyze(prompts_file, "--out", str(out)) == 130
     monkeypatch.setattr(sink_eval.measure.probe, "probe", real_probe)
     assert not out.exists() and len(list(work_dir(out, "analyze").glob("prompt-*.pt"))) == 2
     capsys.readouterr()
@@ -374,3 +381,398 @@ def test_cli_option_fuzz_gives_exit_2_or_reaches_the_model(no_model, prompts_fil
 def test_tiny_tokenizer_gives_the_same_ids_in_every_load():
     text = "The cat sat on the mat."
     assert len({tuple(load_model("tiny-llama").tokenizer(text)["input_ids"]) for _ in range(3)}) == 1
+
+
+# round two (#37): the CLI against a demanding user
+
+
+def _write_prompts(path: Path) -> Path:
+    texts = ["Hi there", "The cat sat on the mat.", "def f(x):\n    return x + 1\n", "A b c d e f"]
+    path.write_text("".join(json.dumps({"text": t, "domain": d}) + "\n" for t, d in zip(texts, "ppcq", strict=True)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory) -> Callable[[str], Path]:
+    """`analyzed(model)` -> the --out directory of `sink-eval analyze` of the tiny `model` on four prompts, run once
+    a module (copy it before editing it)."""
+    root = tmp_path_factory.mktemp("analyzed")
+    prompts = _write_prompts(root / "prompts.jsonl")
+    done: dict[str, Path] = {}
+
+    def get(model: str) -> Path:
+        if model not in done:
+            out = root / model
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                assert cli.main(["analyze", "--model", model, "--prompts", str(prompts), "--out", str(out)]) == 0
+            done[model] = out
+        return done[model]
+
+    return get
+
+
+def _copy_run(src: Path, dst: Path, edit: Callable[[dict], None] | None = None, raw: bytes | None = None) -> Path:
+    """A copy of the output directory `src` at `dst`, its results.json edited by `edit` or replaced by `raw`."""
+    shutil.copytree(src, dst)
+    path = dst / "results.json"
+    if raw is not None:
+        path.write_bytes(raw)
+    elif edit is not None:
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+    return dst
+
+
+def _code(argv: list[str]) -> int:
+    """cli.main's exit status, argparse's refusals included."""
+    try:
+        return cli.main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+def _holding_lock(out: Path) -> subprocess.Popen:
+    """Another process holding the lock of --out `out`, as a running sink-eval that writes it does, until killed."""
+    code = (
+        "import sys, time\nfrom pathlib import Path\nfrom sink_eval.core.files import output_lock\n"
+        "with output_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(sink_eval.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+    return proc
+
+
+# data loss
+
+
+@pytest.mark.parametrize("holding", ["a file of theirs", "nothing"])
+def test_out_created_by_someone_else_while_the_temp_exists_is_never_replaced(
+    tmp_path, analyzed, monkeypatch, capsys, holding
+):
+    import sink_eval.reports.compare as compare_report
+
+    out, good = tmp_path / "race", analyzed("tiny-llama")
+    real = compare_report.save_figure
+
+    def user_creates_out(fig, tmp, name):
+        out.mkdir()
+        if holding == "a file of theirs":
+            (out / "mine.txt").write_text("theirs")
+        return real(fig, tmp, name)
+
+    monkeypatch.setattr(compare_report, "save_figure", user_creates_out)
+    assert cli.main(["compare", str(good), str(good), "--out", str(out)]) == 2
+    assert "appeared" in _error(capsys)
+    assert sorted(os.listdir(out)) == (["mine.txt"] if holding == "a file of theirs" else [])
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".race.")]  # no temp or lock left
+
+
+def test_overwrite_keeps_an_output_that_gained_a_file_of_someone_else_during_the_run(
+    tmp_path, analyzed, monkeypatch, capsys
+):
+    import sink_eval.reports.compare as compare_report
+
+    out, good = tmp_path / "cmp", analyzed("tiny-llama")
+    argv = ["compare", str(good), str(good), "--out", str(out), "--overwrite"]
+    assert cli.main(argv) == 0
+    before = sorted(os.listdir(out))
+    real = compare_report.save_figure
+
+    def user_adds_a_file(fig, tmp, name):
+        (out / "mine.txt").write_text("theirs")
+        return real(fig, tmp, name)
+
+    monkeypatch.setattr(compare_report, "save_figure", user_adds_a_file)
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = _error(capsys)
+    assert "--overwrite refused" in err and "mine.txt" in err
+    assert sorted(os.listdir(out)) == sorted([*before, "mine.txt"])
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".cmp.")]
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_the_final_rename_never_replaces_a_directory_that_appeared_there(tmp_path, monkeypatch, fallback):
+    from sink_eval.core import files
+
+    if fallback:  # a system or file system without renameat2
+        monkeypatch.setattr(files, "_RENAMEAT2", None)
+    (tmp_path / "new").mkdir()
+    (tmp_path / "theirs").mkdir()
+    with pytest.raises(FileExistsError):
+        files.rename_no_replace(tmp_path / "new", tmp_path / "theirs")
+    files.rename_no_replace(tmp_path / "new", tmp_path / "free")
+    assert sorted(os.listdir(tmp_path)) == ["free", "theirs"]
+
+
+def test_a_second_writer_of_one_out_is_refused_while_another_holds_it(tmp_path, analyzed, capsys):
+    out, good = tmp_path / "o", analyzed("tiny-llama")
+    other = _holding_lock(out)
+    try:
+        assert cli.main(["compare", str(good), str(good), "--out", str(out)]) == 2
+    finally:
+        other.kill()
+        other.wait()
+    assert f"another sink-eval run (pid {other.pid})" in _error(capsys)
+    assert not out.exists()
+
+
+def test_a_running_analyze_is_named_as_running_never_offered_for_deletion(tmp_path, prompts_file, no_model, capsys):
+    from sink_eval.core.resume import work_dir
+
+    out = tmp_path / "o"
+    work_dir(out, "analyze").mkdir()
+    other = _holding_lock(out)
+    try:
+        assert _analyze(prompts_file, "--out", str(out)) == 2
+    finally:
+        other.kill()
+        other.wait()
+    err = _error(capsys)
+    assert f"another sink-eval run (pid {other.pid})" in err and "delete" not in err
+
+
+@pytest.mark.parametrize("points_at", ["an analyze output", "nothing"])
+def test_out_that_is_a_symbolic_link_is_refused_before_the_model_loads(
+    tmp_path, prompts_file, analyzed, no_model, capsys, points_at
+):
+    real = _copy_run(analyzed("tiny-llama"), tmp_path / "real") if points_at == "an analyze output" else None
+    link = tmp_path / "link"
+    link.symlink_to(real or tmp_path / "missing")
+    assert _analyze(prompts_file, "--out", str(link), "--overwrite") == 2
+    assert "symbolic link" in _error(capsys)
+    assert link.is_symlink() and (real is None or (real / "results.json").is_file())
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_out_name_leaves_room_for_the_names_kept_beside_it(tmp_path, prompts_file, capsys, extra):
+    from sink_eval.core.files import max_out_name_bytes
+
+    out = tmp_path / ("x" * (max_out_name_bytes(tmp_path) + extra))
+    assert _analyze(prompts_file, "--out", str(out)) == (2 if extra else 0)
+    if extra:
+        assert "too long" in _error(capsys) and not out.exists()
+    else:
+        assert (out / "results.json").is_file()
+
+
+# tracebacks
+
+
+def test_prompt_with_a_lone_surrogate_is_refused_before_the_model_loads(tmp_path, no_model, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "half \\ud800 a character"}\n')
+    assert _analyze(path, "--json") == 2
+    err = _error(capsys)
+    assert "line 2" in err and "surrogate" in err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """tiny-llama saved as a checkpoint directory (save_pretrained)."""
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny"
+    loaded = load_model("tiny-llama")
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return path
+
+
+def _config(path: Path, **changes) -> None:
+    (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()), **changes}))
+
+
+BROKEN_CHECKPOINTS = {
+    "config.json not JSON": lambda d: (d / "config.json").write_text("{not json"),
+    "config.json a list": lambda d: (d / "config.json").write_text("[1, 2]"),
+    "unknown model_type": lambda d: _config(d, model_type="no-such-model"),
+    "no weights": lambda d: (d / "model.safetensors").unlink(),
+    "truncated weights": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-999]),
+    "garbage weights": lambda d: (d / "model.safetensors").write_bytes(b"garbage" * 100),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BROKEN_CHECKPOINTS))
+def test_broken_checkpoint_directory_is_refused_before_the_model_loads(
+    tmp_path, checkpoint, prompts_file, no_model, capsys, damage
+):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, broken)
+    BROKEN_CHECKPOINTS[damage](broken)
+    assert cli.main(["analyze", "--model", str(broken), "--prompts", str(prompts_file), "--json"]) == 2
+    assert str(broken) in _error(capsys)
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_config_is_a_one_line_error(tmp_path, checkpoint, prompts_file, capsys):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, broken)
+    _config(broken, hidden_size=128, intermediate_size=256)
+    assert cli.main(["analyze", "--model", str(broken), "--prompts", str(prompts_file), "--json"]) == 2
+    assert f"cannot load the checkpoint {broken}" in _error(capsys)
+
+
+@pytest.mark.parametrize("command", ["patch-eval", "longctx"])
+def test_seed_beyond_a_64_bit_generator_is_refused_before_the_model_loads(command, no_model, capsys):
+    assert cli.main([command, "--policy", "random", "--seed", "99999999999999999999", "--json"]) == 2
+    err = _error(capsys)
+    assert "seed" in err and "99999999999999999999" in err and str(2**63 - 1) in err
+
+
+@pytest.mark.parametrize("command", ["compare", "scale"])
+def test_results_file_that_is_not_utf8_is_refused(tmp_path, analyzed, capsys, command):
+    bad = _copy_run(analyzed("tiny-qwen2"), tmp_path / "bad", raw=b'{"schema": "caf\xe9"}')
+    assert cli.main([command, str(analyzed("tiny-llama")), str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "not UTF-8" in _error(capsys)
+
+
+def _set_every_prevalence(data: dict, value: float) -> None:
+    for summary in data["summary"]:
+        for group in [*summary["bins"], summary["all"]]:
+            if group["prevalence"] is not None:
+                group["prevalence"] = value
+
+
+def _set_score(data: dict, value: float) -> None:
+    data["prompts"][1]["sink_score"][0][0] = value
+
+
+EDITED_RESULTS = {
+    "summary thresholds differ from the settings": (
+        lambda d: d["summary"][0].update(threshold=0.5),
+        "summary[0].threshold",
+    ),
+    "settings thresholds differ from the summary": (
+        lambda d: d["settings"].update(thresholds=[0.5, 0.3]),
+        "summary[0].threshold",
+    ),
+    "prevalence the scores do not give": (lambda d: _set_every_prevalence(d, 0.99), "prevalence"),
+    "a NaN score": (lambda d: _set_score(d, float("nan")), "sink_score"),
+    "a score of 5": (lambda d: _set_score(d, 5.0), "sink_score"),
+    "no prompts": (lambda d: d.update(prompts=[]), "prompts"),
+    "score rows of the wrong shape": (lambda d: d["prompts"][1]["sink_score"].pop(), "sink_score"),
+    "model.layers edited": (lambda d: d["model"].update(layers=d["model"]["layers"] + 1), "model.layers"),
+}
+
+
+@pytest.mark.parametrize("command", ["compare", "scale"])
+@pytest.mark.parametrize("edit", sorted(EDITED_RESULTS))
+def test_hand_edited_results_that_do_not_add_up_are_refused(tmp_path, analyzed, capsys, command, edit):
+    change, field = EDITED_RESULTS[edit]
+    bad = _copy_run(analyzed("tiny-qwen2"), tmp_path / "bad", change)
+    assert cli.main([command, str(analyzed("tiny-llama")), str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = _error(capsys)
+    assert field in err and "re-run `sink-eval analyze`" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_damaged_work_file_is_measured_again_on_resume(tmp_path, analyzed, monkeypatch, capsys):
+    import sink_eval.measure.probe
+    from sink_eval.core.resume import work_dir
+
+    prompts = analyzed("tiny-llama").parent / "prompts.jsonl"
+    out = tmp_path / "resumed"
+    real_probe = sink_eval.measure.probe.probe
+    monkeypatch.setattr(sink_eval.measure.probe, "probe", counted(real_probe, kill_after=2)[0])
+    assert _analyze(prompts, "--out", str(out)) == 130
+    saved = sorted(work_dir(out, "analyze").glob("prompt-*.pt"))
+    saved[0].write_bytes(saved[0].read_bytes()[:100])
+    probe, calls = counted(real_probe)
+    monkeypatch.setattr(sink_eval.measure.probe, "probe", probe)
+    capsys.readouterr()
+    assert _analyze(prompts, "--out", str(out), "--resume") == 0
+    assert len(calls) == 3  # the damaged prompt and the two never probed
+    whole, resumed = (json.loads((d / "results.json").read_text()) for d in (analyzed("tiny-llama"), out))
+    for res in (whole, resumed):
+        del res["provenance"]
+    assert resumed == whole
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(prompts_file, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sink_eval.models.load, "load_model", interrupted)
+    assert _analyze(prompts_file, "--json") == 130
+    assert "interrupted" in _error(capsys)
+
+
+@pytest.mark.parametrize("task", ["nonexistent", "lambada_openai"])
+def test_eval_task_without_data_is_refused_before_the_model_loads(task, no_model, monkeypatch, capsys):
+    pytest.importorskip("lm_eval", reason="the evals extra (lm-eval) is not installed")
+    monkeypatch.delenv("SINK_EVAL_DATA", raising=False)
+    assert cli.main(["eval", "--tasks", task, "--json"]) == 2
+    assert task in _error(capsys)
+
+
+# silent wrong results
+
+
+def test_new_tokens_past_the_models_context_are_refused_before_any_measurement(
+    tmp_path, prompts_file, monkeypatch, capsys
+):
+    import sink_eval.evals.patch_eval
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measurement started")
+
+    monkeypatch.setattr(sink_eval.evals.patch_eval, "run", measured)
+    argv = ["patch-eval", "--model", "tiny-llama", "--prompts", str(prompts_file), "--calibration-prompts"]
+    (tmp_path / "cal.jsonl").write_text('{"id": "c0", "text": "Paris is the capital of France."}\n')
+    argv += [str(tmp_path / "cal.jsonl"), "--new-tokens", "100000000", "--json"]
+    assert cli.main(argv) == 2
+    assert "--new-tokens 100000000" in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["longctx", "--trials", "1000000000000"],
+        ["longctx", "--seeds", "1000000000"],
+        ["taxonomy", "--seeds", "1000000000"],
+        ["patch-eval", "--speed-rounds", "1000000000"],
+        ["patch-eval", "--generations", "1000000000"],
+    ],
+)
+def test_counts_beyond_their_stated_maximum_are_refused_before_the_model_loads(argv, no_model, capsys):
+    assert _code([*argv, "--json"]) == 2
+    assert f"argument {argv[1]}: expected a whole number from 1 to" in capsys.readouterr().err
+
+
+def test_only_one_token_prompts_exit_2_with_json_as_with_out(tmp_path, capsys):
+    path = tmp_path / "short.jsonl"
+    path.write_text('{"text": "A"}\n{"text": "B"}\n')
+    assert _analyze(path, "--json") == 2
+    assert "no non-trivial prompt" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_repeated_threshold_gives_one_row(prompts_file, capsys):
+    assert _analyze(prompts_file, "--threshold", "0.5", "--threshold", "0.5", "--json") == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["settings"]["thresholds"] == [0.5] and len(res["summary"]) == 1
+
+
+def test_a_repeated_policy_gives_one_row():
+    args = cli.build_parser().parse_args(["patch-eval", "--policy", "oracle", "--policy", "oracle", "--json"])
+    assert [p.name for p in cli._policies(args, default=cli.PATCH_EVAL_POLICIES)] == ["oracle"]
+
+
+@pytest.mark.parametrize(("field", "value"), [("id", None), ("id", ["a"]), ("domain", None), ("domain", 3)])
+def test_prompt_id_or_domain_that_is_not_a_string_is_refused(tmp_path, no_model, capsys, field, value):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"text": "x y", field: value}) + "\n")
+    assert _analyze(path, "--json") == 2
+    assert f'"{field}"' in _error(capsys)
+
+
+def test_model_that_is_a_file_is_refused_as_a_file(tmp_path, prompts_file, no_model, monkeypatch, capsys):
+    monkeypatch.chdir(prompts_file.parent.parent)
+    name = f"{prompts_file.parent.name}/{prompts_file.name}"
+    assert cli.main(["analyze", "--model", name, "--prompts", str(prompts_file), "--json"]) == 2
+    err = _error(capsys)
+    assert "is a file" in err and "cache" not in err
+
+
+def test_empty_model_name_is_refused(prompts_file, no_model, capsys):
+    assert cli.main(["analyze", "--model", "", "--prompts", str(prompts_file), "--json"]) == 2
+    assert "--model is empty" in _error(capsys)

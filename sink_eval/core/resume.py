@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sink_eval.core.errors import SinkEvalError
-from sink_eval.core.files import write_text_atomically
+from sink_eval.core.files import output_lock, write_text_atomically
 from sink_eval.core.results import from_json, to_json
 
 KEY_FILE = "key.json"
@@ -32,9 +32,12 @@ def work_dir(out: Path, command: str) -> Path:
 
 
 def check_no_interrupted_run(out: Path, command: str) -> None:
-    """Refuse to start afresh over the partial results of an interrupted run (they would be lost silently)."""
+    """Refuse to start afresh over the partial results of an interrupted run (they would be lost silently), or of a
+    run still going (it holds the lock of `out`, `files.output_lock`: that is the error then)."""
     work = work_dir(out, command)
     if work.exists():
+        with output_lock(out):
+            pass
         raise SinkEvalError(
             f"{work} holds the partial results of an interrupted run for --out {out}; pass --resume to continue "
             f"it, or delete {work} to start over"
