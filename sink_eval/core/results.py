@@ -137,7 +137,10 @@ def _read(tp: Any, value: Any, source: str, where: str, expected: str | None = N
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise mistyped()
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise SinkEvalError(f"{source}: {where or 'the file'} is {str(value)[:20]}…, beyond any float") from None
     if tp is int and isinstance(value, bool):
         raise mistyped()
     if not isinstance(value, tp):
@@ -148,13 +151,17 @@ def _read(tp: Any, value: Any, source: str, where: str, expected: str | None = N
 def read_json_file(path: Path, schema: str, fix: str) -> dict:
     """The parsed JSON object of a file written with `schema`; any other content says what is wrong and `fix`."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError as err:
         raise SinkEvalError(f"no file at {path}; {fix}") from err
     except OSError as err:
         raise SinkEvalError(f"cannot read {path}: {err.strerror}; {fix}") from err
+    except UnicodeDecodeError as err:
+        raise SinkEvalError(f"{path} is not UTF-8 text (byte offset {err.start}); {fix}") from err
     except json.JSONDecodeError as err:
         raise SinkEvalError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}); {fix}") from err
+    except RecursionError as err:
+        raise SinkEvalError(f"{path} is not a results file (its JSON nests too deeply); {fix}") from err
     found = data.get("schema") if isinstance(data, dict) else None
     if found != schema:
         raise SinkEvalError(f"{path} has schema {found!r}, this sink_eval reads {schema!r}; {fix}")

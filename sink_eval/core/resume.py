@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -70,17 +71,24 @@ def _check_key(work: Path, key: dict) -> None:
         )
 
 
+def measure_again(path: Path) -> None:
+    """Rule for a damaged unit (a saved file that does not read back, e.g. one truncated by a full disk): it is
+    measured again and its file rewritten, as the model cache rebuilds a damaged entry; this says so on stderr."""
+    print(f"sink_eval: {path} is damaged; measuring that part again", file=sys.stderr)
+
+
 def once(work: Path | None, name: str, cls: type[T], compute: Callable[[], T]) -> tuple[T, bool]:
     """A unit of work (a dataclass `cls`): the one an earlier run saved in `work` as `name` (JSON), and True; or
-    `compute()`, saved there as `name` (unless `work` is None), and False."""
+    `compute()`, saved there as `name` (unless `work` is None), and False; a damaged saved one is computed again
+    (`measure_again`)."""
     if work is None:
         return compute(), False
     path = work / name
     if path.exists():
         try:
-            return from_json(cls, json.loads(path.read_text(encoding="utf-8")), path), True
-        except (ValueError, SinkEvalError) as err:
-            raise SinkEvalError(f"{path} is unreadable; delete it to redo that part, or {work} to start over") from err
+            return from_json(cls, json.loads(path.read_bytes().decode("utf-8")), path), True
+        except (ValueError, RecursionError, SinkEvalError):
+            measure_again(path)
     value = compute()
     write_text_atomically(path, json.dumps(to_json(value)))
     return value, False
