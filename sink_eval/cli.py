@@ -41,6 +41,11 @@ OUTPUT_WHAT = {
     "longctx": "results.json, report.md, figure",
     "taxonomy": "results.json, report.md, class map",
 }
+# stated maxima of the counts that multiply a run's work (token counts are bounded by the model's context instead)
+MAX_TRIALS = 1000  # longctx --trials: passkey trials per (length, depth)
+MAX_SEEDS = 100  # longctx --seeds (random controls per policy), taxonomy --seeds (random sequences)
+MAX_SPEED_ROUNDS = 100  # patch-eval --speed-rounds
+MAX_BATCH_SIZE = 1024  # eval --batch-size: requests per forward pass
 RESUMABLE = ("analyze", "eval", "longctx")  # commands that save partial results beside --out (sink_eval.core.resume)
 CPU_MAX_LENGTH = 4096  # longctx: longer prompts only with --device cuda
 
@@ -108,7 +113,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     check_max_tokens(args.max_tokens, loaded.model, args.model)
     tokenized = tokenize(loaded.tokenizer, prompts, args.max_tokens, args.truncate)
-    thresholds = tuple(args.threshold or DEFAULT_THRESHOLDS)
+    thresholds = tuple(dict.fromkeys(args.threshold or DEFAULT_THRESHOLDS))  # each once, in the order given
     command = _command_line()
     if args.out is None:
         probed = probe_prompts(loaded, tokenized)
@@ -131,13 +136,11 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     if args.out is not None:
         write_analysis(res, args.out, overwrite=args.overwrite)
         resume.finish(work)
-    figures = args.out is None or has_scored_prompts(res)
-    _print_results(args, res, lambda r: f"{prevalence_table(r)}\n\n{agreement_table(r)}", wrote=figures)
-    if not figures:
-        raise SinkEvalError(
-            f"{NO_NONTRIVIAL_PROMPT}; wrote {args.out} (results.json, report.md) without figures. Give prompts of at "
-            "least two tokens"
-        )
+    scored = has_scored_prompts(res)
+    _print_results(args, res, lambda r: f"{prevalence_table(r)}\n\n{agreement_table(r)}", wrote=scored)
+    if not scored:  # rule: results (printed, and written where --out) that measure nothing, then exit status 2
+        wrote = "" if args.out is None else f"; wrote {args.out} (results.json, report.md) without figures"
+        raise SinkEvalError(f"{NO_NONTRIVIAL_PROMPT}{wrote}. Give prompts of at least two tokens")
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
@@ -244,11 +247,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_patch_eval(args: argparse.Namespace) -> None:
-    from sink_eval.evals.patch_eval import run
+    from sink_eval.evals.patch_eval import continued_prompts, run
     from sink_eval.models.load import load_model
     from sink_eval.policies.base import check_disjoint
     from sink_eval.prompts.prompt_set import (
         check_max_tokens,
+        check_new_tokens,
         default_split,
         long_passages,
         model_context,
@@ -285,6 +289,8 @@ def _cmd_patch_eval(args: argparse.Namespace) -> None:
             tokenize(loaded.tokenizer, long_evaluation, args.long_tokens, truncate=True),
             "long",
         )
+    continued = continued_prompts(policies, eval_t, long[1] if long else None, args.generations)
+    check_new_tokens(args.new_tokens, continued, loaded.model, args.model)
     candidates = calib_t + eval_t + ([tp for group in long[:2] for tp in group] if long else [])
     longest = max(candidates, key=lambda tp: len(tp.input_ids))
     speed_prompt = type(longest)(longest.prompt, longest.input_ids[: args.speed_tokens])
@@ -412,8 +418,9 @@ def _threshold(text: str) -> float:
     return value
 
 
-def _whole_number(least: int) -> Callable[[str], int]:
-    """The argparse type of an option that counts something: a whole number of at least `least`."""
+def _whole_number(least: int, most: int | None = None) -> Callable[[str], int]:
+    """The argparse type of an option that counts something: a whole number of at least `least`, and at most `most`
+    where the count multiplies the run's work (a stated maximum, named in the error and the help)."""
 
     def parse(text: str) -> int:
         try:
@@ -422,6 +429,10 @@ def _whole_number(least: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number of at least {least}, not {text!r}") from None
         if value < least:
             raise argparse.ArgumentTypeError(f"expected a whole number of at least {least}, not {text}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number of at most {most} (its stated maximum), not {text}"
+            )
         return value
 
     return parse
@@ -511,8 +522,25 @@ def _tasks(args: argparse.Namespace) -> list[str]:
     return tasks
 
 
+def _check_tasks(args: argparse.Namespace) -> None:
+    """eval's rule, before the model loads: each task is one sink-eval runs offline, its data file found and
+    readable (`evals.accuracy.locate`, `check_data_file`)."""
+    try:
+        from sink_eval.evals.accuracy import check_data_file, locate
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("lm_eval"):
+            raise
+        raise SinkEvalError("eval needs lm-eval, which is not installed: pip install 'sink-eval[evals]'") from err
+    for task in _tasks(args):
+        check_data_file(task, locate(task, args.data_dir))
+
+
 def validate(args: argparse.Namespace) -> None:
     """Every check of the parsed arguments that needs no model, run before anything loads or is computed."""
+    if getattr(args, "model", None) is not None:
+        from sink_eval.models.load import check_model
+
+        check_model(args.model)
     _check_data_dir(args)
     if args.command in OUTPUT_KINDS:
         _check_output(args)
@@ -526,7 +554,7 @@ def validate(args: argparse.Namespace) -> None:
         _check_long_tokens(args, _policies(args, default=PATCH_EVAL_POLICIES))
     if args.command == "eval":
         _check_copy_policies(_policies(args, default=("calibrated",)))
-        _tasks(args)
+        _check_tasks(args)
         _check_device(args.device)
     if args.command == "longctx":
         _check_longctx(args)
@@ -616,7 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
     patch_eval.add_argument(
         "--speed-tokens", type=_positive_int, default=1024, help="length of the speed prompt (1024)"
     )
-    patch_eval.add_argument("--speed-rounds", type=_positive_int, default=3, help="paired timing rounds (3)")
+    patch_eval.add_argument(
+        "--speed-rounds",
+        type=_whole_number(1, MAX_SPEED_ROUNDS),
+        default=3,
+        help=f"paired timing rounds (3; at most {MAX_SPEED_ROUNDS})",
+    )
     patch_eval.add_argument("--generations", type=_positive_int, default=8, help="greedy continuations compared (8)")
     patch_eval.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens per greedy continuation (32)")
     _output_arguments(patch_eval, "patch-eval")
@@ -630,7 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
     evaluate.add_argument("--tasks", required=True, help="comma-separated, e.g. piqa,arc_easy,hellaswag,sciq")
     evaluate.add_argument("--limit", type=_positive_int, help="only the first N documents of each task")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=8)
+    evaluate.add_argument(
+        "--batch-size", type=_whole_number(1, MAX_BATCH_SIZE), default=8, help=f"(8; at most {MAX_BATCH_SIZE})"
+    )
     evaluate.add_argument("--device", default="cpu", help="torch device to run on, e.g. cuda (cpu)")
     evaluate.add_argument(
         "--data-dir",
@@ -650,8 +685,18 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_arguments(longctx, "calibrated", streaming=True)
     longctx.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096], help="prompt lengths in tokens")
     longctx.add_argument("--depths", type=_depths, default=[0.1, 0.5, 0.9], help="needle depths in (0, 1)")
-    longctx.add_argument("--trials", type=_positive_int, default=10, help="passkey trials per (length, depth) (10)")
-    longctx.add_argument("--seeds", type=_positive_int, default=3, help="random control plans per policy (3)")
+    longctx.add_argument(
+        "--trials",
+        type=_whole_number(1, MAX_TRIALS),
+        default=10,
+        help=f"passkey trials per (length, depth) (10; at most {MAX_TRIALS})",
+    )
+    longctx.add_argument(
+        "--seeds",
+        type=_whole_number(1, MAX_SEEDS),
+        default=3,
+        help=f"random control plans per policy (3; at most {MAX_SEEDS})",
+    )
     longctx.add_argument("--passkey-seed", type=int, default=0, help="passkey seed (0)")
     longctx.add_argument(
         "--streaming-llm",
@@ -684,7 +729,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--induction-threshold", type=_threshold, default=0.5, help="induction and echo threshold theta (0.5)"
     )
     taxonomy.add_argument("--period", type=_positive_int, default=256, help="period T of the random sequences (256)")
-    taxonomy.add_argument("--seeds", type=_positive_int, default=4, help="random sequences, seeds 0..n-1 (4)")
+    taxonomy.add_argument(
+        "--seeds",
+        type=_whole_number(1, MAX_SEEDS),
+        default=4,
+        help=f"random sequences, seeds 0..n-1 (4; at most {MAX_SEEDS})",
+    )
     _output_arguments(taxonomy, "taxonomy")
     taxonomy.set_defaults(func=_cmd_taxonomy)
 

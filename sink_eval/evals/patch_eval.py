@@ -300,6 +300,25 @@ def greedy_prompts(evaluation: list[TokenizedPrompt], generations: int, least: i
     return [i for i in by_length if len(evaluation[i].input_ids) >= least][:generations]
 
 
+def continued_prompts(
+    policies: list[Policy],
+    evaluation: list[TokenizedPrompt],
+    long_evaluation: list[TokenizedPrompt] | None,
+    generations: int,
+) -> list[TokenizedPrompt]:
+    """The prompts `run` continues greedily: where a policy runs on the evaluation prompts, their `generations`
+    shortest of 2+ tokens; for the long-input policies, those of their set (`long_evaluation`, else the evaluation
+    prompts) of `min_tokens`+ tokens."""
+    long_policies = [p for p in policies if p.long_inputs]
+    chosen = []
+    if len(long_policies) < len(policies):
+        chosen += [evaluation[i] for i in greedy_prompts(evaluation, generations, 2)]
+    if long_policies:
+        prompts = evaluation if long_evaluation is None else long_evaluation
+        chosen += [prompts[i] for i in greedy_prompts(prompts, generations, long_policies[0].min_tokens)]
+    return chosen
+
+
 def greedy_generations(ctx: _Context, policy: Policy, new_tokens: int) -> Greedy:
     """Greedy agreement and mean common prefix with the unpatched continuations of the policy's evaluation set."""
     evaluation = ctx.evaluation(policy)

@@ -5,6 +5,7 @@ reachable), in eval mode on a device, with a fingerprint of its weights."""
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,16 +79,68 @@ def _hub_reachable(timeout_s: float = 5.0) -> bool:
         return False
 
 
+CHECKPOINT_FIX = "give a directory written by save_pretrained (a model's config, weights and tokenizer)"
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_model(name: str) -> None:
+    """The checks of --model that load nothing: a zoo name, a hub id, or a checkpoint directory that passes
+    `check_checkpoint_dir`."""
+    if resolve_spec(name) is None and Path(name).expanduser().is_dir():
+        check_checkpoint_dir(Path(name).expanduser())
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """Rules for a local checkpoint directory, checked before it loads: config.json is a JSON object whose
+    `model_type` this transformers knows; it holds weights (one of WEIGHT_FILES); every safetensors file's header
+    reads and covers the file (a truncated or garbage file fails here)."""
+    from safetensors import SafetensorError, safe_open
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = path / "config.json"
+    if not config.is_file():
+        raise SinkEvalError(f"{path} is not a checkpoint directory (it has no config.json); {CHECKPOINT_FIX}")
+    try:
+        model_type = json.loads(config.read_bytes()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise SinkEvalError(f"{config} is not a JSON object of a model's config; {CHECKPOINT_FIX}") from err
+    if model_type not in CONFIG_MAPPING:
+        raise SinkEvalError(
+            f"{config}: model_type {model_type!r} is not a model this transformers knows; {CHECKPOINT_FIX}"
+        )
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise SinkEvalError(f"{path} holds no weights (none of {', '.join(WEIGHT_FILES)}); {CHECKPOINT_FIX}")
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except (OSError, SafetensorError) as err:
+            raise SinkEvalError(f"{weights} is damaged ({err}); {CHECKPOINT_FIX}") from err
+
+
+def _load_checkpoint(path: Path, name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`from_pretrained` of a checkpoint directory (`check_checkpoint_dir` first); what transformers or safetensors
+    refuse in it is one error naming the directory."""
+    from safetensors import SafetensorError
+
+    check_checkpoint_dir(path)
+    try:
+        return from_pretrained(path, dtype)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as err:
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise SinkEvalError(f"cannot load the checkpoint {name}: {cause[:300]}; {CHECKPOINT_FIX}") from err
+
+
 def _load_pretrained(name: str, dtype: torch.dtype) -> LoadedModel:
     """A local checkpoint directory, or a hub id: local cache first, the hub only if reachable."""
     local = Path(name).expanduser()
     if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise SinkEvalError(
-                f"{name} is not a checkpoint directory (it has no config.json); give a directory written by "
-                "save_pretrained, a zoo name or a hub id"
-            )
-        model, tokenizer = from_pretrained(local, dtype)
+        model, tokenizer = _load_checkpoint(local, name, dtype)
         return LoadedModel(model, tokenizer, _spec_from_config(name, model.config), _files_fingerprint(local))
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -116,7 +169,7 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> LoadedModel:
                 f"cannot download '{name}' from the Hugging Face hub: check the id and your access token "
                 f"(`hf auth login`).\n  cause: {err}"
             ) from err
-    model, tokenizer = from_pretrained(snapshot, dtype)
+    model, tokenizer = _load_checkpoint(snapshot, name, dtype)
     return LoadedModel(model, tokenizer, _spec_from_config(name, model.config), _files_fingerprint(snapshot))
 
 

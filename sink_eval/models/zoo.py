@@ -141,10 +141,24 @@ ZOO: dict[str, ModelSpec] = {
 
 
 def resolve_spec(name: str) -> ModelSpec | None:
-    """The zoo entry for `name`; None for a hub id ("org/model") or an existing local directory."""
+    """The zoo entry for `name`; None for a hub id ("org/model") or an existing local directory. An empty name or an
+    existing file is refused (neither is a model; "" would be the working directory)."""
+    if not name.strip():
+        raise SinkEvalError(
+            "--model is empty: give a zoo name (`sink-eval models` lists them), a hub id (org/name) or a checkpoint "
+            "directory"
+        )
     if name in ZOO:
         return ZOO[name]
-    if Path(name).expanduser().is_dir() or (name.count("/") == 1 and not name.startswith(("/", "."))):
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return None
+    if local.exists():
+        raise SinkEvalError(
+            f"--model {name} is a file, not a model: give a zoo name, a hub id (org/name) or a checkpoint directory "
+            "(prompts go to --prompts)"
+        )
+    if name.count("/") == 1 and not name.startswith(("/", ".")):
         return None
     raise SinkEvalError(
         f"unknown model '{name}'. Known models: {', '.join(ZOO)}; "

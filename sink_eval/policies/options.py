@@ -23,6 +23,7 @@ from sink_eval.patches.base import is_index
 
 HYBRID_BASES = ("first_layer", "calibrated", "oracle")
 CALIBRATION_SPANS = 4  # a streaming policy calibrates on prompts of at least 4 (s + w) tokens
+MAX_SEED = 2**63 - 1  # the random policy's seed: a signed 64-bit torch generator seed
 
 
 def check_unit(value: float, what: str) -> None:
@@ -128,9 +129,13 @@ class RandomOptions(StreamingOptions):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        """Rule: the seed is a whole number that a torch generator takes as it is, 0 <= seed <= MAX_SEED."""
         super().__post_init__()
-        if not is_index(self.seed):
-            raise SinkEvalError(f"the random policy's seed is an int, not {self.seed!r}")
+        if not is_index(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise SinkEvalError(
+                f"the random policy's seed (--seed) is a whole number from 0 to 2**63 - 1 = {MAX_SEED}, not "
+                f"{self.seed!r}"
+            )
 
     @property
     def label(self) -> str:

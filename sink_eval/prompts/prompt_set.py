@@ -65,14 +65,35 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
             raise SinkEvalError(f'{where}: each line needs a string field "text", e.g. {{"text": "Once upon"}}')
         if not record["text"].strip():
             raise SinkEvalError(f"{where}: the prompt text is empty; remove the line or give it text")
-        prompt_id = str(record.get("id", f"{path.stem}-{number}"))
+        prompt_id = _text_field(record, "id", f"{path.stem}-{number}", where, numbers=True)
         if prompt_id in seen:
             raise SinkEvalError(f"{where}: duplicate id {prompt_id!r}; ids must be unique")
         seen.add(prompt_id)
-        prompts.append(Prompt(id=prompt_id, domain=str(record.get("domain", "unspecified")), text=record["text"]))
+        domain = _text_field(record, "domain", "unspecified", where)
+        prompts.append(Prompt(id=prompt_id, domain=domain, text=_text_field(record, "text", "", where)))
     if not prompts:
         raise SinkEvalError(f'prompt file {path} has no prompts: write one JSON object per line with a "text"')
     return prompts
+
+
+def _text_field(record: dict, name: str, default: str, where: str, numbers: bool = False) -> str:
+    """A prompt record's field `name` as text (`default` where absent). Rules: a string (a whole number too where
+    `numbers`: an id may be 7), made only of characters (no lone surrogate such as "\\ud800", which no tokenizer
+    or UTF-8 file can hold)."""
+    value = record.get(name, default)
+    if numbers and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        kind = "a string or a whole number" if numbers else "a string"
+        raise SinkEvalError(f'{where}: "{name}" must be {kind}, not {json.dumps(value)[:40]}; fix it or leave it out')
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise SinkEvalError(
+            f'{where}: "{name}" holds a lone surrogate ({value[err.start]!r} at character {err.start}), which is not '
+            "a character; fix the \\u escape"
+        ) from err
+    return value
 
 
 @functools.cache
@@ -179,3 +200,21 @@ def check_max_tokens(max_tokens: int, model, name: str) -> None:
             f"--max-tokens {max_tokens} exceeds {name}'s context of {context} tokens; pass --max-tokens {context} "
             "or less (with --truncate to cut longer prompts)"
         )
+
+
+def check_new_tokens(new_tokens: int, continued: list[TokenizedPrompt], model, name: str) -> None:
+    """Rule for a command that continues prompts: the longest prompt continued plus --new-tokens fits the model's
+    context."""
+    context = model_context(model)
+    longest = max((len(p.input_ids) for p in continued), default=0)
+    if context is None or longest + new_tokens <= context:
+        return
+    fix = (
+        f"pass --new-tokens {context - longest} or less"
+        if longest < context
+        else "give shorter prompts (--max-tokens, --long-tokens)"
+    )
+    raise SinkEvalError(
+        f"--new-tokens {new_tokens}: a continued prompt of {longest} tokens would run to {longest + new_tokens}, past "
+        f"{name}'s context of {context} tokens; {fix}"
+    )
