@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -774,3 +775,77 @@ def test_model_that_is_a_file_is_refused_as_a_file(tmp_path, prompts_file, no_mo
 def test_empty_model_name_is_refused(prompts_file, no_model, capsys):
     assert cli.main(["analyze", "--model", "", "--prompts", str(prompts_file), "--json"]) == 2
     assert "--model is empty" in _error(capsys)
+
+
+# fuzz of the results readers
+
+
+DELETE = object()  # an edit that removes the key or element
+JSON_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(0, 1),
+    st.text(max_size=8),
+)
+JSON_VALUES = st.recursive(
+    JSON_LEAVES,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _nodes(value, path: tuple = ()) -> list[tuple]:
+    """The path of every value inside a parsed JSON value (keys and indices from the top)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [path + (key,) for key, _ in items] + [p for key, sub in items for p in _nodes(sub, path + (key,))]
+
+
+def _like(value) -> st.SearchStrategy:
+    """Values of the kind of `value`: the plausible hand edit."""
+    if isinstance(value, bool):
+        return st.booleans()
+    if isinstance(value, int):
+        return st.integers(-3, 10**6)
+    if isinstance(value, float) or value is None:
+        return st.floats(0, 1) | st.floats(allow_nan=True, allow_infinity=True) | st.none()
+    return st.text(max_size=8) if isinstance(value, str) else JSON_VALUES
+
+
+def _node(data, path: tuple):
+    return functools.reduce(lambda node, key: node[key], path, data)
+
+
+def _edited(data, path: tuple, value) -> None:
+    parent = _node(data, path[:-1])
+    if value is DELETE:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), edits=st.integers(1, 3), cut=st.tuples(st.integers(0, 3), st.integers(0, 10**9)))
+def test_results_reader_fuzz_gives_results_or_a_sink_eval_error(analyzed, tmp_path, data, edits, cut):
+    """A results.json of tiny-qwen2 with up to three values anywhere in it replaced (by any JSON value or one of the
+    same kind) or removed, and one time in four cut short: the readers of compare and scale accept it, and then
+    compare, scale and their tables run, or they refuse it in a SinkEvalError; never another exception."""
+    from sink_eval.analyses.scale import read_inputs, scale
+    from sink_eval.reports.compare import compare_report
+    from sink_eval.reports.scale import claims_table
+
+    results = json.loads((analyzed("tiny-qwen2") / "results.json").read_text())
+    for _ in range(edits):
+        path = data.draw(st.sampled_from(_nodes(results)))
+        _edited(results, path, data.draw(st.one_of(st.just(DELETE), JSON_VALUES, _like(_node(results, path)))))
+    text = json.dumps(results).encode()
+    fuzzed = tmp_path / "fuzzed"
+    fuzzed.mkdir(exist_ok=True)
+    (fuzzed / "results.json").write_bytes(text if cut[0] < 3 else text[: cut[1] % (len(text) + 1)])
+    good = AnalysisResult.read(analyzed("tiny-llama"))
+    try:
+        compare_report(good, AnalysisResult.read(fuzzed), "good", "fuzzed")
+        claims_table(scale(read_inputs([analyzed("tiny-llama"), fuzzed])))
+    except SinkEvalError:
+        return
