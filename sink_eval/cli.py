@@ -776,6 +776,14 @@ def _interrupted(args: argparse.Namespace) -> str:
     return "interrupted"
 
 
+def _close_progress_bars() -> None:
+    """End the line of every progress bar an interrupted run left open, so that its last line stands alone."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command: 0 on success; a `SinkEvalError` is one line and exit status 2; Ctrl-C one line and 130."""
     args = build_parser().parse_args(argv)
@@ -787,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sink-eval: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"sink-eval: {_interrupted(args)}", file=sys.stderr)
         return 130
     return 0

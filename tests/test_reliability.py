@@ -693,7 +693,17 @@ def test_ctrl_c_prints_one_line_and_exits_130(prompts_file, monkeypatch, capsys)
 
     monkeypatch.setattr(sink_eval.models.load, "load_model", interrupted)
     assert _analyze(prompts_file, "--json") == 130
-    assert "interrupted" in _error(capsys)
+    assert _error(capsys) == "sink-eval: interrupted"
+
+
+def test_ctrl_c_during_a_progress_bar_prints_its_line_after_the_bar(prompts_file, monkeypatch, capsys):
+    import sink_eval.measure.probe
+
+    probe = counted(sink_eval.measure.probe.probe, kill_after=1)[0]
+    monkeypatch.setattr(sink_eval.measure.probe, "probe", probe)
+    assert _analyze(prompts_file, "--json") == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1] == "sink-eval: interrupted"
 
 
 @pytest.mark.parametrize("task", ["nonexistent", "lambada_openai"])
