@@ -260,9 +260,15 @@ class SinkLM(HFLM):
     """lm-eval's HFLM around a sink_eval model, each forward pass under the copy plan of `policy` (none: unpatched).
 
     model_args: pretrained (zoo name, hub id or local dir), policy, the `POLICY_ARGS` (threshold, consistency,
-    chance_corrected, hybrid_base, max_tokens, decode_steps: those the policy reads), data_dir, batch_size. From
-    Python, `calibration`: the probe statistics a static policy is calibrated on (default: `calibration_stats`, the
-    calibration half of the default prompt set).
+    chance_corrected, hybrid_base, max_tokens, decode_steps: those the policy reads), data_dir, batch_size, device
+    (lm-eval's --device; cpu by default), device_map (instead of device: e.g. auto, for a model larger than one
+    device; `load_model`). From Python, `calibration`: the probe statistics a static policy is calibrated on
+    (default: `calibration_stats`, the calibration half of the default prompt set).
+
+    Data parallel: under `accelerate launch --num_processes N -m lm_eval --model sink_hf ...` each process loads the
+    model onto its own device (the CPU with `--cpu`, over gloo; else its GPU) and scores every N-th request,
+    and process 0 gathers and writes the results (`_join_launched_processes`). Every process makes the same plans
+    (calibration is deterministic), so a request's log-likelihood does not depend on N.
     """
 
     def __init__(
@@ -272,9 +278,19 @@ class SinkLM(HFLM):
         data_dir: str | Path | None = None,
         batch_size: int | str = 8,
         calibration: list[PromptStats] | None = None,
+        device: str | None = None,
+        device_map: str | None = None,
         **kwargs,
     ):
-        loaded = pretrained if isinstance(pretrained, LoadedModel) else load_model(pretrained)
+        if isinstance(pretrained, LoadedModel):
+            loaded = pretrained
+        else:
+            launched = launched_device()
+            if launched is not None:
+                device, device_map = str(launched), None
+            elif device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+                device = "cpu"  # lm-eval's command line asks for cuda by default; its HFLM too falls back then
+            loaded = load_model(pretrained, device=device or "cpu", device_map=device_map or None)
         args = {name: kwargs.pop(name, default) for name, default in POLICY_ARGS.items()}
         self.policy = copy_policy(policy, **args) if policy else None
         self.shape = model_shape(loaded.model)
@@ -290,9 +306,30 @@ class SinkLM(HFLM):
             raise SinkEvalError(
                 f"policy {self.policy.name} plans each request: give a number as batch_size, not {batch_size}"
             )
-        kwargs.pop("device", None)
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, **kwargs)
         self.loaded = loaded
+        if not isinstance(pretrained, LoadedModel):
+            self._join_launched_processes()
+
+    def _join_launched_processes(self) -> None:
+        """Under `accelerate launch` with several processes, take this process's rank among them. lm-eval's HFLM
+        does this only for a model it loads itself, on more than one GPU; sink_hf loads its own, on any device, so
+        the rank and world size are set here (lm-eval then splits the requests by them and gathers the results on
+        process 0)."""
+        if launched_device() is None:
+            return
+        from datetime import timedelta
+
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        accelerator = Accelerator(
+            cpu=_launched_on_cpu(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))]
+        )
+        self.accelerator = accelerator
+        self._device = accelerator.device
+        self._rank = accelerator.process_index  # global: lm-eval gathers on rank 0, across machines too
+        self._world_size = accelerator.num_processes
 
     def _copy_plan(self, prompt: PromptStats | None, calibration: list[PromptStats] | tuple = ()) -> CopyPlan:
         assert self.policy is not None, "only a policy makes plans"
@@ -370,6 +407,22 @@ class SinkLM(HFLM):
                 "sink_hf runs loglikelihood tasks under a copy plan; generation tasks are not supported"
             )
         return super()._model_generate(*args, **kwargs)
+
+
+def _launched_on_cpu() -> bool:
+    """Whether the launched processes run on the CPU: no GPU here, or ACCELERATE_USE_CPU set (accelerate's --cpu)."""
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
+def launched_device() -> torch.device | None:
+    """This process's device when `accelerate launch` (or torchrun) started it as one of several processes, else None:
+    the CPU where there is no GPU (the processes talk over gloo), else the GPU of its local rank. Accelerate's process
+    state is made here first, with `cpu` set so, since without it a CPU process would see no distributed run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=_launched_on_cpu()).device
 
 
 def _left_padded(inputs: list[tuple[int, ...]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
