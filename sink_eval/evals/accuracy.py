@@ -32,6 +32,7 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -611,11 +612,13 @@ def run_eval(
     out: Path | None = None,
     resume_run: bool = False,
     calibration: list[PromptStats] | None = None,
+    deadline: float | None = None,
 ) -> EvalResult:
     """The unpatched model, then each (copy) policy, on `tasks`, one task at a time, each in shards of `SHARD_DOCS` documents. `out`: save each (run, task, shard) in `resume.work_dir(out, "eval")` as it
     finishes (the caller removes it once the results are written); `resume_run`: continue from what an interrupted
     run with the same key saved there. `calibration`: as `SinkLM`'s (each static plan it makes is recorded in the
-    results and in the resume key)."""
+    results and in the resume key). `deadline` (a `time.monotonic()` value, with `out`): start no shard that would
+    end after it, judged by the last shard's time, and raise `OutOfTime` instead; the shards done stay saved."""
     documents = {task: check_data_file(task, locate(task, data_dir)) for task in tasks}
     task_shards = {task: shards(min(n, limit or n), SHARD_DOCS) for task, n in documents.items()}
     settings = EvalSettings(
@@ -632,6 +635,19 @@ def run_eval(
     options = [{} if policy is None else model_args(policy) for policy in every]
     lms = [SinkLM(loaded, data_dir=data_dir, batch_size=batch_size, calibration=calibration, **o) for o in options]
     work = None if out is None else resume.open_work_dir(out, _work_key(loaded, lms, settings), resume_run, "eval")
+    last_shard_s = [0.0]
+
+    def in_time(compute: Callable[[], _TaskRun]) -> Callable[[], _TaskRun]:
+        def run() -> _TaskRun:
+            now = time.monotonic()
+            if deadline is not None and now + last_shard_s[0] > deadline:
+                raise OutOfTime(f"the time budget ended; the shards done are saved in {work}")
+            value = compute()
+            last_shard_s[0] = time.monotonic() - now
+            return value
+
+        return run
+
     runs = []
     for index, (policy, lm) in enumerate(zip(every, lms, strict=True)):
         parts = {
@@ -641,7 +657,7 @@ def run_eval(
                         work,
                         f"run-{index:03d}-{task}-{k:03d}.json",
                         _TaskRun,
-                        functools.partial(_evaluate_task, lm, task, docs, data_dir),
+                        in_time(functools.partial(_evaluate_task, lm, task, docs, data_dir)),
                     )[0]
                     for k, docs in enumerate(task_shards[task])
                 ]
@@ -674,6 +690,10 @@ def run_eval(
         runs=runs,
         provenance=provenance(command, ("sink_eval", "torch", "transformers", "lm_eval")),
     )
+
+
+class OutOfTime(Exception):
+    """`run_eval` stopped at its deadline; what it finished is saved for `resume_run`."""
 
 
 def _device_name(device: torch.device) -> str:
