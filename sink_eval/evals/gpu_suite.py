@@ -3,10 +3,10 @@ streaming patch's speed and memory at long contexts, then, in the time left, the
 
 Parts, in order (`--parts`), each bounded by the time budget (`budget_s`, wall, from the start of the suite):
 1. correctness: each model (the tiny random models and smollm2-135m) in each dtype (fp32, bf16) on the device against
-   the same model in fp32 on the CPU, on a left-padded batch of random ids: the probe's sink scores (max absolute difference), the
-   logits of a copy plan and of a streaming plan in a full pass (relative error ‖Δ‖ / ‖ref‖ over the real positions),
-   the logits of decode steps fed fixed ids into the streaming plan's own cache (relative error), that cache's KV
-   bytes (equal to the CPU's, scaled by the element size), and that a cache streaming every candidate head stays the
+   the same model in fp32 on the CPU, on a left-padded batch of random ids: the probe's sink scores (max absolute
+   difference), the logits of a copy plan and of a streaming plan in a full pass (relative error ‖Δ‖ / ‖ref‖ over
+   the real positions), the logits of decode steps fed fixed ids into the streaming plan's own cache (relative
+   error), that cache's KV bytes (equal to the CPU's, scaled by the element size), and that a cache streaming every candidate head stays the
    same size as it decodes (the constant-size cache). Tolerances (`TOLERANCES`): fp32 tight, bf16 looser.
 2. speed: the streaming plan that streams half of each layer's KV groups whole (s = 4, w = 256) on the Llama-3.1-8B
    shape (random weights, bf16: a shape benchmark, never a fidelity figure) and on qwen2.5-coder-1.5b (real weights,
@@ -488,9 +488,9 @@ def speed_model(name: str, cfg: SuiteConfig, device: torch.device) -> tuple[torc
 
         shape = cfg.llama_shape
         described = (
-            f"{shape['num_hidden_layers']} layers, {shape['hidden_size']} hidden, {shape['num_attention_heads']} heads, "
-            f"{shape['num_key_value_heads']} KV heads, {shape['intermediate_size']} intermediate, vocab "
-            f"{shape['vocab_size']}"
+            f"{shape['num_hidden_layers']} layers, {shape['hidden_size']} hidden, "
+            f"{shape['num_attention_heads']} heads, {shape['num_key_value_heads']} KV heads, "
+            f"{shape['intermediate_size']} intermediate, vocab {shape['vocab_size']}"
         )
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(0)

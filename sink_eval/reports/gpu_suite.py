@@ -120,13 +120,13 @@ def suite_report(res: GpuSuiteResult) -> str:
                 f"Time budget {res.budget_s:.0f} s; wall: {wall}. torch CUDA {d.cuda or 'none'}; TF32 "
                 f"{'on' if d.tf32 else 'off'} for float32 matmuls.",
                 "## Correctness against the CPU",
-                "Each model in each dtype on the device against the same model in float32 on the CPU, on a left-padded "
-                "batch of random ids: sink scores of the probe (max absolute difference); logits of a copy plan and of a streaming plan "
-                "(half the KV groups) in a full pass, and of "
+                "Each model in each dtype on the device against the same model in float32 on the CPU, on a "
+                "left-padded batch of random ids: sink scores of the probe (max absolute difference); logits of a copy "
+                "plan and of a streaming plan (half the KV groups) in a full pass, and of "
                 f"{DECODE_CHECK_STEPS} decode steps fed fixed ids into the streaming plan's own cache (relative error "
-                "over the real positions); that cache's KV bytes against the CPU's, scaled by the element size; a cache "
-                f"streaming every candidate head: its bytes after {DECODE_CHECK_STEPS} decode steps against after 1 (the "
-                "constant-size cache).",
+                "over the real positions); that cache's KV bytes against the CPU's, scaled by the element size; a "
+                f"cache streaming every candidate head: its bytes after {DECODE_CHECK_STEPS} decode steps against "
+                "after 1 (the constant-size cache).",
                 correctness_table(res) if res.correctness else "(not run)",
                 *(["Skipped models:", "\n".join(skipped)] if skipped else []),
                 "## Speed and memory of the streaming patch",
