@@ -7,7 +7,8 @@ Parts, in order (`--parts`), each bounded by the time budget (`budget_s`, wall, 
    difference), the logits of a copy plan and of a streaming plan in a full pass (relative error ‖Δ‖ / ‖ref‖ over
    the real positions), the logits of decode steps fed fixed ids into the streaming plan's own cache (relative
    error), that cache's KV bytes (equal to the CPU's, scaled by the element size), and that a cache streaming every
-   candidate head stays the same size as it decodes (the constant-size cache). Tolerances (`TOLERANCES`): fp32 tight, bf16 looser.
+   candidate head stays the same size as it decodes (the constant-size cache). Tolerances (`TOLERANCES`): fp32
+   tight, bf16 looser.
 2. speed: the streaming plan that streams half of each layer's KV groups whole (s = 4, w = 256) on the Llama-3.1-8B
    shape (random weights, bf16: a shape benchmark, never a fidelity figure) and on qwen2.5-coder-1.5b (real weights,
    bf16), at 8k / 16k / 32k tokens, batch 1 and 8: prefill and decode time (paired against the unpatched model, the
