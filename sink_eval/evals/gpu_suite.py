@@ -236,7 +236,7 @@ class SpeedCase:
 class EvalPart:
     model: str
     tasks: list[str]
-    status: str  # "complete", "partial" (the budget ended; --resume continues) or "skipped"
+    status: str  # "complete", "partial" (the budget ended first; --resume continues) or "skipped" (no model or data)
     reason: str
     shards_done: int
     shards_total: int
@@ -729,7 +729,7 @@ def eval_part(
         eval_work = resume.work_dir(out, "eval")
         done = len(list(eval_work.glob("run-*.json"))) if eval_work.exists() else 0
         if time.monotonic() >= deadline:
-            parts.append(EvalPart(name, list(tasks), "partial" if done else "skipped", "budget", done, total, None, {}))
+            parts.append(EvalPart(name, list(tasks), "partial", "the time budget ended first", done, total, None, {}))
             continue
         try:
             loaded = load_model(name, device=cfg.device)
