@@ -14,5 +14,6 @@ LAYERS = (
     ("policies",),  # statistics -> plans, one class per policy, and their random controls
     ("analyses", "evals"),  # analyze / taxonomy / scale; patch-eval / lm-eval accuracy / longctx / speed
     ("reports", "baselines"),  # tables, figures, Markdown; committed measurements with bands
+    ("pytest_plugin",),  # markers, options, session fixtures and ready-made checks; `[tool.sink_eval]`
     ("cli", "lm_eval_plugin"),  # the `sink-eval` command; the `lm_eval` hook
 )

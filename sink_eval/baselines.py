@@ -7,11 +7,16 @@ value, standard error and band rule whenever a baseline is read: one that differ
 value outside its metric's range ([0, 1] for a fraction or an accuracy, [-1, 1] for a change of accuracy), was edited
 by hand and is refused.
 
+A band must be able to fail on a broken model: one that includes its key's degenerate value (chance accuracy, zero
+sinks, passkey 0: `Kind.degenerate`) is refused when a baseline is written, with the number of documents, trials or
+prompts it would need (`undiscriminating`). A baseline is written with a checksum of its content; one whose content
+no longer matches it (an edited SE, ×10 or Infinity, is as refused as an edited band) was edited by hand.
+
 Beside the bands, a regression layer answers "did anything change?" rather than "is this the same model within
-sampling error?": a baseline also stores the raw per-prompt sink scores (analysis) and the per-request
-log-likelihoods (eval) of its run, and a measurement whose numbers differ from them by more than a numerical
-tolerance (`SINK_SCORE_TOLERANCE`, `LOGLIK_TOLERANCE`) has changed, whatever its bands say (`moved_prompts`,
-`moved_requests`, `regression_message`).
+sampling error?": a baseline also stores the raw per-prompt sink scores (analysis), the per-request log-likelihoods
+(eval), and the per-passage NLLs and per-trial passkey answers (longctx) of its run, and a measurement whose numbers
+differ from them by more than a numerical tolerance (`SINK_SCORE_TOLERANCE`, `LOGLIK_TOLERANCE`) has changed,
+whatever its bands say (`moved_prompts`, `moved_requests`, `regression_message`).
 """
 
 from __future__ import annotations
@@ -21,13 +26,12 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.core.files import write_text_atomically
-from sink_eval.core.results import ModelId, from_json, read_json_file, with_schema, without_schema
+from sink_eval.core.results import ModelId, Provenance, from_json, read_json_file, with_schema, without_schema
 
 if TYPE_CHECKING:
     from sink_eval.analyses.analyze import AnalysisResult
@@ -72,11 +76,26 @@ def band(value: float | None, se: float | None) -> Band:
     return Band(value, se, value - half, value + half)
 
 
-@dataclass
-class AnalysisProvenance:
+@dataclass(kw_only=True)
+class RunProvenance:
+    """What made a baseline: the measurement's date, the command, the versions, the code and the machine
+    (`core.results.Provenance`; code and machine are None in a file written before they were recorded)."""
+
     date: str
     command: str
     versions: dict[str, str]
+    code: str | None = None
+    machine: str | None = None
+
+
+def _run(measured: Provenance, command: str) -> dict[str, Any]:
+    """The `RunProvenance` fields of a measurement, under the command that (re)writes its baseline."""
+    return {"date": measured.date, "command": command, "versions": measured.versions, "code": measured.code,
+            "machine": measured.machine}  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class AnalysisProvenance(RunProvenance):
     prompt_set_sha256: str
     n_prompts: int
 
@@ -89,13 +108,11 @@ class AnalysisBaseline:
     band_rule: str
     values: dict[str, Band]
     sink_scores: dict[str, list[list[float | None]]]  # prompt id -> (layers, heads), as in the results
+    checksum: str | None = None  # `_checksum` of the rest, written by `write_baseline`
 
 
-@dataclass
-class EvalProvenance:
-    date: str
-    command: str
-    versions: dict[str, str]
+@dataclass(kw_only=True)
+class EvalProvenance(RunProvenance):
     settings: dict[str, Any]  # tasks, limit, splits, data_sha256, batch_size
     settings_sha256: str
     plans: dict[str, dict[str, Any]]  # label -> the static copy plan its accuracy was measured with
@@ -110,13 +127,11 @@ class EvalBaseline:
     band_rule: str
     values: dict[str, Band]
     loglik: dict[str, dict[str, list[list[float]]]]  # run label -> task -> per document, per choice (`TaskScore`)
+    checksum: str | None = None
 
 
-@dataclass
-class LongctxProvenance:
-    date: str
-    command: str
-    versions: dict[str, str]
+@dataclass(kw_only=True)
+class LongctxProvenance(RunProvenance):
     settings: dict[str, Any]  # lengths, depths, trials, seed, new tokens, passages and their SHA-256
     settings_sha256: str
     plans: dict[str, dict[str, Any]]  # run label -> the copy plan it was measured with
@@ -124,13 +139,26 @@ class LongctxProvenance:
 
 
 @dataclass
+class PasskeyTrials:
+    """A run's passkey cell at one length: its depth, whether it is informative, each trial's greedy answer and
+    score (none where a plan runs no trial: an uninformative cell)."""
+
+    depth: float
+    informative: bool
+    answers: list[str]
+    correct: list[bool]
+
+
+@dataclass
 class LongctxBaseline:
-    SCHEMA: ClassVar[str] = "sink_eval.longctx_baseline/1"
+    SCHEMA: ClassVar[str] = "sink_eval.longctx_baseline/2"  # /2: per-trial passkey answers, checksum
     model: ModelId
     provenance: LongctxProvenance
     band_rule: str
     values: dict[str, Band]
     passage_nll: dict[str, dict[str, list[float]]]  # run label -> length -> mean token NLL per evaluation passage
+    passkey: dict[str, dict[str, list[PasskeyTrials]]]  # run label -> length -> its cells
+    checksum: str | None = None
 
 
 Baseline = AnalysisBaseline | EvalBaseline | LongctxBaseline
@@ -155,6 +183,8 @@ class Kind:
     band_rule: str
     identity: tuple[IdentityKey, ...]
     value_range: Callable[[str], tuple[float, float]]
+    degenerate: Callable[[str, Any], float | None]  # (key, baseline) -> what a broken model would measure there
+    count: Callable[[str, Any], tuple[int, str]]  # (key, baseline) -> the prompts, documents or trials behind it
 
     @property
     def fix(self) -> str:
@@ -202,6 +232,22 @@ def _analysis_range(key: str) -> tuple[float, float]:
     return (0.0, 1.0)
 
 
+UNPATCHED = "unpatched"
+
+
+def _eval_degenerate(key: str, baseline: EvalBaseline) -> float | None:
+    """A task's chance accuracy (`evals.accuracy.TASKS`); for a policy's change against unpatched, chance minus the
+    unpatched accuracy (the patch broke the model)."""
+    from sink_eval.evals.accuracy import TASKS
+
+    task, run = key.split("/", 1)
+    chance = TASKS[task].chance if task in TASKS else None
+    if chance is None or run == f"{UNPATCHED}/acc":
+        return chance
+    unpatched = baseline.values.get(f"{task}/{UNPATCHED}/acc")
+    return None if unpatched is None or unpatched.value is None else chance - unpatched.value
+
+
 def _eval_range(key: str) -> tuple[float, float]:
     return (-1.0, 1.0) if key.endswith("/change") else (0.0, 1.0)
 
@@ -215,6 +261,8 @@ ANALYSIS = Kind(
         IdentityKey("provenance.prompt_set_sha256", _other_prompts),
     ),
     value_range=_analysis_range,
+    degenerate=lambda key, baseline: 0.0 if key.startswith("prevalence/") and key.endswith("/all") else None,
+    count=lambda key, baseline: (baseline.provenance.n_prompts, "prompts"),
 )
 EVAL = Kind(
     cls=EvalBaseline,
@@ -229,6 +277,8 @@ EVAL = Kind(
         IdentityKey("provenance.plans", _other_plans),
     ),
     value_range=_eval_range,
+    degenerate=_eval_degenerate,
+    count=lambda key, baseline: (len(baseline.loglik[UNPATCHED][key.split("/", 1)[0]]), "documents"),
 )
 
 
@@ -238,6 +288,12 @@ def _other_longctx_settings(stored: str, measured: str) -> str:
 
 def _other_longctx_plans(stored: dict, measured: dict) -> str:
     return f"was measured with other plans ({sorted(stored)} then, {sorted(measured)} now, or other heads)"
+
+
+def _longctx_count(key: str, baseline: LongctxBaseline) -> tuple[int, str]:
+    """The trials of the informative cells behind a passkey key ("passkey/<run>/L=<length>")."""
+    label, length = key.split("/", 1)[1].rsplit("/L=", 1)
+    return sum(len(cell.correct) for cell in baseline.passkey[label][length] if cell.informative), "trials"
 
 
 def _longctx_range(key: str) -> tuple[float, float]:
@@ -259,6 +315,8 @@ LONGCTX = Kind(
         IdentityKey("provenance.plans", _other_longctx_plans),
     ),
     value_range=_longctx_range,
+    degenerate=lambda key, baseline: 0.0 if key.startswith("passkey/") else None,
+    count=_longctx_count,
 )
 KINDS = (ANALYSIS, EVAL, LONGCTX)
 
@@ -288,9 +346,7 @@ def make_baseline(res: AnalysisResult, command: str) -> AnalysisBaseline:
     return AnalysisBaseline(
         model=ModelId(res.model.name, res.model.fingerprint),
         provenance=AnalysisProvenance(
-            date=res.provenance.date,
-            command=command,
-            versions=res.provenance.versions,
+            **_run(res.provenance, command),
             prompt_set_sha256=res.settings.prompt_set_sha256,
             n_prompts=len(res.prompts),
         ),
@@ -330,9 +386,7 @@ def make_eval_baseline(res: EvalResult, command: str) -> EvalBaseline:
     return EvalBaseline(
         model=ModelId(res.model.name, res.model.fingerprint),
         provenance=EvalProvenance(
-            date=datetime.now(UTC).isoformat(timespec="seconds"),
-            command=command,
-            versions=res.provenance.versions,
+            **_run(res.provenance, command),
             settings={
                 "tasks": s.tasks,
                 "limit": s.limit,
@@ -384,9 +438,7 @@ def make_longctx_baseline(res: LongctxResult, command: str, wall_s: float) -> Lo
     return LongctxBaseline(
         model=ModelId(res.model.name, res.model.fingerprint),
         provenance=LongctxProvenance(
-            date=datetime.now(UTC).isoformat(timespec="seconds"),
-            command=command,
-            versions=res.provenance.versions,
+            **_run(res.provenance, command),
             settings=settings,
             settings_sha256=hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
             plans={run.label: run.plan for run in res.runs if run.plan is not None},
@@ -395,7 +447,40 @@ def make_longctx_baseline(res: LongctxResult, command: str, wall_s: float) -> Lo
         band_rule=LONGCTX.band_rule,
         values={k: band(m.value, m.se) for k, m in longctx_values(res).items()},
         passage_nll={run.label: {str(row.length): row.passage_nll for row in run.lengths} for run in res.runs},
+        passkey={
+            run.label: {
+                str(row.length): [PasskeyTrials(c.depth, c.informative, c.answers, c.correct) for c in row.passkey]
+                for row in run.lengths
+            }
+            for run in res.runs
+        },
     )
+
+
+def undiscriminating(baseline: Baseline) -> list[str]:
+    """The bands that include their key's degenerate value (`Kind.degenerate`: chance accuracy, zero sinks, passkey
+    0), i.e. checks a broken model could pass, each with the count it would need: the SE shrinks as 1 / √n, so a
+    band of SE s over n excludes a value d away from its own once n' > n (2 s / d)²; none does where the value lies
+    within the band's floor (MIN_HALF_WIDTH) of the degenerate one."""
+    kind = _kind(baseline)
+    problems = []
+    for key, stored in baseline.values.items():
+        degenerate = kind.degenerate(key, baseline)
+        if degenerate is None or stored.value is None or stored.lo is None or stored.hi is None:
+            continue
+        if not stored.lo <= degenerate <= stored.hi:
+            continue
+        n, unit = kind.count(key, baseline)
+        gap = abs(stored.value - degenerate)
+        where = (
+            f"{key}: band [{stored.lo:.3f}, {stored.hi:.3f}] includes {degenerate:.3f}, what a broken model measures"
+        )
+        if gap <= MIN_HALF_WIDTH or not stored.se:
+            problems.append(f"{where}, and its value lies at it: no number of {unit} makes it a check; leave it out")
+        else:
+            needed = math.floor(n * (SE_MULTIPLE * stored.se / gap) ** 2) + 1
+            problems.append(f"{where}; it needs {needed} {unit} or more (it has {n})")
+    return problems
 
 
 def _check_bands(baseline: Baseline, path: Path, kind: Kind) -> None:
@@ -429,14 +514,28 @@ def _check_bands(baseline: Baseline, path: Path, kind: Kind) -> None:
 
 
 def read_baseline(path: Path, kind: Kind = ANALYSIS) -> Baseline:
-    """A baseline file, every field checked and every band re-derived; every problem says how to make a good one."""
+    """A baseline file, every field checked, every band re-derived and the checksum of its content matched; every
+    problem says how to make a good one."""
     data = read_json_file(Path(path), kind.cls.SCHEMA, kind.fix)
     try:
         baseline: Baseline = from_json(kind.cls, without_schema(data, kind.cls.SCHEMA, path), path)
     except SinkEvalError as err:
         raise SinkEvalError(f"{err}; {kind.fix}") from err
     _check_bands(baseline, Path(path), kind)
+    if baseline.checksum is None:
+        raise SinkEvalError(f"baseline {path} has no checksum (it predates them); {kind.fix}")
+    if baseline.checksum != _checksum(data):
+        raise SinkEvalError(
+            f"baseline {path}: its content does not match its checksum: a value, SE or band was edited by hand; "
+            f"{kind.fix}"
+        )
     return baseline
+
+
+def _checksum(data: dict[str, Any]) -> str:
+    """SHA-256 of a baseline's JSON object without its checksum (keys sorted, numbers as JSON writes them)."""
+    content = {key: value for key, value in data.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def read_eval_baseline(path: Path) -> EvalBaseline:
@@ -597,8 +696,19 @@ def _json_text(value: Any, indent: str = "") -> str:
     return json.dumps(value)
 
 
+def check_discriminates(baseline: Baseline, path: Path) -> None:
+    """Refuse to make `baseline` the one at `path` where a band could not fail on a broken model (`undiscriminating`),
+    naming the count each would need."""
+    problems = undiscriminating(baseline)
+    if problems:
+        raise SinkEvalError(f"refused to write baseline {path}: " + "; ".join(problems))
+
+
 def write_baseline(path: Path, baseline: Baseline) -> None:
-    write_text_atomically(Path(path), _json_text(with_schema(baseline.SCHEMA, baseline)) + "\n")
+    """Write a baseline, atomically, with the checksum of its content."""
+    data = with_schema(baseline.SCHEMA, baseline)
+    data["checksum"] = _checksum(data)
+    write_text_atomically(Path(path), _json_text(data) + "\n")
 
 
 def diff(old: Baseline | None, new: Baseline) -> str:

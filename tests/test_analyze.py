@@ -334,7 +334,7 @@ def test_a_baseline_round_trips_and_its_diff_and_bands_tell_another_run_apart(tm
     written = baselines.make_baseline(analysis, "test")
     baselines.write_baseline(path, written)
     baseline = baselines.read_baseline(path)
-    assert baseline == written
+    assert baseline.checksum is not None and dataclasses.replace(baseline, checksum=None) == written
     assert baseline.sink_scores == {p.id: p.sink_score for p in analysis.prompts}
     baselines.check_comparable(baselines.make_baseline(analysis, "now"), baseline, path, baselines.ANALYSIS.identity)
     other = baselines.make_baseline(_analyze(tmp_path, prompts_file, "--chance-corrected", out="other"), "other")
@@ -385,6 +385,33 @@ def test_a_fraction_outside_zero_one_is_refused_as_hand_edited(tmp_path, analysi
     path = _copied_baseline(tmp_path, analysis, inflate)
     with pytest.raises(SinkEvalError, match=rf"values\['{key}'\]\.value 1.5 lies outside \[0, 1\]: edited by hand"):
         baselines.read_baseline(path)
+
+
+@pytest.mark.parametrize("factor", [10.0, float("inf")])
+def test_an_edited_se_is_refused_even_with_its_band_edited_to_match(tmp_path, analysis, factor):
+    """A hand-widened SE, with lo and hi made to agree with it by the band rule, passes the band check: the checksum
+    of the measured content refuses it."""
+    key = "prevalence/tau=0.3/all"
+
+    def widen(data):
+        value, se = data["values"][key]["value"], data["values"][key]["se"] * factor
+        half = max(2 * se, 0.01)
+        data["values"][key] |= {"se": se, "lo": value - half, "hi": value + half}
+
+    path = _copied_baseline(tmp_path, analysis, widen)
+    with pytest.raises(SinkEvalError, match="does not match its checksum: a value, SE or band was edited by hand"):
+        baselines.read_baseline(path)
+
+
+def test_a_band_a_broken_model_would_pass_is_refused_with_the_count_it_needs(tmp_path, analysis):
+    """The random tiny model has no sink at tau = 0.8 (a band at 0: no number of prompts helps) and few at 0.3 (a band
+    around 0 over 4 prompts: the count that would exclude 0 is named)."""
+    measured = baselines.make_baseline(analysis, "test")
+    problems = baselines.undiscriminating(measured)
+    assert any(p.startswith("prevalence/tau=0.8/all") and "no number of prompts" in p for p in problems)
+    assert any(p.startswith("prevalence/tau=0.3/all") and "prompts or more (it has 4)" in p for p in problems)
+    with pytest.raises(SinkEvalError, match="refused to write baseline"):
+        baselines.check_discriminates(measured, tmp_path / "b.json")
 
 
 def test_a_missing_or_mistyped_baseline_field_names_file_and_field(tmp_path, analysis):

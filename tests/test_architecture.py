@@ -102,4 +102,4 @@ def test_architecture_md_draws_the_layers_as_written_in_code():
     drawn = {int(line.split()[1]): line for line in text.splitlines() if line.startswith("layer ")}
     assert sorted(drawn) == list(range(len(sink_eval.LAYERS)))
     for index, names in enumerate(sink_eval.LAYERS):
-        assert drawn[index].split()[2:2 + 2 * len(names) - 1:2] == list(names), drawn[index]
+        assert drawn[index].split()[2 : 2 + 2 * len(names) - 1 : 2] == list(names), drawn[index]

@@ -414,3 +414,29 @@ def test_the_lm_eval_command_line_runs_sink_hf_on_a_local_task(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "piqa_local" in done.stdout and "acc" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "orig_argv", "registers"),
+    [
+        (["/venv/bin/lm_eval", "--tasks", "x"], ["python", "/venv/bin/lm_eval", "--tasks", "x"], True),
+        (
+            ["-m", "--tasks"],
+            ["python", "-m", "lm_eval", "--tasks"],
+            True,
+        ),  # as `accelerate launch -m lm_eval` starts it
+        (["-m", "--tasks"], ["python", "-u", "-m", "lm_eval", "--tasks"], True),
+        (["-m"], ["python", "-m", "json.tool"], False),
+        (["script.py", "lm_eval"], ["python", "script.py", "lm_eval"], False),
+    ],
+)
+def test_the_hook_registers_sink_hf_only_in_an_lm_eval_process(monkeypatch, argv, orig_argv, registers):
+    """The .pth line as site runs it: before `python -m`'s module name reaches sys.argv."""
+    from sink_eval import lm_eval_plugin
+
+    calls = []
+    monkeypatch.setattr(lm_eval_plugin, "register", lambda: calls.append(1))
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    exec(lm_eval_plugin.PTH_LINE, {})
+    assert bool(calls) == registers

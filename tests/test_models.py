@@ -191,6 +191,21 @@ def test_local_checkpoint_directory_loads_with_a_file_fingerprint(tmp_path):
     assert torch.equal(loaded.model(ids).logits, tiny.model(ids).logits)
 
 
+def test_a_checkpoint_loads_with_a_device_map_and_a_tiny_model_refuses_one(tmp_path):
+    """device_map="auto" spreads a model larger than one device over several (accelerate); without a GPU it places
+    every layer on the CPU, which is what this machine can check."""
+    tiny = load_model("tiny-llama")
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for device_map in ("cpu", "auto"):
+        placed = load_model(str(tmp_path), device_map=device_map)
+        assert {p.device.type for p in placed.model.parameters()} == {"cpu"}
+        assert torch.equal(placed.model(ids).logits, tiny.model(ids).logits)
+    with pytest.raises(SinkEvalError, match="built in code"):
+        load_model("tiny-llama", device_map="auto")
+
+
 def _save_tiny(target: Path) -> None:
     tiny = load_model("tiny-llama")
     tiny.model.save_pretrained(target)

@@ -18,11 +18,11 @@ from sink_eval.analyses.analyze import AnalysisResult, ProbedPrompt, PromptRecor
 from sink_eval.analyses.scale import (
     CONTRADICTED,
     LONG_ONLY,
-    SHORT_ONLY,
     NOT_DISTINGUISHABLE,
     NOT_REPRODUCED,
     NOT_SUPPORTED,
     REPRODUCED,
+    SHORT_ONLY,
     SUPPORTED,
     UNDEFINED,
     Difference,

@@ -2,17 +2,26 @@
 
 `from_json(cls, data, source)` reads a dataclass from parsed JSON by its type hints (nested dataclasses, lists,
 string-keyed dicts, `X | None`, str, int, float, bool, Any); a missing or mistyped field is a `SinkEvalError` that
-names the file and the field, e.g. "runs/x/results.json: summary[0].bins[2].prevalence is missing".
+names the file and the field, e.g. "runs/x/results.json: summary[0].bins[2].prevalence is missing". A field with a
+default may be absent (a file written before the field existed): it reads as its default.
+
+Every results and baseline file carries its `Provenance`: the date, the command, the library versions, the code
+that made it (sink_eval's version and git commit, "+dirty" where tracked files had uncommitted changes) and the
+machine (CPU model, and the GPU where one is visible).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
+import platform
+import subprocess
 import types
 import typing
 from datetime import UTC, datetime
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -42,15 +51,71 @@ class Provenance:
     date: str
     command: str
     versions: dict[str, str]
+    code: str | None = None  # `code_version()` (None: a file written before it was recorded)
+    machine: str | None = None  # `machine_name()` (None: likewise)
 
 
-def provenance(command: str, packages: tuple[str, ...] = ("sink_eval", "torch", "transformers")) -> Provenance:
-    """Now, the command and the installed versions of `packages`."""
+PACKAGES = ("sink_eval", "torch", "transformers", "lm_eval")
+
+
+def provenance(command: str, packages: tuple[str, ...] = PACKAGES) -> Provenance:
+    """Now, the command, the installed versions of `packages` (those installed), the code and the machine."""
     return Provenance(
         date=datetime.now(UTC).isoformat(timespec="seconds"),
         command=command,
-        versions={name: version(name) for name in packages},
+        versions=installed_versions(packages),
+        code=code_version(),
+        machine=machine_name(),
     )
+
+
+def installed_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """The version of each of `packages` that is installed."""
+    found = {}
+    for name in packages:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+@functools.cache
+def code_version() -> str:
+    """sink_eval's version and, run from a git checkout, its commit: "0.1.0 git 1a2b3c4d5e6f", with "+dirty" where
+    tracked files have uncommitted changes; "0.1.0 (installed)" otherwise."""
+    root = Path(__file__).resolve().parents[2]
+    base = version("sink_eval")
+    if not (root / ".git").exists():
+        return f"{base} (installed)"
+    try:
+        git = ["git", "-C", str(root)]
+        sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        status = [*git, "status", "--porcelain", "--untracked-files=no"]
+        dirty = subprocess.run(status, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"{base} (git checkout, commit unreadable)"
+    return f"{base} git {sha.stdout.strip()[:12]}" + ("+dirty" if dirty else "")
+
+
+@functools.cache
+def machine_name() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one) and the number of CPUs, and the CUDA device's name
+    where torch sees one."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    name = f"{cpu}, {os.cpu_count()} CPUs"
+    import torch  # core imports no torch at module level: reading results needs none
+
+    if torch.cuda.is_available():
+        name += f"; GPU {torch.cuda.get_device_name()}"
+    return name
 
 
 def to_json(obj: Any) -> Any:
@@ -113,6 +178,8 @@ def _read(tp: Any, value: Any, source: str, where: str, expected: str | None = N
         for f in dataclasses.fields(tp):
             sub = f"{where}.{f.name}" if where else f.name
             if f.name not in value:
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                    continue  # absent from a file older than the field: its default
                 raise SinkEvalError(f"{source}: {sub} is missing")
             kwargs[f.name] = _read(hints[f.name], value[f.name], source, sub)
         return tp(**kwargs)

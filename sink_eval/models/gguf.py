@@ -153,8 +153,11 @@ def cache_status(spec: ModelSpec) -> str:
 
 
 def load_gguf_model(
-    spec: ModelSpec, dtype: torch.dtype, use_cache: bool
+    spec: ModelSpec, dtype: torch.dtype, use_cache: bool, **model_kwargs
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model of a zoo GGUF: from the converted checkpoint in the cache (converted first if need be), or with
+    `use_cache=False` de-quantised straight from its packages. `model_kwargs` (e.g. device_map) go to the checkpoint's
+    `from_pretrained`."""
     if not use_cache:
         with (
             tempfile.TemporaryDirectory(prefix="sink_eval-gguf-") as tmp,
@@ -183,4 +186,4 @@ def load_gguf_model(
         tokenizer.save_pretrained(tmp)
 
     ensure_cache(path, sha, convert, valid=valid)
-    return from_pretrained(path, dtype)
+    return from_pretrained(path, dtype, **model_kwargs)

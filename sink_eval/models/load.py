@@ -123,24 +123,27 @@ def check_checkpoint_dir(path: Path) -> None:
             raise SinkEvalError(f"{weights} is damaged ({err}); {CHECKPOINT_FIX}") from err
 
 
-def _load_checkpoint(path: Path, name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """`from_pretrained` of a checkpoint directory (`check_checkpoint_dir` first); what transformers or safetensors
-    refuse in it is one error naming the directory."""
+def _load_checkpoint(
+    path: Path, name: str, dtype: torch.dtype, **model_kwargs
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`from_pretrained` of a checkpoint directory (`check_checkpoint_dir` first; `model_kwargs` go to it, e.g.
+    device_map); what transformers or safetensors refuse in it is one error naming the directory."""
     from safetensors import SafetensorError
 
     check_checkpoint_dir(path)
     try:
-        return from_pretrained(path, dtype)
+        return from_pretrained(path, dtype, **model_kwargs)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as err:
         cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise SinkEvalError(f"cannot load the checkpoint {name}: {cause[:300]}; {CHECKPOINT_FIX}") from err
 
 
-def _load_pretrained(name: str, dtype: torch.dtype) -> LoadedModel:
-    """A local checkpoint directory, or a hub id: local cache first, the hub only if reachable."""
+def _load_pretrained(name: str, dtype: torch.dtype, **model_kwargs) -> LoadedModel:
+    """A local checkpoint directory, or a hub id: local cache first, the hub only if reachable. `model_kwargs` go to
+    `from_pretrained` (e.g. device_map)."""
     local = Path(name).expanduser()
     if local.is_dir():
-        model, tokenizer = _load_checkpoint(local, name, dtype)
+        model, tokenizer = _load_checkpoint(local, name, dtype, **model_kwargs)
         return LoadedModel(model, tokenizer, _spec_from_config(name, model.config), _files_fingerprint(local))
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -169,7 +172,7 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> LoadedModel:
                 f"cannot download '{name}' from the Hugging Face hub: check the id and your access token "
                 f"(`hf auth login`).\n  cause: {err}"
             ) from err
-    model, tokenizer = _load_checkpoint(snapshot, name, dtype)
+    model, tokenizer = _load_checkpoint(snapshot, name, dtype, **model_kwargs)
     return LoadedModel(model, tokenizer, _spec_from_config(name, model.config), _files_fingerprint(snapshot))
 
 
@@ -178,20 +181,30 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     use_cache: bool = True,
+    device_map: str | dict[str, str | int] | None = None,
 ) -> LoadedModel:
     """Load a model of the zoo, a hub id or a local directory, in eval mode on `device`.
 
     `use_cache=False` de-quantises a GGUF model straight from its package instead of using (or writing) the
-    converted checkpoint; the two give the same weights.
+    converted checkpoint; the two give the same weights. `device_map` (instead of `device`): transformers' placement
+    of a checkpoint's layers, e.g. "auto" for a model larger than one device (accelerate spreads its layers over the
+    GPUs, then the CPU), or "cpu"; the model's `hf_device_map` records it. A tiny model is built in code: it takes
+    `device` only.
     """
     spec = resolve_spec(name)
+    if device_map is not None and spec is not None and spec.build is not None:
+        raise SinkEvalError(f"{name} is built in code, not loaded from a checkpoint: give device=, not device_map=")
+    if device_map is not None and not use_cache:
+        raise SinkEvalError("device_map places the layers of the converted checkpoint: drop use_cache=False")
+    placement = {} if device_map is None else {"device_map": device_map}
     if spec is None:
-        loaded = _load_pretrained(name, dtype)
+        loaded = _load_pretrained(name, dtype, **placement)
     elif spec.build is not None:
         model, tokenizer = spec.build()
         loaded = LoadedModel(model.to(dtype), tokenizer, spec, tiny.fingerprint(model))
     else:
-        model, tokenizer = load_gguf_model(spec, dtype, use_cache)
+        model, tokenizer = load_gguf_model(spec, dtype, use_cache, **placement)
         loaded = LoadedModel(model, tokenizer, spec, f"gguf-sha256:{gguf_source(spec).sha256}")
-    loaded.model.to(device)
+    if device_map is None:
+        loaded.model.to(device)
     return loaded

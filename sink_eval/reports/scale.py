@@ -34,7 +34,6 @@ from sink_eval.analyses.scale import (
 )
 from sink_eval.reports.common import pyplot, save_figure, tau_label, write_report_dir
 
-
 THIRDS = ("first", "middle", "last")
 
 

@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 
-from conftest import REAL_MODELS
 from sink_eval.models.load import load_model
 from sink_eval.models.zoo import ZOO
 
@@ -22,10 +21,9 @@ def _greedy(loaded, prompt: str, new_tokens: int = 16) -> list[int]:
     return out[0, ids["input_ids"].shape[1] :].tolist()
 
 
-@pytest.mark.parametrize("name", REAL_MODELS)
-def test_real_model_has_the_zoo_shape_and_gguf_fingerprint(bundled_model, name):
-    loaded = bundled_model(name)
-    spec, config = ZOO[name], loaded.model.config
+def test_real_model_has_the_zoo_shape_and_gguf_fingerprint(sink_model, sink_model_name):
+    loaded = sink_model(sink_model_name)
+    spec, config = ZOO[sink_model_name], loaded.model.config
     assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (
         spec.layers,
         spec.heads,
@@ -36,15 +34,15 @@ def test_real_model_has_the_zoo_shape_and_gguf_fingerprint(bundled_model, name):
     assert getattr(config, "quantization_config", None) is None
 
 
-def test_gemma3_tokenizer_adds_bos_and_model_has_sliding_window_layers(bundled_model):
-    loaded = bundled_model("gemma3-270m")
+def test_gemma3_tokenizer_adds_bos_and_model_has_sliding_window_layers(sink_model):
+    loaded = sink_model("gemma3-270m")
     assert loaded.tokenizer("The capital")["input_ids"][0] == loaded.tokenizer.bos_token_id
     assert loaded.model.config.layer_types.count("full_attention") == 3
     assert loaded.model.config.sliding_window == 512
 
 
-def test_smollm2_cached_model_equals_the_model_loaded_straight_from_gguf(bundled_model):
-    cached = bundled_model("smollm2-135m")
+def test_smollm2_cached_model_equals_the_model_loaded_straight_from_gguf(sink_model):
+    cached = sink_model("smollm2-135m")
     direct = load_model("smollm2-135m", use_cache=False)
     prompt = "The capital of France is"
     assert cached.tokenizer(prompt)["input_ids"] == direct.tokenizer(prompt)["input_ids"]
@@ -62,11 +60,11 @@ def _wall_seconds(code: str) -> tuple[float, str]:
     return time.perf_counter() - start, proc.stderr
 
 
-def test_smollm2_cached_load_adds_under_three_seconds_to_importing_transformers(bundled_model):
+def test_smollm2_cached_load_adds_under_three_seconds_to_importing_transformers(sink_model):
     """Wall time on a shared machine swings by ±40 %, so the gate is the part sink_eval controls, measured in
     one run against the floor every transformers user pays (interpreter start + importing torch and
     transformers' modelling code): verifying the cache and loading from it. The absolute time is printed."""
-    bundled_model("smollm2-135m")  # the cache exists from here on
+    sink_model("smollm2-135m")  # the cache exists from here on
     floor_code = "import torch; from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel"
     load_code = "from sink_eval.models.load import load_model; load_model('smollm2-135m')"
     floors, loads = [], []

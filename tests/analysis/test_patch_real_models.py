@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import REAL_MODELS
 from sink_eval.evals.patch_eval import kl_and_top1
 from sink_eval.patches.copy import CopyPlan
 
@@ -15,10 +14,10 @@ pytestmark = pytest.mark.analysis
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Once upon a time, in a small village by the sea,"]
 
 
-def most_consistent_plan(analysis_result, name: str, k: int = 2) -> CopyPlan:
+def most_consistent_plan(sink_analysis, name: str, k: int = 2) -> CopyPlan:
     """A plan worth testing: the k most consistent sink heads at tau = 0.8, as this session measures them on the
     default prompt set (the analysis result's `top_consistent_heads`)."""
-    top = analysis_result(name).at(0.8).top_consistent_heads[:k]
+    top = sink_analysis(name).at(0.8).top_consistent_heads[:k]
     assert len(top) == k, f"{name}: the analysis result lists {len(top)} consistent heads, fewer than {k}"
     heads: dict[int, list[int]] = {}
     for entry in top:
@@ -34,9 +33,8 @@ def _batch(loaded):
     return tokenizer(PROMPTS, return_tensors="pt", padding=True)
 
 
-@pytest.mark.parametrize("name", REAL_MODELS)
-def test_an_empty_plan_leaves_a_real_model_exactly_unchanged(bundled_model, name):
-    loaded = bundled_model(name)
+def test_an_empty_plan_leaves_a_real_model_exactly_unchanged(sink_model, sink_model_name):
+    loaded = sink_model(sink_model_name)
     batch = _batch(loaded)
     with torch.no_grad():
         reference = loaded.model(**batch).logits
@@ -45,12 +43,11 @@ def test_an_empty_plan_leaves_a_real_model_exactly_unchanged(bundled_model, name
     assert torch.equal(out[batch["attention_mask"].bool()], reference[batch["attention_mask"].bool()])
 
 
-@pytest.mark.parametrize("name", REAL_MODELS)
-def test_cached_generation_under_a_plan_matches_its_full_forward(bundled_model, analysis_result, name):
+def test_cached_generation_under_a_plan_matches_its_full_forward(sink_model, sink_analysis, sink_model_name):
     """Greedy tokens from the plan's KV cache (copied KV groups dropped) are the argmax of a full patched forward."""
-    loaded = bundled_model(name)
+    loaded = sink_model(sink_model_name)
     batch = _batch(loaded)
-    plan = most_consistent_plan(analysis_result, name)
+    plan = most_consistent_plan(sink_analysis, sink_model_name)
     ids, cache = plan.generate(loaded.model, batch["input_ids"], batch["attention_mask"], max_new_tokens=8)
     mask = torch.cat([batch["attention_mask"], torch.ones(len(PROMPTS), 8, dtype=torch.long)], dim=1)
     with torch.no_grad(), plan.patched(loaded.model):
@@ -60,11 +57,12 @@ def test_cached_generation_under_a_plan_matches_its_full_forward(bundled_model, 
     assert cache.get_seq_length() == ids.shape[1] - 1
 
 
-@pytest.mark.parametrize("name", REAL_MODELS)
-def test_copying_the_most_consistent_sink_heads_barely_changes_the_next_token(bundled_model, analysis_result, name):
-    loaded = bundled_model(name)
+def test_copying_the_most_consistent_sink_heads_barely_changes_the_next_token(
+    sink_model, sink_analysis, sink_model_name
+):
+    loaded = sink_model(sink_model_name)
     batch = _batch(loaded)
-    plan = most_consistent_plan(analysis_result, name)
+    plan = most_consistent_plan(sink_analysis, sink_model_name)
     with torch.no_grad():
         reference = loaded.model(**batch).logits[:, -1:]
         with plan.patched(loaded.model):

@@ -10,16 +10,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import REAL_MODELS
 from sink_eval.measure.probe import DEFAULT_CHUNK_BYTES, probe
 from sink_eval.prompts.prompt_set import default_prompts, long_passages
 
 pytestmark = pytest.mark.analysis
 
 
-@pytest.mark.parametrize("name", REAL_MODELS)
-def test_probe_equals_eager_attention_on_real_prompts(bundled_model, name):
-    loaded = bundled_model(name)
+def test_probe_equals_eager_attention_on_real_prompts(sink_model, sink_model_name):
+    loaded = sink_model(sink_model_name)
     model, tok = loaded.model, loaded.tokenizer
     texts = [p.text for p in default_prompts() if p.id in ("prose-50-199-0", "code-20-49-1", "qa-10-19-2")]
     tok.padding_side = "left"
@@ -73,14 +71,13 @@ def layers_of_every_kind(config) -> int:
     return max(kinds.index(kind) for kind in set(kinds)) + 1
 
 
-@pytest.mark.parametrize("name", REAL_MODELS)
-def test_probing_4096_tokens_never_allocates_a_per_head_score_matrix(bundled_model, name):
+def test_probing_4096_tokens_never_allocates_a_per_head_score_matrix(sink_model, sink_model_name):
     """O(N) memory per head: while 4096 tokens are probed, no single allocation is larger than the largest of the
     probe's chunk budget, transformers' own (batch, 1, N, N) eager mask and the MLP's (N, intermediate) activations;
     eager attention would allocate heads x N x N scores in every layer (4-14 times the mask, and more than each of
     the three here). The probe measures the first `layers_of_every_kind` layers and stops there (the whole depth
     would cost CI 2 minutes on the 1.5B alone); the process's peak resident memory is printed."""
-    loaded = bundled_model(name)
+    loaded = sink_model(sink_model_name)
     ids = torch.tensor([loaded.tokenizer(long_passages()[0].text)["input_ids"][:4096]])
     assert ids.shape[1] == 4096
     config = loaded.model.config
@@ -91,9 +88,9 @@ def test_probing_4096_tokens_never_allocates_a_per_head_score_matrix(bundled_mod
     with _LargestAllocation() as largest:
         stats = probe(loaded.model, ids, layers=layers).stats[0]
     print(
-        f"{name}, layers 0-{layers - 1}: largest allocation {largest.bytes / 2**20:.0f} MiB, allowed "
+        f"{sink_model_name}, layers 0-{layers - 1}: largest allocation {largest.bytes / 2**20:.0f} MiB, allowed "
         f"{allowed / 2**20:.0f} MiB (eager: {heads * n * n * 4 / 2**20:.0f} MiB per layer); process peak RSS "
         f"{_peak_kb() / 2**20:.2f} GB"
     )
     assert bool(torch.isfinite(stats.sink[:layers]).all())
-    assert largest.bytes <= allowed, f"{name}: an allocation of {largest.bytes} bytes > {allowed}"
+    assert largest.bytes <= allowed, f"{sink_model_name}: an allocation of {largest.bytes} bytes > {allowed}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REAL_MODELS
 from sink_eval.prompts.prompt_set import long_passages
 
 pytestmark = pytest.mark.analysis
@@ -12,8 +11,7 @@ pytestmark = pytest.mark.analysis
 LONG_TOKENS = 4096
 
 
-@pytest.mark.parametrize("model", REAL_MODELS)
-def test_every_long_passage_has_at_least_4096_tokens(bundled_model, model):
-    tokenizer = bundled_model(model).tokenizer
+def test_every_long_passage_has_at_least_4096_tokens(sink_model, sink_model_name):
+    tokenizer = sink_model(sink_model_name).tokenizer
     lengths = {p.id: len(tokenizer(p.text)["input_ids"]) for p in long_passages()}
     assert min(lengths.values()) >= LONG_TOKENS, lengths

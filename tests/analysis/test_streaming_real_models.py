@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import REAL_MODELS
 from sink_eval.patches.streaming.plan import StreamingPlan
 from sink_eval.prompts.prompt_set import long_passages
 
@@ -24,9 +23,8 @@ def every_head(model, window: int) -> StreamingPlan:
     return StreamingPlan.of({layer: heads for layer in StreamingPlan.candidate_layers(model)}, SINK, window)
 
 
-@pytest.mark.parametrize("name", REAL_MODELS)
-def test_a_window_covering_the_prompt_leaves_a_real_model_unchanged(bundled_model, name):
-    loaded = bundled_model(name)
+def test_a_window_covering_the_prompt_leaves_a_real_model_unchanged(sink_model, sink_model_name):
+    loaded = sink_model(sink_model_name)
     tokenizer = loaded.tokenizer
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -40,11 +38,10 @@ def test_a_window_covering_the_prompt_leaves_a_real_model_unchanged(bundled_mode
     assert (out - reference)[real].abs().max() <= 1e-3
 
 
-@pytest.mark.parametrize("name", REAL_MODELS)
-def test_the_constant_cache_decodes_what_a_full_streamed_forward_predicts(bundled_model, name):
+def test_the_constant_cache_decodes_what_a_full_streamed_forward_predicts(sink_model, sink_model_name):
     """Greedy tokens from the StreamingCache (every streamed group at s + w entries) are the argmax of one full
     forward under the same plan (the banded kernel) over the prompt and those tokens."""
-    loaded = bundled_model(name)
+    loaded = sink_model(sink_model_name)
     text = long_passages("evaluation")[0].text
     ids = torch.tensor([loaded.tokenizer(text)["input_ids"][:TOKENS]])
     plan = every_head(loaded.model, WINDOW)

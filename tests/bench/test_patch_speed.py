@@ -112,8 +112,8 @@ def report(
 
 
 @pytest.fixture(scope="module")
-def smollm(bundled_model):
-    return bundled_model("smollm2-135m")
+def smollm(sink_model):
+    return sink_model("smollm2-135m")
 
 
 @pytest.mark.parametrize("tokens", [512, 2048, 8192])

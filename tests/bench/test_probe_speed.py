@@ -21,8 +21,8 @@ TOKENS = 2048
 ROUNDS = 3
 
 
-def test_probe_forward_at_2048_tokens_costs_at_most_twice_a_plain_sdpa_forward(benchmark, bundled_model):
-    loaded = bundled_model("smollm2-135m")
+def test_probe_forward_at_2048_tokens_costs_at_most_twice_a_plain_sdpa_forward(benchmark, sink_model):
+    loaded = sink_model("smollm2-135m")
     text = "\n\n".join(p.text for p in default_prompts() if p.domain in ("prose", "code"))
     ids = torch.tensor([loaded.tokenizer(text)["input_ids"][:TOKENS]])
     assert ids.shape[1] == TOKENS

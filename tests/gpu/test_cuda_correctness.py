@@ -1,6 +1,7 @@
 """The probe and the copy patch on CUDA (fp32 and bf16): the same results as on the CPU, within dtype tolerances.
 
-Skipped, with the reason, where CUDA is absent (CI has none). Speed on CUDA is issue 6's work, not yet here.
+Skipped, with the reason, where CUDA is absent (CI has none). Speed and memory on CUDA: `sink-eval gpu-suite`
+(its parts at small sizes: test_gpu_suite_cuda.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,103 @@
+"""The pytest plugin as another project uses it (pytester: a project of its own in a temporary folder, with a tiny
+random checkpoint saved as a local directory), and the bands it holds this repository to."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sink_eval import baselines, cli
+from sink_eval.models.load import load_model
+from sink_eval.pytest_plugin.config import read_config
+
+pytest_plugins = ["pytester"]
+BASELINES = Path(__file__).resolve().parents[1] / "baselines"
+KINDS = {"analysis": baselines.ANALYSIS, "eval": baselines.EVAL, "longctx": baselines.LONGCTX}
+
+
+def _checkpoint(path: Path, name: str) -> Path:
+    """A tiny zoo model saved as a checkpoint directory (weights, config and tokenizer)."""
+    if path.exists():
+        shutil.rmtree(path)
+    loaded = load_model(name)
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return path
+
+
+def _project(pytester: pytest.Pytester, capsys) -> Path:
+    """`sink-eval init` in the pytester project for its checkpoint "ckpt" (tiny-llama), then what its owner would
+    add: a prompt file of its own (12 prompts of 2-60 words) and the thresholds a random model has sinks at (at 0.8
+    it has none, and a band at 0 could not fail)."""
+    checkpoint = _checkpoint(pytester.path / "ckpt", "tiny-llama")
+    assert cli.main(["init", "--dir", str(pytester.path), "--model", "ckpt"]) == 0
+    assert "next: pytest -m analysis --update-baselines" in capsys.readouterr().out
+    words = "the model reads a long text and attends to the first token of it".split()
+    prompts = [{"id": f"p{n}", "text": " ".join(words[i % len(words)] for i in range(n))} for n in range(2, 62, 5)]
+    (pytester.path / "prompts.jsonl").write_text("\n".join(json.dumps(p) for p in prompts))
+    pyproject = pytester.path / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text() + 'prompts = "prompts.jsonl"\nthresholds = [0.02]\n')
+    return checkpoint
+
+
+def test_a_project_holds_its_own_checkpoint_to_a_baseline_and_names_one_swapped_in(pytester, capsys):
+    checkpoint = _project(pytester, capsys)
+    assert read_config(pytester.path).models == ["ckpt"]
+    written = pytester.runpytest("-p", "sink_eval.pytest_plugin", "-m", "analysis", "--update-baselines")
+    written.assert_outcomes(passed=3)
+    written.stdout.fnmatch_lines(["*baselines rewritten, not checked*", "*ckpt.json: rewritten from this run*"])
+    baseline = pytester.path / "baselines" / "analysis" / "ckpt.json"
+    assert baselines.read_baseline(baseline).provenance.code is not None
+    pytester.runpytest("-p", "sink_eval.pytest_plugin", "-m", "analysis").assert_outcomes(passed=3)
+    _checkpoint(checkpoint, "tiny-qwen2")  # other weights saved under the same path
+    swapped = pytester.runpytest("-p", "sink_eval.pytest_plugin", "-m", "analysis")
+    swapped.assert_outcomes(passed=1, failed=2)
+    swapped.stdout.fnmatch_lines(["*was measured on weights files-sha256:*, but the loaded model is files-sha256:*"])
+
+
+def test_a_check_the_configuration_leaves_off_is_skipped_saying_so(pytester, capsys):
+    _project(pytester, capsys)
+    result = pytester.runpytest("-p", "sink_eval.pytest_plugin", "-m", "eval", "-rs")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines(["*the eval check is off: add it to [[]tool.sink_eval[]] checks*"])
+
+
+def test_a_bad_configuration_is_a_one_line_usage_error(pytester):
+    pytester.makepyprojecttoml('[tool.sink_eval]\nmodels = ["m"]\nchecks = ["speed"]\n')
+    result = pytester.runpytest("-p", "sink_eval.pytest_plugin")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "checks ['speed'] unknown; choose among analysis, eval, longctx, patch" in result.stderr.str()
+
+
+def test_init_leaves_an_existing_table_and_test_module_as_they_are(tmp_path, capsys):
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.sink_eval]\nmodels = ["mine"]\n')
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_sink_eval.py").write_text("# mine\n")
+    assert cli.main(["init", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "already has [tool.sink_eval]: left as it is" in out and "already exists: left as it is" in out
+    assert (tmp_path / "tests" / "test_sink_eval.py").read_text() == "# mine\n"
+    assert read_config(tmp_path).models == ["mine"]
+    assert cli.main(["init", "--dir", str(tmp_path / "nowhere")]) == 2
+
+
+@pytest.mark.parametrize("path", sorted(p for kind in KINDS for p in (BASELINES / kind).glob("*.json")), ids=str)
+def test_every_committed_band_excludes_what_a_broken_model_would_measure(path):
+    """Chance accuracy, zero sinks, passkey 0: each committed band can fail on a broken model (and each committed
+    baseline matches its checksum)."""
+    stored = baselines.read_baseline(path, KINDS[path.parent.name])
+    assert baselines.undiscriminating(stored) == []
+
+
+@pytest.mark.parametrize("path", sorted((BASELINES / "eval").glob("*.json")), ids=lambda p: p.stem)
+def test_a_chance_level_model_fails_every_ci_eval_check(path):
+    """What a model at chance would measure on each committed CI eval check (each task at chance accuracy; each
+    policy's change its chance minus the unpatched accuracy) lies outside every band, so every eval band check
+    fails on it; its log-likelihoods would fail the regression layer besides."""
+    stored = baselines.read_eval_baseline(path)
+    for key, band in stored.values.items():
+        at_chance = baselines.Measurement(baselines.EVAL.degenerate(key, stored), 0.0)
+        assert baselines.outside_band(at_chance, band) is not None, f"{path.name} {key}: a chance model passes"
