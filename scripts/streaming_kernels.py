@@ -1,4 +1,5 @@
-"""Which sink + window prefill kernel is faster here: `sink_eval.patches.streaming.banded` against flex_attention with a block mask.
+"""Which sink + window prefill kernel is faster here: `sink_eval.patches.streaming.banded` against flex_attention with a
+block mask.
 
     python scripts/streaming_kernels.py [--threads 2] [--tokens 2048 8192]
 

@@ -812,7 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
         "taxonomy",
         help="head taxonomy: sink, streaming (sink + window), previous-token, induction and echo heads",
         description="Sink, previous-token and streaming heads on the long passages cut to each length; induction "
-        "and echo heads on random sequences of period --period repeated 4 times. Definitions: sink_eval.analyses.taxonomy.",
+        "and echo heads on random sequences of period --period repeated 4 times. "
+        "Definitions: sink_eval.analyses.taxonomy.",
     )
     taxonomy.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hub id or local dir ({DEFAULT_MODEL})")
     taxonomy.add_argument(

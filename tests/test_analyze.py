@@ -161,7 +161,8 @@ def test_max_tokens_beyond_the_model_context_is_refused(tmp_path, prompts_file, 
     assert "exceeds tiny-llama's context of 4096 tokens" in capsys.readouterr().err
 
 
-# The committed default prompt set (sink_eval/prompts/data/prompts.jsonl): a change of any prompt changes every baseline.
+# The committed default prompt set (sink_eval/prompts/data/prompts.jsonl): a change of any prompt changes every
+# baseline.
 DEFAULT_PROMPT_SET_SHA256 = "7b195b66c57f6bf7c2932f3a6bda6418c8288ae4603f9b4d9205f5056603c6cd"
 
 

@@ -599,7 +599,8 @@ def _joined(parts: list[_TaskRun]) -> _TaskRun:
 
 
 def _work_key(loaded: LoadedModel, lms: list[SinkLM], settings: EvalSettings) -> dict[str, Any]:
-    """What a saved (run, task, shard) depends on (`sink_eval.core.resume`): the model, the settings, the shard size, the
+    """What a saved (run, task, shard) depends on (`sink_eval.core.resume`): the model, the settings, the shard size,
+    the
     runs in order (each policy with its options and, for a static policy, its plan)."""
     runs = [
         [
@@ -624,7 +625,8 @@ def run_eval(
     calibration: list[PromptStats] | None = None,
     deadline: float | None = None,
 ) -> EvalResult:
-    """The unpatched model, then each (copy) policy, on `tasks`, one task at a time, each in shards of `SHARD_DOCS` documents. `out`: save each (run, task, shard) in `resume.work_dir(out, "eval")` as it
+    """The unpatched model, then each (copy) policy, on `tasks`, one task at a time, each in shards of `SHARD_DOCS`
+    documents. `out`: save each (run, task, shard) in `resume.work_dir(out, "eval")` as it
     finishes (the caller removes it once the results are written); `resume_run`: continue from what an interrupted
     run with the same key saved there. `calibration`: as `SinkLM`'s (each static plan it makes is recorded in the
     results and in the resume key). `deadline` (a `time.monotonic()` value, with `out`): start no shard that would

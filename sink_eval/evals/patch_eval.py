@@ -9,10 +9,11 @@ Fidelity, per policy, over its evaluation prompts (never the calibration prompts
   KL(p_unpatched || p_patched) of the next-token distributions, in nats; top-1 = fraction of those positions whose
   argmax agrees. The unpatched reference is the probe's pass (exact eager attention; equal to SDPA within 1e-4 in
   the logits, tested), which also gives the per-prompt policies their statistics;
-- layer error = per-layer relative error of the attention output (`sink_eval.patches.plans.layer_errors`), mean over prompts;
+- layer error = per-layer relative error of the attention output (`Plan.layer_errors`), mean over prompts;
 - greedy agreement = fraction of the `new_tokens` greedy tokens that equal the unpatched model's at the same step,
   and the common prefix length, over the shortest evaluation prompts.
-Speed (`sink_eval.evals.speed.measure`) on one real prompt of `speed_tokens` tokens, with its ceilings 1 / (1 − f a), f the
+Speed (`sink_eval.evals.speed.measure`) on one real prompt of `speed_tokens` tokens, with its ceilings 1 / (1 − f a), f
+the
 fraction of attention work the plan removes (`sink_eval.patches.plans.work_removed`); KV bytes measured from the cache
 objects after the decode run.
 

@@ -173,7 +173,8 @@ def read_config(root: Path) -> SinkConfig | None:
 
 
 TEST_MODULE = "tests/test_sink_eval.py"
-TEST_MODULE_TEXT = '''"""sink_eval's ready-made checks of this project's models, configured in pyproject.toml [tool.sink_eval]:
+TEST_MODULE_TEXT = '''"""sink_eval's ready-made checks of this project's models, configured in pyproject.toml
+[tool.sink_eval]:
 
     pytest -m analysis --update-baselines   # measure the models and write baselines/analysis/<model>.json
     pytest -m analysis                      # hold the models to them (also: -m eval, -m longctx, -m patch)
@@ -188,7 +189,8 @@ def table_text(models: list[str]) -> str:
     names = ", ".join(f'"{m}"' for m in models)
     return (
         "\n[tool.sink_eval]\n"
-        "# sink_eval's checks of this project's models (pytest -m analysis); every key: sink_eval/pytest_plugin/config.py\n"
+        "# sink_eval's checks of this project's models (pytest -m analysis);\n"
+        "# every key: sink_eval/pytest_plugin/config.py\n"
         f"models = [{names}]\n"
         'checks = ["analysis"]\n'
     )

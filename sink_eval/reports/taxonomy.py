@@ -262,7 +262,8 @@ def taxonomy_report(res: TaxonomyResult, figure: str) -> str:
         f"and echo: {len(rep.seeds)} random sequences (seeds {rep.seeds}) of period T = {rep.period} drawn uniformly "
         f"from the tokenizer's {rep.vocabulary} ordinary ids, repeated {rep.repeats} times after the prefix "
         f"{rep.prefix} ({rep.n_tokens} tokens).",
-        "Scores (see `sink_eval.measure.probe` and `sink_eval.analyses.taxonomy`): sink = mean A[i, 0]; previous = mean A[i, i-1]; "
+        "Scores (see `sink_eval.measure.probe` and `sink_eval.analyses.taxonomy`): sink = mean A[i, 0]; "
+        "previous = mean A[i, i-1]; "
         "streaming(s, w) = mean over queries i >= s + w of the mass on the first s tokens plus the last w keys; "
         "induction = mean over queries i >= T of the mass on the successors of every earlier occurrence of the "
         "query's token; echo = the same on the earlier occurrences themselves. Fractions: mean over inputs of the "

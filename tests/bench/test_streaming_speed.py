@@ -5,7 +5,8 @@ As in `test_patch_speed.py`, each variant is timed right after the unpatched reg
 plan streams half of the KV groups whole (every query head of a chosen group), spread evenly over the layers, so
 that half the heads stream and half the cache shrinks to s + w entries. Its ceiling is 1 / (1 − a f (1 − ρ)): f the
 fraction of heads streamed, ρ the share of a head's attention work a streamed head still does
-(`sink_eval.patches.streaming.plan.streamed_share`: scored pairs Σ min(i + 1, s + w) / Σ (i + 1) in a full pass, keys read
+(`sink_eval.patches.streaming.plan.streamed_share`: scored pairs Σ min(i + 1, s + w) / Σ (i + 1) in a full pass, keys
+read
 (s + w) / N in a decode step). The ceiling with ρ = (s + w) / N in a full pass as well (each query scoring N keys) is
 recorded beside it as `ceiling_all_keys`.
 
@@ -17,7 +18,8 @@ recorded beside it as `ceiling_all_keys`.
   saves attention *and* the growth of its cache: transformers' `DynamicCache` appends each step's key and value by
   concatenation, copying the whole cache (at 8192 tokens, 377 MB a step on smollm2-135m), where the constant-size
   cache writes one slot. So decode's ceiling is 1 / (1 − a f (1 − ρ) − g f_g), g the growth share measured with a
-  preallocated cache (`sink_eval.evals.speed.growth_share`) and f_g the fraction of KV groups streamed whole (here f_g = f).
+  preallocated cache (`sink_eval.evals.speed.growth_share`) and f_g the fraction of KV groups streamed whole (here f_g =
+  f).
   With attention alone the ceiling (1.17) was below the measured speed-up (1.36). Decode is gated on memory at
   8192: the constant-size cache holds at most 55 % of the unpatched cache's KV bytes, both measured from the cache
   objects (`sink_eval.patches.base.kv_cache_bytes`), and exactly what the plan keeps.
