@@ -3,8 +3,7 @@
 A band is measured, never chosen to make a test pass: value ± max(2 x standard error, 0.01) (the bootstrap standard
 error over prompts for the analysis, lm-eval's or the paired one for accuracy). The bootstrap
 (`sink_eval.analyses.analyze`) is seeded, so the same measurement gives the same band. A band is re-derived from the
-stored
-value, standard error and band rule whenever a baseline is read: one that differs from what the rule gives, or a
+stored value, standard error and band rule whenever a baseline is read: one that differs from what the rule gives, or a
 value outside its metric's range ([0, 1] for a fraction or an accuracy, [-1, 1] for a change of accuracy), was edited
 by hand and is refused.
 
@@ -45,10 +44,9 @@ METRICS = ("prevalence", "first_layer_agreement")
 
 SINK_SCORE_TOLERANCE = 1e-4
 """The largest |difference| of one head's sink score (its mean attention to the first token, see
-`sink_eval.measure.probe`)
-that is not a change: scores are stored rounded to 6 digits, and the same fp32 attention reduced in another order
-(another kernel, thread count or batch shape) differs by ~1e-6, so 1e-4 leaves a margin of 100 over that noise while a
-real change of the model or of the attention code moves scores by far more."""
+`sink_eval.measure.probe`) that is not a change: scores are stored rounded to 6 digits, and the same fp32 attention
+reduced in another order (another kernel, thread count or batch shape) differs by ~1e-6, so 1e-4 leaves a margin of 100
+over that noise while a real change of the model or of the attention code moves scores by far more."""
 
 LOGLIK_TOLERANCE = 1e-3
 """The largest |difference| in nats of one request's log-likelihood (lm-eval's sum of the continuation tokens'

@@ -1,7 +1,6 @@
 """sink_eval is extended by adding a class, not by editing the package: a plan kind defined here ("a planned head
-attends
-only to itself") runs through the whole patch machinery by its `allowed` pattern alone, and a policy defined here,
-registered by name, is measured by `sink-eval patch-eval` like the built-in ones."""
+attends only to itself") runs through the whole patch machinery by its `allowed` pattern alone, and a policy defined
+here, registered by name, is measured by `sink-eval patch-eval` like the built-in ones."""
 
 from __future__ import annotations
 

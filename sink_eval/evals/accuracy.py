@@ -600,8 +600,7 @@ def _joined(parts: list[_TaskRun]) -> _TaskRun:
 
 def _work_key(loaded: LoadedModel, lms: list[SinkLM], settings: EvalSettings) -> dict[str, Any]:
     """What a saved (run, task, shard) depends on (`sink_eval.core.resume`): the model, the settings, the shard size,
-    the
-    runs in order (each policy with its options and, for a static policy, its plan)."""
+    the runs in order (each policy with its options and, for a static policy, its plan)."""
     runs = [
         [
             None if lm.policy is None else model_args(lm.policy),
@@ -626,11 +625,11 @@ def run_eval(
     deadline: float | None = None,
 ) -> EvalResult:
     """The unpatched model, then each (copy) policy, on `tasks`, one task at a time, each in shards of `SHARD_DOCS`
-    documents. `out`: save each (run, task, shard) in `resume.work_dir(out, "eval")` as it
-    finishes (the caller removes it once the results are written); `resume_run`: continue from what an interrupted
-    run with the same key saved there. `calibration`: as `SinkLM`'s (each static plan it makes is recorded in the
-    results and in the resume key). `deadline` (a `time.monotonic()` value, with `out`): start no shard that would
-    end after it, judged by the last shard's time, and raise `OutOfTime` instead; the shards done stay saved."""
+    documents. `out`: save each (run, task, shard) in `resume.work_dir(out, "eval")` as it finishes (the caller removes
+    it once the results are written); `resume_run`: continue from what an interrupted run with the same key saved there.
+    `calibration`: as `SinkLM`'s (each static plan it makes is recorded in the results and in the resume key).
+    `deadline` (a `time.monotonic()` value, with `out`): start no shard that would end after it, judged by the last
+    shard's time, and raise `OutOfTime` instead; the shards done stay saved."""
     documents = {task: check_data_file(task, locate(task, data_dir)) for task in tasks}
     task_shards = {task: shards(min(n, limit or n), SHARD_DOCS) for task, n in documents.items()}
     settings = EvalSettings(

@@ -2,17 +2,15 @@
 
 Metrics, per run (the unpatched model, a policy's plan, or one seed of its random control) and length L:
 - **passkey accuracy** of an (L, d) cell = fraction of its trials (`sink_eval.prompts.passkey`) answered correctly, ±
-the
-  binomial SE √(p (1 − p) / n). A cell where the *unpatched* model's accuracy is below `INFORMATIVE_FLOOR` is
+  the binomial SE √(p (1 − p) / n). A cell where the *unpatched* model's accuracy is below `INFORMATIVE_FLOOR` is
   *uninformative*: the unpatched model's accuracy there is reported, but no plan is run on its trials (a plan's
   answers there would measure nothing the comparison uses; where no cell at L is informative, a plan runs the first
   `TIMING_TRIALS` trials of the deepest cell for its speed-ups alone), and a run's accuracy at L pools only the
   trials of informative cells (None where no cell is informative);
 - **perplexity** at L = exp(mean over the evaluation long passages of their mean token NLL over the first L tokens),
   each passage scored in one forward pass (`sink_eval.measure.perplexity`); **perplexity ratio** = ppl(run) /
-  ppl(unpatched)
-  = exp(mean ΔNLL); SEs by the delta method: ppl × SE over passages of their mean NLL, ratio × SE over passages of
-  the per-passage ΔNLL;
+  ppl(unpatched) = exp(mean ΔNLL); SEs by the delta method: ppl × SE over passages of their mean NLL, ratio × SE over
+  passages of the per-passage ΔNLL;
 - **fraction of heads** / **of KV groups** the plan changes / whose decode cache it shrinks; **KV bytes saved** =
   the unpatched cache's bytes minus the plan's, both measured from the cache objects after a passkey trial of L
   tokens and its `NEW_TOKENS` new tokens (a prefill and NEW_TOKENS − 1 decode steps);

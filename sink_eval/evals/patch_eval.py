@@ -13,9 +13,8 @@ Fidelity, per policy, over its evaluation prompts (never the calibration prompts
 - greedy agreement = fraction of the `new_tokens` greedy tokens that equal the unpatched model's at the same step,
   and the common prefix length, over the shortest evaluation prompts.
 Speed (`sink_eval.evals.speed.measure`) on one real prompt of `speed_tokens` tokens, with its ceilings 1 / (1 − f a), f
-the
-fraction of attention work the plan removes (`sink_eval.patches.plans.work_removed`); KV bytes measured from the cache
-objects after the decode run.
+the fraction of attention work the plan removes (`Plan.work_removed`); KV bytes measured from the
+cache objects after the decode run.
 
 Streaming policies are evaluated on long inputs ("long"): on prompts of N ≤ s + w tokens a streaming plan is the
 unpatched model exactly (every window covers its context), so the default prompts, most of them short, would show a

@@ -2,8 +2,7 @@
 
 A prompt file is JSONL: one object per line with `text` (required), `id` and `domain` (optional). The default set,
 `sink_eval/prompts/data/prompts.jsonl`, is committed: cut from real text only, never from text written for this project,
-by
-`scripts/build_prompt_set.py` (sources, licences, source-file SHA-256s and the selection rule are in
+by `scripts/build_prompt_set.py` (sources, licences, source-file SHA-256s and the selection rule are in
 `sink_eval/prompts/data/prompts.provenance.json`): CPython 3.11.7 standard-library source (code), WikiText-2 and LAMBADA
 (prose), ARC-Easy, PIQA, HellaSwag, TriviaQA, NQ-open and BoolQ (qa), allenai's basic_arithmetic (arithmetic), and
 the first one to three words of real sentences (short). Each record carries its split: calibration, evaluation, or

@@ -79,8 +79,7 @@ def sink_probed(sink_model: Callable[[str], Any]) -> Callable[[str, list], list]
 def sink_analysis(sink_model, sink_probed, sink_config: SinkConfig, pytestconfig: pytest.Config):
     """`sink_analysis(name)` -> the `AnalysisResult` of the configured prompts (the committed set by default; a prompt
     longer than the model's context cut to it) at the configured thresholds; a model with `max_prompt_tokens` leaves its
-    longer prompts out unless --full-prompt-set.
-    Measured once a session per model."""
+    longer prompts out unless --full-prompt-set. Measured once a session per model."""
     from sink_eval.analyses.analyze import results
     from sink_eval.prompts.prompt_set import (
         DEFAULT_MAX_TOKENS,

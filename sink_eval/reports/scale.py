@@ -1,7 +1,6 @@
 """The Markdown report and figure of `sink-eval scale` (`sink_eval.analyses.scale`): prevalence by bin, per-layer
-prevalence
-against relative depth, consistent heads and first-layer agreement, the notes' claims with their verdict rules (the
-docstrings of scale.py's verdict functions, quoted), and the length-matched domains."""
+prevalence against relative depth, consistent heads and first-layer agreement, the notes' claims with their verdict
+rules (the docstrings of scale.py's verdict functions, quoted), and the length-matched domains."""
 
 from __future__ import annotations
 

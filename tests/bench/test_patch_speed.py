@@ -5,8 +5,7 @@ speed-up is the median of those back-to-back ratios, their spread the IQR): the 
 the region with attention returning at once (for the attention share a). The gate of a plan copying a fraction f:
 the patch saves at least 80 % of the time that the ceiling 1 / (1 - f a) says can be saved
 (`sink_eval.evals.speed.gate_passes`), judged on the lower quartile of the paired ratios, so that a gate passes only
-when
-three rounds in four clear it, not when the median happens to. Speed-ups, their IQR and the absolute medians (for
+when three rounds in four clear it, not when the median happens to. Speed-ups, their IQR and the absolute medians (for
 reference only) go to the benchmark's extra_info; `--benchmark-json baselines/bench/<file>.json` keeps a run.
 
 - attention layers: the attention modules (projections, RoPE, attention, output) of layers 0-3, each fed the same

@@ -6,9 +6,8 @@ plan streams half of the KV groups whole (every query head of a chosen group), s
 that half the heads stream and half the cache shrinks to s + w entries. Its ceiling is 1 / (1 − a f (1 − ρ)): f the
 fraction of heads streamed, ρ the share of a head's attention work a streamed head still does
 (`sink_eval.patches.streaming.plan.streamed_share`: scored pairs Σ min(i + 1, s + w) / Σ (i + 1) in a full pass, keys
-read
-(s + w) / N in a decode step). The ceiling with ρ = (s + w) / N in a full pass as well (each query scoring N keys) is
-recorded beside it as `ceiling_all_keys`.
+read (s + w) / N in a decode step). The ceiling with ρ = (s + w) / N in a full pass as well (each query scoring N keys)
+is recorded beside it as `ceiling_all_keys`.
 
 - attention layers: the attention modules of layers 0-3, fed the same real hidden states, at 2048 and 8192 tokens;
   gated at 8192 (a streamed head's band is 260 of 8192 keys): the patch saves at least 80 % of what the ceiling
@@ -19,8 +18,7 @@ recorded beside it as `ceiling_all_keys`.
   concatenation, copying the whole cache (at 8192 tokens, 377 MB a step on smollm2-135m), where the constant-size
   cache writes one slot. So decode's ceiling is 1 / (1 − a f (1 − ρ) − g f_g), g the growth share measured with a
   preallocated cache (`sink_eval.evals.speed.growth_share`) and f_g the fraction of KV groups streamed whole (here f_g =
-  f).
-  With attention alone the ceiling (1.17) was below the measured speed-up (1.36). Decode is gated on memory at
+  f). With attention alone the ceiling (1.17) was below the measured speed-up (1.36). Decode is gated on memory at
   8192: the constant-size cache holds at most 55 % of the unpatched cache's KV bytes, both measured from the cache
   objects (`sink_eval.patches.base.kv_cache_bytes`), and exactly what the plan keeps.
 """
