@@ -25,7 +25,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -108,7 +108,7 @@ class AnalysisBaseline:
     band_rule: str
     values: dict[str, Band]
     sink_scores: dict[str, list[list[float | None]]]  # prompt id -> (layers, heads), as in the results
-    checksum: str | None = None  # `_checksum` of the rest, written by `write_baseline`
+    checksum: str | None = field(default=None, compare=False)  # `_checksum` of the rest, by `write_baseline`
 
 
 @dataclass(kw_only=True)
@@ -127,7 +127,7 @@ class EvalBaseline:
     band_rule: str
     values: dict[str, Band]
     loglik: dict[str, dict[str, list[list[float]]]]  # run label -> task -> per document, per choice (`TaskScore`)
-    checksum: str | None = None
+    checksum: str | None = field(default=None, compare=False)
 
 
 @dataclass(kw_only=True)
@@ -158,7 +158,7 @@ class LongctxBaseline:
     values: dict[str, Band]
     passage_nll: dict[str, dict[str, list[float]]]  # run label -> length -> mean token NLL per evaluation passage
     passkey: dict[str, dict[str, list[PasskeyTrials]]]  # run label -> length -> its cells
-    checksum: str | None = None
+    checksum: str | None = field(default=None, compare=False)
 
 
 Baseline = AnalysisBaseline | EvalBaseline | LongctxBaseline

@@ -100,8 +100,6 @@ def _cmd_init(args: argparse.Namespace) -> None:
     from sink_eval.models.zoo import DEFAULT_MODEL
     from sink_eval.pytest_plugin.config import init_project
 
-    if not args.dir.is_dir():
-        raise SinkEvalError(f"--dir {args.dir} is not a directory; give the project's folder")
     for line in init_project(args.dir, args.model or [DEFAULT_MODEL]):
         print(line)
     print("next: pytest -m analysis --update-baselines (measures and writes the baselines), then pytest -m analysis")
@@ -623,9 +621,23 @@ def _check_tasks(args: argparse.Namespace) -> None:
         check_data_file(task, locate(task, args.data_dir))
 
 
+def _check_init(args: argparse.Namespace) -> None:
+    """init's --dir is a folder; each --model passes `check_model`, a checkpoint directory named from --dir (the
+    project's folder, where its pytest runs)."""
+    if not args.dir.is_dir():
+        raise SinkEvalError(f"--dir {args.dir} is not a directory; give the project's folder")
+    if args.model:
+        from sink_eval.models.load import check_model
+
+        for name in args.model:
+            check_model(str(args.dir / name) if (args.dir / name).exists() else name)
+
+
 def validate(args: argparse.Namespace) -> None:
     """Every check of the parsed arguments that needs no model, run before anything loads or is computed."""
-    if getattr(args, "model", None) is not None:
+    if args.command == "init":
+        _check_init(args)
+    elif getattr(args, "model", None) is not None:
         from sink_eval.models.load import check_model
 
         check_model(args.model)
