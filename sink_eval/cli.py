@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -539,8 +540,11 @@ def _output_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def _command_line() -> str:
-    """The command as typed, for provenance ("" where sink_eval runs other than as the sink-eval script)."""
-    return "sink-eval " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sink-eval") else ""
+    """The command as typed, for provenance, as `sink-eval ...` whether run as the script or as `python -m
+    sink_eval.cli` ("" where sink_eval runs otherwise, e.g. `main` called from Python)."""
+    script = Path(sys.argv[0])
+    typed = script.name == "sink-eval" or script == Path(__file__)
+    return "sink-eval " + shlex.join(sys.argv[1:]) if typed else ""
 
 
 def _print_results(args: argparse.Namespace, res, table: Callable[[Any], str], wrote: bool = True) -> None:

@@ -48,7 +48,9 @@ def test_a_project_holds_its_own_checkpoint_to_a_baseline_and_names_one_swapped_
     assert read_config(pytester.path).models == ["ckpt"]
     written = pytester.runpytest("-p", "sink_eval.pytest_plugin", "-m", "analysis", "--update-baselines")
     written.assert_outcomes(passed=3)
-    written.stdout.fnmatch_lines(["*baselines rewritten, not checked*", "*ckpt.json: rewritten from this run*"])
+    written.stdout.fnmatch_lines(
+        ["*baselines rewritten, not checked*", "*ckpt.json: rewritten from this run*", "  new baseline with * values"]
+    )
     baseline = pytester.path / "baselines" / "analysis" / "ckpt.json"
     assert baselines.read_baseline(baseline).provenance.code is not None
     pytester.runpytest("-p", "sink_eval.pytest_plugin", "-m", "analysis").assert_outcomes(passed=3)

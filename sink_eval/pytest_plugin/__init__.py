@@ -138,9 +138,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    """Under --update-baselines a band test compares a measurement with itself: say so, file by file."""
-    rewritten = config.stash.get(REWRITTEN, [])
+    """Under --update-baselines a band test compares a measurement with itself: say so, file by file, with what
+    changed."""
+    rewritten = config.stash.get(REWRITTEN, {})
     if rewritten:
         terminalreporter.section("baselines rewritten, not checked")
-        for path in rewritten:
+        for path, changed in rewritten.items():
             terminalreporter.write_line(f"{path}: rewritten from this run; its band tests passed by construction")
+            terminalreporter.write_line("  " + changed.replace("\n", "\n  "))

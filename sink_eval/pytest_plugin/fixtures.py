@@ -14,7 +14,7 @@ import pytest
 
 from sink_eval.pytest_plugin.config import SinkConfig
 
-REWRITTEN = pytest.StashKey[list[str]]()  # baselines rewritten by --update-baselines in this session
+REWRITTEN = pytest.StashKey[dict[str, str]]()  # path -> what changed, of the baselines rewritten in this session
 CONFIG = pytest.StashKey["SinkConfig | None"]()
 
 
@@ -189,17 +189,15 @@ def sink_baseline(sink_config: SinkConfig, pytestconfig: pytest.Config):
     def get(kind: Any, name: str, measured: Any) -> Any:
         suffix = "-full" if kind is baselines.ANALYSIS and full_prompt_set(pytestconfig, sink_config, name) else ""
         path = sink_config.baseline(kind.marker, name, suffix)
-        if pytestconfig.getoption("--update-baselines"):
+        rewritten = pytestconfig.stash.setdefault(REWRITTEN, {})
+        if pytestconfig.getoption("--update-baselines") and str(path) not in rewritten:
             try:
                 old = baselines.read_baseline(path, kind)
             except SinkEvalError:  # none yet, or one of an older schema: nothing to diff against
                 old = None
             baselines.check_discriminates(measured, path)
             baselines.write_baseline(path, measured)
-            pytestconfig.stash.setdefault(REWRITTEN, []).append(str(path))
-            reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-            if reporter is not None:
-                reporter.write_line(f"\n{path} (rewritten, not checked):\n{baselines.diff(old, measured)}")
+            rewritten[str(path)] = baselines.diff(old, measured)
         stored = baselines.read_baseline(path, kind)
         baselines.check_comparable(measured, stored, path, kind.identity)
         return stored
