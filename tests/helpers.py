@@ -8,9 +8,32 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
 from sink_eval import baselines
+
+SHAPES = st.tuples(
+    st.sampled_from(["llama", "qwen2", "gemma3"]),
+    st.integers(1, 3),  # KV heads
+    st.integers(1, 3),  # query heads per KV head
+    st.sampled_from([4, 8]),  # head dim
+    st.integers(2, 12),  # sliding window (gemma3's first layer)
+)
+"""Attention shapes for `random_model`: (arch, KV heads, query heads per KV head, head dim, sliding window)."""
+
+
+def padded_batch(
+    rows: int, length: int, pads: list[int], seed: int, vocab: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids (rows, length) below `vocab` and a left-padded mask (rows, length): row i has
+    min(pads[i], length - 1) padding positions."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (rows, length), generator=gen)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, : min(pad, length - 1)] = 0
+    return ids, mask
 
 
 def random_model(arch: str, kv_heads: int, groups: int, head_dim: int, window: int):

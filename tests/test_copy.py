@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_model
+from helpers import SHAPES, padded_batch, random_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -13,23 +13,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from sink_eval.core.errors import SinkEvalError
 from sink_eval.patches.base import kv_cache_bytes, patch_attention
 from sink_eval.patches.copy import CopyPlan, rows_patched
-
-SHAPES = st.tuples(
-    st.sampled_from(["llama", "qwen2", "gemma3"]),
-    st.integers(1, 3),  # KV heads
-    st.integers(1, 3),  # query heads per KV head
-    st.sampled_from([4, 8]),  # head dim
-    st.integers(2, 12),  # sliding window (gemma3's first layer)
-)
-
-
-def _batch(vocab: int, rows: int, length: int, pads: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (rows, length), generator=gen)
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate(pads):
-        mask[row, : min(pad, length - 1)] = 0
-    return ids, mask
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -114,7 +97,7 @@ def test_per_row_plans_must_be_unconditional_and_one_per_row():
 
 def test_copying_every_head_of_a_kv_group_drops_it_from_the_cache():
     model = random_model("llama", kv_heads=2, groups=2, head_dim=8, window=4)
-    ids, mask = _batch(64, 1, 16, [0], seed=0)
+    ids, mask = padded_batch(1, 16, [0], seed=0)
     _, full = CopyPlan().generate(model, ids, mask, max_new_tokens=4)
     _, half = CopyPlan.of({0: [0, 1], 1: [0, 1]}).generate(model, ids, mask, max_new_tokens=4)
     _, partial = CopyPlan.of({0: [0], 1: [2]}).generate(model, ids, mask, max_new_tokens=4)
@@ -125,7 +108,7 @@ def test_copying_every_head_of_a_kv_group_drops_it_from_the_cache():
 
 def test_a_hybrid_plan_copies_only_within_its_limit():
     model = random_model("llama", kv_heads=1, groups=2, head_dim=8, window=4)
-    ids, mask = _batch(64, 1, 12, [0], seed=1)
+    ids, mask = padded_batch(1, 12, [0], seed=1)
     heads = {0: [0], 1: [1]}
     with torch.no_grad():
         exact = model(input_ids=ids).logits
@@ -144,7 +127,7 @@ def test_a_hybrid_plan_copies_only_within_its_limit():
 
 def test_decoding_with_a_foreign_cache_is_refused():
     model = random_model("llama", kv_heads=1, groups=2, head_dim=8, window=4)
-    ids, _ = _batch(64, 1, 6, [0], seed=3)
+    ids, _ = padded_batch(1, 6, [0], seed=3)
     with torch.no_grad(), CopyPlan.of({0: [0]}).patched(model):
         with pytest.raises(SinkEvalError, match=r"CopyPlan.generate\(\)"):
             model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)

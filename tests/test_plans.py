@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_model
+from helpers import SHAPES, padded_batch, random_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, MistralConfig
@@ -17,24 +17,7 @@ from sink_eval.patches.base import PLAN_KINDS, Plan
 from sink_eval.patches.copy import CopyPlan
 from sink_eval.patches.streaming.plan import StreamingPlan, streamed_share
 
-SHAPES = st.tuples(
-    st.sampled_from(["llama", "qwen2", "gemma3"]),
-    st.integers(1, 3),  # KV heads
-    st.integers(1, 3),  # query heads per KV head
-    st.sampled_from([4, 8]),  # head dim
-    st.integers(2, 12),  # sliding window (gemma3's first layer)
-)
 KINDS = ["copy", "streaming"]
-
-
-def batch(rows: int, length: int, pads: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ids (rows, length) and a left-padded mask: row i has min(pads[i], length - 1) padding positions."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 64, (rows, length), generator=gen)
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate(pads):
-        mask[row, : min(pad, length - 1)] = 0
-    return ids, mask
 
 
 def drawn_plan(kind: str, model, data, sink: int = 2, window: int = 3) -> Plan:
@@ -69,7 +52,7 @@ def greedy_under_reference(model, plan: Plan, ids: torch.Tensor, mask: torch.Ten
 @given(shape=SHAPES, length=st.integers(1, 30), pads=st.lists(st.integers(0, 10), min_size=1, max_size=3))
 def test_an_empty_plan_is_the_unpatched_model(kind, shape, length, pads):
     model = random_model(*shape)
-    ids, mask = batch(len(pads), length, pads, seed=length)
+    ids, mask = padded_batch(len(pads), length, pads, seed=length)
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask).logits
         with PLAN_KINDS[kind]().patched(model):
@@ -92,7 +75,7 @@ def test_the_fast_patch_equals_the_plans_reference(kind, shape, length, pads, si
     padding, Gemma 3's sliding-window layer."""
     model = random_model(*shape)
     plan = drawn_plan(kind, model, data, sink, window)
-    ids, mask = batch(len(pads), length, pads, seed=length)
+    ids, mask = padded_batch(len(pads), length, pads, seed=length)
     with torch.no_grad():
         with plan.reference(model):
             expected = model(input_ids=ids, attention_mask=mask).logits
@@ -116,7 +99,7 @@ def test_generating_into_the_plans_cache_gives_the_references_tokens(kind, shape
     wrapping) against full recomputation under the reference at every step."""
     model = random_model(*shape)
     plan = drawn_plan(kind, model, data, sink, window)
-    ids, mask = batch(len(pads), length, pads, seed=length)
+    ids, mask = padded_batch(len(pads), length, pads, seed=length)
     generated, _ = plan.generate(model, ids, mask, max_new_tokens=8)
     assert torch.equal(generated, greedy_under_reference(model, plan, ids, mask, 8))
 
@@ -127,7 +110,7 @@ def test_generating_into_the_plans_cache_gives_the_references_tokens(kind, shape
 )
 def test_layer_errors_are_positive_where_a_plan_changes_attention_and_none_elsewhere(plan, covering):
     model = random_model("llama", kv_heads=1, groups=2, head_dim=8, window=4)
-    ids, _ = batch(1, 24, [0], seed=2)
+    ids, _ = padded_batch(1, 24, [0], seed=2)
     assert type(plan)().layer_errors(model, ids) == {}
     errors = plan.layer_errors(model, ids)
     assert list(errors) == [1] and errors[1] > 0.01

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_model
+from helpers import SHAPES, padded_batch, random_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,23 +14,6 @@ from sink_eval.patches.base import kv_cache_bytes
 from sink_eval.patches.streaming import banded
 from sink_eval.patches.streaming.cache import StreamingCache, StreamingLayer
 from sink_eval.patches.streaming.plan import StreamingPlan, streamed_share
-
-SHAPES = st.tuples(
-    st.sampled_from(["llama", "qwen2", "gemma3"]),
-    st.integers(1, 3),  # KV heads
-    st.integers(1, 3),  # query heads per KV head
-    st.sampled_from([4, 8]),  # head dim
-    st.integers(2, 12),  # sliding window (gemma3's first layer)
-)
-
-
-def _batch(rows: int, length: int, pads: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 64, (rows, length), generator=gen)
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate(pads):
-        mask[row, : min(pad, length - 1)] = 0
-    return ids, mask
 
 
 def _plan(model, data, sink: int, window: int) -> StreamingPlan:
@@ -55,7 +38,7 @@ def test_a_window_covering_the_prompt_is_the_unpatched_model(shape, length, pads
     """w >= N: every query's window covers its whole context."""
     model = random_model(*shape)
     plan = _plan(model, data, sink, length + extra)
-    ids, mask = _batch(len(pads), length, pads, seed=length)
+    ids, mask = padded_batch(len(pads), length, pads, seed=length)
     with torch.no_grad():
         exact = model(input_ids=ids, attention_mask=mask).logits
         with plan.patched(model):
@@ -66,7 +49,7 @@ def test_a_window_covering_the_prompt_is_the_unpatched_model(shape, length, pads
 def test_generate_inside_the_patch_with_transformers_own_cache_gives_the_same_tokens():
     model = random_model("llama", kv_heads=2, groups=2, head_dim=8, window=4)
     plan = StreamingPlan.of({0: [0, 1, 3], 1: [2, 3]}, sink=2, window=3)
-    ids, mask = _batch(2, 9, [0, 3], seed=4)
+    ids, mask = padded_batch(2, 9, [0, 3], seed=4)
     constant, _ = plan.generate(model, ids, mask, max_new_tokens=8)
     with torch.no_grad(), plan.patched(model):
         full = model.generate(
@@ -88,7 +71,7 @@ def test_a_streamed_group_holds_exactly_s_plus_w_entries_after_any_number_of_ste
     which keeps its full cache. KV bytes = 4 bytes x D x (K and V) x rows x held entries."""
     model = random_model("llama", kv_heads=2, groups=2, head_dim=8, window=4)
     plan = StreamingPlan.of({0: [0, 1], 1: [3]}, sink=sink, window=window)
-    ids, mask = _batch(len(pads), length, pads, seed=steps)
+    ids, mask = padded_batch(len(pads), length, pads, seed=steps)
     _, cache = plan.generate(model, ids, mask, max_new_tokens=steps)
     positions = length + steps - 1  # the last generated token is never fed back
     layer = cache.layers[0]
@@ -114,7 +97,7 @@ def test_streamed_heads_never_score_more_than_their_band(monkeypatch):
         return sdpa(query, key, value, **kwargs)
 
     monkeypatch.setattr(banded.F, "scaled_dot_product_attention", spy)
-    ids, mask = _batch(1, 300, [0], seed=0)
+    ids, mask = padded_batch(1, 300, [0], seed=0)
     with torch.no_grad(), plan.patched(model):
         model(input_ids=ids, attention_mask=mask)
     assert seen and max(seen) <= 2 + banded.BLOCK + 8 - 1
@@ -132,7 +115,7 @@ def test_only_full_attention_layers_are_candidates():
 def test_the_constant_cache_is_used_only_inside_its_own_patch():
     model = random_model("llama", kv_heads=2, groups=2, head_dim=8, window=4)
     plan = StreamingPlan.of({0: [0, 1]}, sink=1, window=2)
-    ids, mask = _batch(1, 6, [0], seed=1)
+    ids, mask = padded_batch(1, 6, [0], seed=1)
     cache = plan.new_cache(model, mask)
     with torch.no_grad(), pytest.raises(SinkEvalError, match="updated only inside"):
         model(input_ids=ids, attention_mask=mask, cache=cache)
