@@ -1,10 +1,14 @@
-"""The pytest plugin as another project uses it (pytester: a project of its own in a temporary folder, with a tiny
+"""The pytest plugin as another project uses it (a project of its own in a temporary folder, run by pytest in a
+process of its own, with a tiny
 random checkpoint saved as a local directory), and the bands it holds this repository to."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +17,24 @@ from sink_eval import baselines, cli
 from sink_eval.models.load import load_model
 from sink_eval.pytest_plugin.config import read_config
 
-pytest_plugins = ["pytester"]
 BASELINES = Path(__file__).resolve().parents[1] / "baselines"
 KINDS = {"analysis": baselines.ANALYSIS, "eval": baselines.EVAL, "longctx": baselines.LONGCTX}
+
+
+def _pytest(project: Path, *args: str) -> pytest.RunResult:
+    """pytest with the plugin in `project`, in a process of its own (as the project's CI would run it; the project's
+    `sink-eval init` module has the name of this repository's own, and the checks import torch modules that cannot be
+    imported twice in one process)."""
+    start = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "sink_eval.pytest_plugin", "-p", "no:cacheprovider", *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = run.stdout.splitlines(), run.stderr.splitlines()
+    return pytest.RunResult(run.returncode, *lines, duration=time.monotonic() - start)
 
 
 def _checkpoint(path: Path, name: str) -> Path:
@@ -28,48 +47,51 @@ def _checkpoint(path: Path, name: str) -> Path:
     return path
 
 
-def _project(pytester: pytest.Pytester, capsys) -> Path:
-    """`sink-eval init` in the pytester project for its checkpoint "ckpt" (tiny-llama), then what its owner would
+def _project(project: Path, capsys) -> Path:
+    """`sink-eval init` in `project` for its checkpoint "ckpt" (tiny-llama), then what its owner would
     add: a prompt file of its own (12 prompts of 2-60 words) and the thresholds a random model has sinks at (at 0.8
     it has none, and a band at 0 could not fail)."""
-    checkpoint = _checkpoint(pytester.path / "ckpt", "tiny-llama")
-    assert cli.main(["init", "--dir", str(pytester.path), "--model", "ckpt"]) == 0
+    checkpoint = _checkpoint(project / "ckpt", "tiny-llama")
+    assert cli.main(["init", "--dir", str(project), "--model", "ckpt"]) == 0
     assert "next: pytest -m analysis --update-baselines" in capsys.readouterr().out
     words = "the model reads a long text and attends to the first token of it".split()
     prompts = [{"id": f"p{n}", "text": " ".join(words[i % len(words)] for i in range(n))} for n in range(2, 62, 5)]
-    (pytester.path / "prompts.jsonl").write_text("\n".join(json.dumps(p) for p in prompts))
-    pyproject = pytester.path / "pyproject.toml"
+    (project / "prompts.jsonl").write_text("\n".join(json.dumps(p) for p in prompts))
+    pyproject = project / "pyproject.toml"
     pyproject.write_text(pyproject.read_text() + 'prompts = "prompts.jsonl"\nthresholds = [0.02]\n')
     return checkpoint
 
 
-def test_a_project_holds_its_own_checkpoint_to_a_baseline_and_names_one_swapped_in(pytester, capsys):
-    checkpoint = _project(pytester, capsys)
-    assert read_config(pytester.path).models == ["ckpt"]
-    written = pytester.runpytest("-p", "sink_eval.pytest_plugin", "-m", "analysis", "--update-baselines")
+def test_a_project_holds_its_own_checkpoint_to_a_baseline_and_names_one_swapped_in(tmp_path, capsys):
+    checkpoint = _project(tmp_path, capsys)
+    assert read_config(tmp_path).models == ["ckpt"]
+    written = _pytest(tmp_path, "-m", "analysis", "--update-baselines")
     written.assert_outcomes(passed=3)
     written.stdout.fnmatch_lines(
         ["*baselines rewritten, not checked*", "*ckpt.json: rewritten from this run*", "  new baseline with * values"]
     )
-    baseline = pytester.path / "baselines" / "analysis" / "ckpt.json"
-    assert baselines.read_baseline(baseline).provenance.code is not None
-    pytester.runpytest("-p", "sink_eval.pytest_plugin", "-m", "analysis").assert_outcomes(passed=3)
+    baseline = tmp_path / "baselines" / "analysis" / "ckpt.json"
+    written_baseline = baselines.read_baseline(baseline)
+    assert written_baseline.provenance.code is not None
+    assert written_baseline.model.name == "ckpt"  # as configured: the file holds no path of this machine
+    assert written_baseline.provenance.command == "pytest -m analysis --update-baselines"
+    _pytest(tmp_path, "-m", "analysis").assert_outcomes(passed=3)
     _checkpoint(checkpoint, "tiny-qwen2")  # other weights saved under the same path
-    swapped = pytester.runpytest("-p", "sink_eval.pytest_plugin", "-m", "analysis")
+    swapped = _pytest(tmp_path, "-m", "analysis")
     swapped.assert_outcomes(passed=1, failed=2)
     swapped.stdout.fnmatch_lines(["*was measured on weights files-sha256:*, but the loaded model is files-sha256:*"])
 
 
-def test_a_check_the_configuration_leaves_off_is_skipped_saying_so(pytester, capsys):
-    _project(pytester, capsys)
-    result = pytester.runpytest("-p", "sink_eval.pytest_plugin", "-m", "eval", "-rs")
+def test_a_check_the_configuration_leaves_off_is_skipped_saying_so(tmp_path, capsys):
+    _project(tmp_path, capsys)
+    result = _pytest(tmp_path, "-m", "eval", "-rs")
     result.assert_outcomes(skipped=2)
     result.stdout.fnmatch_lines(["*the eval check is off: add it to [[]tool.sink_eval[]] checks*"])
 
 
-def test_a_bad_configuration_is_a_one_line_usage_error(pytester):
-    pytester.makepyprojecttoml('[tool.sink_eval]\nmodels = ["m"]\nchecks = ["speed"]\n')
-    result = pytester.runpytest("-p", "sink_eval.pytest_plugin")
+def test_a_bad_configuration_is_a_one_line_usage_error(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[tool.sink_eval]\nmodels = ["m"]\nchecks = ["speed"]\n')
+    result = _pytest(tmp_path)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "checks ['speed'] unknown; choose among analysis, eval, longctx, patch" in result.stderr.str()
 

@@ -7,7 +7,13 @@ before any band is read."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
+
+if TYPE_CHECKING:
+    from sink_eval.analyses.analyze import AnalysisResult
+    from sink_eval.baselines import AnalysisBaseline
 
 __all__ = [
     "test_accuracy_lies_in_its_baseline_bands",
@@ -33,6 +39,13 @@ def _bands(measured: dict, stored: dict, model: str) -> None:
     assert not failed, f"{model}: " + "; ".join(f"{k}: {p}" for k, p in failed.items())
 
 
+def _as_baseline(res: AnalysisResult) -> AnalysisBaseline:
+    """An analysis result as the baseline `--update-baselines` writes, with the command that writes it."""
+    from sink_eval import baselines
+
+    return baselines.make_baseline(res, f"{res.provenance.command} --update-baselines")
+
+
 @pytest.mark.analysis
 def test_sink_figures_lie_in_their_baseline_bands(sink_model_name, sink_analysis, sink_baseline):
     """Sink prevalence and first-layer agreement, by length bin and threshold, each within value ± max(2 SE, 0.01)
@@ -40,8 +53,7 @@ def test_sink_figures_lie_in_their_baseline_bands(sink_model_name, sink_analysis
     from sink_eval import baselines
 
     res = sink_analysis(sink_model_name)
-    measured = baselines.make_baseline(res, f"{res.provenance.command} --update-baselines")
-    stored = sink_baseline(baselines.ANALYSIS, sink_model_name, measured)
+    stored = sink_baseline(baselines.ANALYSIS, sink_model_name, _as_baseline(res))
     _bands(baselines.measured_values(res), stored.values, sink_model_name)
 
 
@@ -52,7 +64,7 @@ def test_per_prompt_sink_scores_equal_the_baseline_run(sink_model_name, sink_ana
     from sink_eval import baselines
 
     res = sink_analysis(sink_model_name)
-    stored = sink_baseline(baselines.ANALYSIS, sink_model_name, baselines.make_baseline(res, ""))
+    stored = sink_baseline(baselines.ANALYSIS, sink_model_name, _as_baseline(res))
     moved = baselines.moved_prompts({p.id: p.sink_score for p in res.prompts}, stored.sink_scores)
     assert not moved, baselines.regression_message(
         baselines.ANALYSIS,

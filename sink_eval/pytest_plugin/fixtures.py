@@ -4,6 +4,7 @@ fixtures, so that a test session that does not use them does not pay for them.""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections.abc import Callable
@@ -49,7 +50,9 @@ def sink_model(sink_config: SinkConfig) -> Callable[[str], Any]:
         if name not in held:
             held.clear()
             gc.collect()
-            held[name] = load_model(sink_config.model_path(name))
+            loaded = load_model(sink_config.model_path(name))
+            loaded.spec = dataclasses.replace(loaded.spec, name=name)  # as configured, not the resolved path
+            held[name] = loaded
         return held[name]
 
     return get
