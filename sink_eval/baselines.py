@@ -550,6 +550,15 @@ def _field(obj: Any, dotted: str) -> Any:
     return obj
 
 
+def check_weights(stored: Baseline, fingerprint: str, path: Path) -> None:
+    """Refuse a stored baseline measured on other weights than those of `fingerprint` (the loaded model's): what
+    `check_comparable` says first, said before anything is measured."""
+    if stored.model.fingerprint != fingerprint:
+        raise SinkEvalError(
+            f"baseline {path} {_other_weights(stored.model.fingerprint, fingerprint)}; {_kind(stored).how}"
+        )
+
+
 def check_comparable(measured: Baseline, stored: Baseline, path: Path, identity: tuple[IdentityKey, ...]) -> None:
     """Refuse to compare a measurement (as a baseline: `make_baseline`, `make_eval_baseline`) with a stored baseline
     that differs in any of the `identity` fields (e.g. other weights, another prompt set)."""

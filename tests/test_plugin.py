@@ -37,6 +37,20 @@ def _pytest(project: Path, *args: str) -> pytest.RunResult:
     return pytest.RunResult(run.returncode, *lines, duration=time.monotonic() - start)
 
 
+PROBE_REFUSED = """import pytest
+
+
+@pytest.fixture(scope="session")
+def sink_probed():
+    def refused(name, prompts):
+        raise AssertionError("probed: the weights were not checked first")
+
+    return refused
+"""
+"""A project conftest under which measuring anything fails: a check that names other weights before it measures
+fails by the fingerprint instead."""
+
+
 def _checkpoint(path: Path, name: str) -> Path:
     """A tiny zoo model saved as a checkpoint directory (weights, config and tokenizer)."""
     if path.exists():
@@ -77,9 +91,12 @@ def test_a_project_holds_its_own_checkpoint_to_a_baseline_and_names_one_swapped_
     assert written_baseline.provenance.command == "pytest -m analysis --update-baselines"
     _pytest(tmp_path, "-m", "analysis").assert_outcomes(passed=3)
     _checkpoint(checkpoint, "tiny-qwen2")  # other weights saved under the same path
+    (tmp_path / "conftest.py").write_text(PROBE_REFUSED)
     swapped = _pytest(tmp_path, "-m", "analysis")
-    swapped.assert_outcomes(passed=1, failed=2)
-    swapped.stdout.fnmatch_lines(["*was measured on weights files-sha256:*, but the loaded model is files-sha256:*"])
+    swapped.assert_outcomes(failed=3)  # the two baseline checks by fingerprint; the one-token check probes, refused
+    errors = [line for line in swapped.outlines if line.startswith("E ")]
+    assert sum("was measured on weights files-sha256:" in line for line in errors) == 2
+    assert sum("probed: the weights were not checked first" in line for line in errors) == 1
 
 
 def test_a_check_the_configuration_leaves_off_is_skipped_saying_so(tmp_path, capsys):

@@ -6,7 +6,7 @@ What a test session gets:
 - the options --update-baselines (re-measure and rewrite the baseline files; each is reported as rewritten, not
   checked), --sink-model M (check M instead of the configured models; repeat for several) and --full-prompt-set;
 - the session fixtures of `sink_eval.pytest_plugin.fixtures` (`sink_model`, `sink_probed`, `sink_analysis`,
-  `sink_eval_result`, `sink_longctx_result`, `sink_baseline`): one model held at a time;
+  `sink_eval_result`, `sink_longctx_result`, `sink_same_weights`, `sink_baseline`): one model held at a time;
 - the ready-made checks of `sink_eval.pytest_plugin.checks`, run on each configured model (the `sink_model_name`
   parameter), which a project collects by importing them into a test module (`sink-eval init` writes one) and
   turns on in `[tool.sink_eval] checks` (`sink_eval.pytest_plugin.config`).
@@ -32,6 +32,7 @@ from sink_eval.pytest_plugin.fixtures import (
     sink_longctx_result,
     sink_model,
     sink_probed,
+    sink_same_weights,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "sink_longctx_result",
     "sink_model",
     "sink_probed",
+    "sink_same_weights",
 ]
 
 MARKERS = {

@@ -47,22 +47,26 @@ def _as_baseline(res: AnalysisResult) -> AnalysisBaseline:
 
 
 @pytest.mark.analysis
-def test_sink_figures_lie_in_their_baseline_bands(sink_model_name, sink_analysis, sink_baseline):
+def test_sink_figures_lie_in_their_baseline_bands(sink_model_name, sink_same_weights, sink_analysis, sink_baseline):
     """Sink prevalence and first-layer agreement, by length bin and threshold, each within value ± max(2 SE, 0.01)
     of the baseline run's."""
     from sink_eval import baselines
 
+    sink_same_weights(baselines.ANALYSIS, sink_model_name)
     res = sink_analysis(sink_model_name)
     stored = sink_baseline(baselines.ANALYSIS, sink_model_name, _as_baseline(res))
     _bands(baselines.measured_values(res), stored.values, sink_model_name)
 
 
 @pytest.mark.analysis
-def test_per_prompt_sink_scores_equal_the_baseline_run(sink_model_name, sink_analysis, sink_baseline):
+def test_per_prompt_sink_scores_equal_the_baseline_run(
+    sink_model_name, sink_same_weights, sink_analysis, sink_baseline
+):
     """The regression layer: every head's sink score on every prompt is the baseline run's, to
     `baselines.SINK_SCORE_TOLERANCE` (a band would let a real change through)."""
     from sink_eval import baselines
 
+    sink_same_weights(baselines.ANALYSIS, sink_model_name)
     res = sink_analysis(sink_model_name)
     stored = sink_baseline(baselines.ANALYSIS, sink_model_name, _as_baseline(res))
     moved = baselines.moved_prompts({p.id: p.sink_score for p in res.prompts}, stored.sink_scores)
@@ -97,22 +101,26 @@ def test_one_token_prompts_are_never_counted_as_sinks(sink_model_name, sink_mode
 
 
 @pytest.mark.eval
-def test_accuracy_lies_in_its_baseline_bands(sink_model_name, sink_eval_result, sink_baseline):
+def test_accuracy_lies_in_its_baseline_bands(sink_model_name, sink_same_weights, sink_eval_result, sink_baseline):
     """Unpatched accuracy per task within 2 lm-eval stderr of the baseline run's, and each policy's change against
     unpatched within 2 paired SE of the baseline's (bands that exclude chance: `baselines.undiscriminating`)."""
     from sink_eval import baselines
 
+    sink_same_weights(baselines.EVAL, sink_model_name)
     res = sink_eval_result(sink_model_name)
     stored = sink_baseline(baselines.EVAL, sink_model_name, baselines.make_eval_baseline(res, "pytest -m eval"))
     _bands(baselines.eval_values(res), stored.values, sink_model_name)
 
 
 @pytest.mark.eval
-def test_per_request_loglikelihoods_equal_the_baseline_run(sink_model_name, sink_eval_result, sink_baseline):
+def test_per_request_loglikelihoods_equal_the_baseline_run(
+    sink_model_name, sink_same_weights, sink_eval_result, sink_baseline
+):
     """The regression layer: every request's log-likelihood, of every run, is the baseline run's, to
     `baselines.LOGLIK_TOLERANCE`."""
     from sink_eval import baselines
 
+    sink_same_weights(baselines.EVAL, sink_model_name)
     res = sink_eval_result(sink_model_name)
     stored = sink_baseline(baselines.EVAL, sink_model_name, baselines.make_eval_baseline(res, "pytest -m eval"))
     for run in res.runs:
@@ -127,33 +135,36 @@ def test_per_request_loglikelihoods_equal_the_baseline_run(sink_model_name, sink
         )
 
 
-def _longctx(sink_model_name, sink_longctx_result, sink_baseline):
+def _longctx(sink_model_name, sink_same_weights, sink_longctx_result, sink_baseline):
     from sink_eval import baselines
 
+    sink_same_weights(baselines.LONGCTX, sink_model_name)
     res, wall_s = sink_longctx_result(sink_model_name)
     measured = baselines.make_longctx_baseline(res, "pytest -m longctx", wall_s)
     return res, measured, sink_baseline(baselines.LONGCTX, sink_model_name, measured)
 
 
 @pytest.mark.longctx
-def test_passkey_and_perplexity_lie_in_their_baseline_bands(sink_model_name, sink_longctx_result, sink_baseline):
+def test_passkey_and_perplexity_lie_in_their_baseline_bands(
+    sink_model_name, sink_same_weights, sink_longctx_result, sink_baseline
+):
     """Passkey accuracy (informative cells) within 2 binomial SE, perplexity and each plan's perplexity ratio within
     2 delta-method SE of the baseline run's."""
     from sink_eval import baselines
 
-    res, _, stored = _longctx(sink_model_name, sink_longctx_result, sink_baseline)
+    res, _, stored = _longctx(sink_model_name, sink_same_weights, sink_longctx_result, sink_baseline)
     _bands(baselines.longctx_values(res), stored.values, sink_model_name)
 
 
 @pytest.mark.longctx
 def test_per_passage_nll_and_passkey_answers_equal_the_baseline_run(
-    sink_model_name, sink_longctx_result, sink_baseline
+    sink_model_name, sink_same_weights, sink_longctx_result, sink_baseline
 ):
     """The regression layer: every passage's mean token NLL within `baselines.LOGLIK_TOLERANCE`, and every passkey
     trial's greedy answer exactly, of every run, as in the baseline run."""
     from sink_eval import baselines
 
-    _, measured, stored = _longctx(sink_model_name, sink_longctx_result, sink_baseline)
+    _, measured, stored = _longctx(sink_model_name, sink_same_weights, sink_longctx_result, sink_baseline)
     moved = [
         f"{label} L={length} passage {i}: {before:.6f} -> {now:.6f}"
         for label, by_length in stored.passage_nll.items()

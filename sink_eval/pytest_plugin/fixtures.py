@@ -180,6 +180,29 @@ def sink_longctx_result(sink_model, sink_probed, sink_config: SinkConfig):
     return get
 
 
+def _baseline_path(sink_config: SinkConfig, pytestconfig: pytest.Config, kind: Any, name: str) -> Path:
+    """Where the baseline of `kind` for model `name` is stored (an analysis of the full prompt set: `<name>-full`)."""
+    from sink_eval import baselines
+
+    full = kind is baselines.ANALYSIS and full_prompt_set(pytestconfig, sink_config, name)
+    return sink_config.baseline(kind.marker, name, "-full" if full else "")
+
+
+@pytest.fixture(scope="session")
+def sink_same_weights(sink_model, sink_config: SinkConfig, pytestconfig: pytest.Config):
+    """`sink_same_weights(kind, name)`: fail at once where the stored baseline of `kind` for model `name` was measured
+    on other weights than the loaded model's (named by fingerprint), so a swapped checkpoint costs a model load, not
+    a measurement. Nothing to check under --update-baselines or where none is stored yet (`sink_baseline` says so)."""
+    from sink_eval import baselines
+
+    def check(kind: Any, name: str) -> None:
+        path = _baseline_path(sink_config, pytestconfig, kind, name)
+        if not pytestconfig.getoption("--update-baselines") and path.is_file():
+            baselines.check_weights(baselines.read_baseline(path, kind), sink_model(name).fingerprint, path)
+
+    return check
+
+
 @pytest.fixture(scope="session")
 def sink_baseline(sink_config: SinkConfig, pytestconfig: pytest.Config):
     """`sink_baseline(kind, name, measured)` -> the stored baseline of `kind` (`baselines.ANALYSIS`, `EVAL`,
@@ -190,8 +213,7 @@ def sink_baseline(sink_config: SinkConfig, pytestconfig: pytest.Config):
     from sink_eval.core.errors import SinkEvalError
 
     def get(kind: Any, name: str, measured: Any) -> Any:
-        suffix = "-full" if kind is baselines.ANALYSIS and full_prompt_set(pytestconfig, sink_config, name) else ""
-        path = sink_config.baseline(kind.marker, name, suffix)
+        path = _baseline_path(sink_config, pytestconfig, kind, name)
         rewritten = pytestconfig.stash.setdefault(REWRITTEN, {})
         if pytestconfig.getoption("--update-baselines") and str(path) not in rewritten:
             try:
