@@ -13,7 +13,6 @@ from typing import Any
 from tabulate import tabulate
 
 from sink_eval.core.errors import SinkEvalError
-from sink_eval.measure.sinks import DEFAULT_THRESHOLDS
 from sink_eval.prompts.prompt_set import LONG_TOKENS
 
 PATCH_EVAL_POLICIES = ("first_layer", "calibrated", "oracle", "hybrid")  # patch-eval's default: the copy policies
@@ -109,6 +108,7 @@ def _cmd_init(args: argparse.Namespace) -> None:
 def _cmd_analyze(args: argparse.Namespace) -> None:
     from sink_eval.analyses.analyze import probe_resumable, results
     from sink_eval.measure.probe import probe_prompts
+    from sink_eval.measure.sinks import DEFAULT_THRESHOLDS
     from sink_eval.models.load import load_model
     from sink_eval.prompts.prompt_set import (
         check_max_tokens,
@@ -709,6 +709,7 @@ def _policy_arguments(parser: argparse.ArgumentParser, default: str, streaming: 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sink_eval.measure.sinks import DEFAULT_THRESHOLDS
     from sink_eval.models.zoo import DEFAULT_MODEL
     from sink_eval.prompts.prompt_set import DEFAULT_MAX_TOKENS
 
@@ -916,9 +917,10 @@ def _holding_out(args: argparse.Namespace) -> AbstractContextManager:
     return output_lock(out) if args.command in OUTPUT_KINDS and out is not None else nullcontext()
 
 
-def _interrupted(args: argparse.Namespace) -> str:
-    """The line for a run stopped by Ctrl-C: where a resumable run kept its finished part."""
-    if args.command in RESUMABLE and args.out is not None:
+def _interrupted(args: argparse.Namespace | None) -> str:
+    """The line for a run stopped by Ctrl-C (`args` None: while the command line was read): where a resumable run kept
+    its finished part."""
+    if args is not None and args.command in RESUMABLE and args.out is not None:
         from sink_eval.core.resume import work_dir
 
         work = work_dir(args.out, args.command)
@@ -936,9 +938,11 @@ def _close_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command: 0 on success; a `SinkEvalError` is one line and exit status 2; Ctrl-C one line and 130."""
-    args = build_parser().parse_args(argv)
+    """Run the command: 0 on success; a `SinkEvalError` is one line and exit status 2; Ctrl-C one line and 130, also
+    while torch is imported (this module imports nothing heavy: the parser and each command import what they use)."""
+    args: argparse.Namespace | None = None
     try:
+        args = build_parser().parse_args(argv)
         validate(args)
         with _holding_out(args):
             args.func(args)

@@ -696,6 +696,24 @@ def test_ctrl_c_prints_one_line_and_exits_130(prompts_file, monkeypatch, capsys)
     assert _error(capsys) == "sink-eval: interrupted"
 
 
+def test_ctrl_c_while_the_command_line_is_read_prints_one_line_and_exits_130(monkeypatch, capsys):
+    """Building the parser imports torch (about 2 s): Ctrl-C then is the same one line."""
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["analyze", "--json"]) == 130
+    assert _error(capsys) == "sink-eval: interrupted"
+
+
+def test_importing_the_command_line_module_imports_no_torch():
+    """What `sink-eval` imports before `main` handles Ctrl-C: nothing heavy, so no window for a traceback."""
+    code = "import sys, sink_eval.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_ctrl_c_during_a_progress_bar_prints_its_line_after_the_bar(prompts_file, monkeypatch, capsys):
     import sink_eval.measure.probe
 
