@@ -13,7 +13,8 @@ import pytest
 
 if TYPE_CHECKING:
     from sink_eval.analyses.analyze import AnalysisResult
-    from sink_eval.baselines import AnalysisBaseline
+    from sink_eval.baselines import AnalysisBaseline, EvalBaseline
+    from sink_eval.evals.accuracy import EvalResult
 
 __all__ = [
     "test_accuracy_lies_in_its_baseline_bands",
@@ -39,11 +40,17 @@ def _bands(measured: dict, stored: dict, model: str) -> None:
     assert not failed, f"{model}: " + "; ".join(f"{k}: {p}" for k, p in failed.items())
 
 
-def _as_baseline(res: AnalysisResult) -> AnalysisBaseline:
-    """An analysis result as the baseline `--update-baselines` writes, with the command that writes it."""
+def _analysis(
+    sink_model_name, sink_same_weights, sink_analysis, sink_baseline
+) -> tuple[AnalysisResult, AnalysisBaseline]:
+    """The model's analysis and its stored baseline, the weights checked first; measured as the baseline
+    `--update-baselines` writes, with the command that writes it."""
     from sink_eval import baselines
 
-    return baselines.make_baseline(res, f"{res.provenance.command} --update-baselines")
+    sink_same_weights(baselines.ANALYSIS, sink_model_name)
+    res = sink_analysis(sink_model_name)
+    measured = baselines.make_baseline(res, f"{res.provenance.command} --update-baselines")
+    return res, sink_baseline(baselines.ANALYSIS, sink_model_name, measured)
 
 
 @pytest.mark.analysis
@@ -52,9 +59,7 @@ def test_sink_figures_lie_in_their_baseline_bands(sink_model_name, sink_same_wei
     of the baseline run's."""
     from sink_eval import baselines
 
-    sink_same_weights(baselines.ANALYSIS, sink_model_name)
-    res = sink_analysis(sink_model_name)
-    stored = sink_baseline(baselines.ANALYSIS, sink_model_name, _as_baseline(res))
+    res, stored = _analysis(sink_model_name, sink_same_weights, sink_analysis, sink_baseline)
     _bands(baselines.measured_values(res), stored.values, sink_model_name)
 
 
@@ -66,9 +71,7 @@ def test_per_prompt_sink_scores_equal_the_baseline_run(
     `baselines.SINK_SCORE_TOLERANCE` (a band would let a real change through)."""
     from sink_eval import baselines
 
-    sink_same_weights(baselines.ANALYSIS, sink_model_name)
-    res = sink_analysis(sink_model_name)
-    stored = sink_baseline(baselines.ANALYSIS, sink_model_name, _as_baseline(res))
+    res, stored = _analysis(sink_model_name, sink_same_weights, sink_analysis, sink_baseline)
     moved = baselines.moved_prompts({p.id: p.sink_score for p in res.prompts}, stored.sink_scores)
     assert not moved, baselines.regression_message(
         baselines.ANALYSIS,
@@ -100,15 +103,22 @@ def test_one_token_prompts_are_never_counted_as_sinks(sink_model_name, sink_mode
                if p.n_tokens == 1)  # fmt: skip
 
 
+def _eval(sink_model_name, sink_same_weights, sink_eval_result, sink_baseline) -> tuple[EvalResult, EvalBaseline]:
+    """The model's eval result and its stored baseline, the weights checked first."""
+    from sink_eval import baselines
+
+    sink_same_weights(baselines.EVAL, sink_model_name)
+    res = sink_eval_result(sink_model_name)
+    return res, sink_baseline(baselines.EVAL, sink_model_name, baselines.make_eval_baseline(res, "pytest -m eval"))
+
+
 @pytest.mark.eval
 def test_accuracy_lies_in_its_baseline_bands(sink_model_name, sink_same_weights, sink_eval_result, sink_baseline):
     """Unpatched accuracy per task within 2 lm-eval stderr of the baseline run's, and each policy's change against
     unpatched within 2 paired SE of the baseline's (bands that exclude chance: `baselines.undiscriminating`)."""
     from sink_eval import baselines
 
-    sink_same_weights(baselines.EVAL, sink_model_name)
-    res = sink_eval_result(sink_model_name)
-    stored = sink_baseline(baselines.EVAL, sink_model_name, baselines.make_eval_baseline(res, "pytest -m eval"))
+    res, stored = _eval(sink_model_name, sink_same_weights, sink_eval_result, sink_baseline)
     _bands(baselines.eval_values(res), stored.values, sink_model_name)
 
 
@@ -120,9 +130,7 @@ def test_per_request_loglikelihoods_equal_the_baseline_run(
     `baselines.LOGLIK_TOLERANCE`."""
     from sink_eval import baselines
 
-    sink_same_weights(baselines.EVAL, sink_model_name)
-    res = sink_eval_result(sink_model_name)
-    stored = sink_baseline(baselines.EVAL, sink_model_name, baselines.make_eval_baseline(res, "pytest -m eval"))
+    res, stored = _eval(sink_model_name, sink_same_weights, sink_eval_result, sink_baseline)
     for run in res.runs:
         moved = baselines.moved_requests({t: s.loglik for t, s in run.tasks.items()}, stored.loglik[run.label])
         assert not moved, baselines.regression_message(
