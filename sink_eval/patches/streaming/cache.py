@@ -66,6 +66,8 @@ class StreamingLayer(DynamicLayer):
         self.full = [group for group in range(kv_heads) if group not in streamed]
         self.kv_index = {group: j for j, group in enumerate(self.full)}  # a kept group's row in `keys`
         self.stream_index = {group: j for j, group in enumerate(streamed)}  # a streamed group's row in the slots
+        self.groups = (streamed, self.full)
+        self.index: tuple[torch.Tensor, ...] | None = None  # `groups` as index tensors, on the keys' device
         self.first = first  # (B,) first non-padding position of each row
         self.last_first = int(first.max())  # the latest of them
         self.use = use
@@ -87,7 +89,9 @@ class StreamingLayer(DynamicLayer):
             self.stream_values = value_states.new_zeros(batch, len(self.streamed), slots, dim)
             self.stream_positions = torch.full((batch, slots), -1, dtype=torch.long, device=device)
         assert self.stream_values is not None and self.stream_positions is not None
-        streamed = torch.tensor(self.streamed, device=device)
+        if self.index is None or self.index[0].device != device:
+            self.index = tuple(torch.tensor(groups, dtype=torch.long, device=device) for groups in self.groups)
+        streamed, full = self.index
         keys, values = key_states.index_select(1, streamed), value_states.index_select(1, streamed)
         positions = torch.arange(self.seen, self.seen + t_len, device=device)
         if t_len == 1 and self.seen > 0:  # a decode step: the slots once written are exactly its key set
@@ -101,7 +105,6 @@ class StreamingLayer(DynamicLayer):
             )
             self._write(keys, values, positions)
         self.seen += t_len
-        full = torch.tensor(self.full, dtype=torch.long, device=device)
         return super().update(key_states.index_select(1, full), value_states.index_select(1, full))
 
     def _write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:

@@ -1,13 +1,17 @@
 """The streaming patch: planned heads attend only to the s sink tokens and the last w keys, at that cost.
 
 `StreamingState` is what the registered attention ("sink_streaming", `sink_eval.patches.base`) asks for each layer's
-output while a `StreamingPlan` runs, computed in at most two attention calls:
-- the heads that attend in full: SDPA with transformers' own mask, exactly as unpatched
-  (`sink_eval.patches.base.attend_heads`, one call, each head with its KV group);
-- the streamed heads, in one call: in a full pass (no earlier context) `banded.banded_attention`, work O(N (s + w));
-  in a decode step (or a chunk after it) `banded.keyed_attention` over the s sinks and the last w (+ T) keys only, or,
-  once every one of those slots holds a key the new token sees, plain SDPA over them without a mask. Streamed heads
-  that make up whole KV groups share their groups' keys (GQA); others get their group's keys gathered per head.
+output while a `StreamingPlan` runs:
+- a decode step (one new token after cached context, `StreamingState.decode_step`): one SDPA call over the keys the
+  call holds (every KV group, or the plan cache's kept groups), query heads packed by KV group so that each group's
+  keys are read once, with an additive mask whose row for a streamed head is open at its sinks and window only; and,
+  with the plan's cache, one call over its streamed groups' s + w slots. A partly streamed group costs no second
+  call and no gather;
+- any other pass, in at most two calls: the heads that attend in full by SDPA with transformers' own mask, exactly
+  as unpatched (`sink_eval.patches.base.attend_heads`, one call, each head with its KV group); the streamed heads in
+  one call: in a full pass (no earlier context) `banded.banded_attention`, work O(N (s + w)); in a chunk of T > 1
+  tokens after cached context `banded.keyed_attention` over the s sinks and the last w (+ T) keys only. Streamed
+  heads that make up whole KV groups share their groups' keys (GQA); others get their group's keys gathered per head.
 A layer without streamed heads runs transformers' own SDPA function, so an empty plan is the unpatched model.
 
 Decoding: with the plan's `StreamingCache` (`plan.new_cache`, `plan.generate`), streamed groups keep s + w entries;
@@ -27,8 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from sink_eval.core.shape import Shape
-from sink_eval.patches.base import AttentionCall, PatchState, attend_heads, select_heads
-from sink_eval.patches.streaming.banded import BandLayout, band_layout, banded_attention, keyed_attention
+from sink_eval.patches.base import AttentionCall, LayerHeads, PatchState, attend_heads, select_heads
+from sink_eval.patches.streaming.banded import (
+    BandLayout,
+    additive,
+    allowed,
+    band_layout,
+    banded_attention,
+    keyed_attention,
+)
 from sink_eval.patches.streaming.cache import StepKV, StreamingCache, StreamingLayer
 
 if TYPE_CHECKING:
@@ -46,6 +57,8 @@ class StreamingState(PatchState):
     def __init__(self, plan: StreamingPlan, shape: Shape, cache: StreamingCache | None):
         super().__init__(plan, shape, cache)
         self.layouts: dict[tuple, BandLayout] = {}
+        self.decode_heads: dict[int, DecodeHeads] = {}  # per layer, made at its first decode step
+        self._rows: tuple[torch.Tensor | None, int, torch.Tensor, torch.Tensor | None] | None = None
 
     def using(self) -> AbstractContextManager[object]:
         return self.cache.in_use() if self.cache is not None else nullcontext()
@@ -70,6 +83,8 @@ class StreamingState(PatchState):
         streaming = cache_layer if isinstance(cache_layer, StreamingLayer) else None
         kv_index = streaming.kv_index if streaming is not None else {k: k for k in range(self.shape.kv_heads)}
         first = self.first(call)
+        if t_len == 1 and not call.full_pass:
+            return self.decode_step(call, layer, streaming, first)
         parts: list[tuple[list[int], torch.Tensor]] = []  # (query heads, their output (B, T, h, D)), in order
         if layer.attending:
             attend, result = attend_heads(layer, self.shape.group_size, call, key, value, kv_index)
@@ -78,27 +93,107 @@ class StreamingState(PatchState):
         sources = GroupKV(key, value, kv_index, {} if streaming is None else streaming.stream_index, step)
         q = select_heads(query, layer.planned)
         g = self.shape.group_size
-        plan = self.plan
         if key.shape[2] == t_len:  # a full pass: no earlier context
             groups = layer.planned_groups if layer.whole else [h // g for h in layer.planned]
             keys, values = sources.full_pass(groups)
             streamed = banded_attention(q, keys, values, self.layout(t_len, first, q.dtype), call.scaling)
         else:
-            keys, values, positions = sources.window(layer.planned_groups, plan, first, t_len)
-            last_first = self.cache.last_first if self.cache is not None else int(first.max())
-            if layer.whole and t_len == 1 and key.shape[2] >= last_first + plan.sink + plan.window:
-                # every slot holds a key the new token sees: no mask, each KV group read once
-                streamed = F.scaled_dot_product_attention(q, keys, values, scale=call.scaling, enable_gqa=g > 1)
-                streamed = streamed.transpose(1, 2)
-            else:
-                per_head = torch.tensor([layer.planned_groups.index(h // g) for h in layer.planned], device=key.device)
-                keys, values, positions = (x.index_select(1, per_head) for x in (keys, values, positions))
-                query_pos = torch.arange(key.shape[2] - t_len, key.shape[2], device=key.device)
-                streamed = keyed_attention(
-                    q, query_pos, keys, values, positions, first, plan.sink, plan.window, call.scaling
-                )
+            keys, values, positions = sources.window(layer.planned_groups, self.plan, first, t_len)
+            per_head = torch.tensor([layer.planned_groups.index(h // g) for h in layer.planned], device=key.device)
+            keys, values, positions = (x.index_select(1, per_head) for x in (keys, values, positions))
+            query_pos = torch.arange(key.shape[2] - t_len, key.shape[2], device=key.device)
+            streamed = keyed_attention(
+                q, query_pos, keys, values, positions, first, self.plan.sink, self.plan.window, call.scaling
+            )
         parts.append((layer.planned, streamed))
         return _assemble(parts, heads)
+
+    def decode_step(
+        self, call: AttentionCall, layer: LayerHeads, streaming: StreamingLayer | None, first: torch.Tensor
+    ) -> torch.Tensor:
+        """One new token's attention output (B, 1, H, D) in one SDPA call per kind of key set, each KV group's keys
+        read once (query heads packed by group, as transformers packs GQA for one query):
+        - the groups the call's `key`/`value` hold (B, k', N, D) (every group, or a plan cache's kept groups): one
+          call over all N keys with an additive mask per head, a planned head's row open at its sinks and window only,
+          another head's as the model's own mask;
+        - a plan cache's streamed groups: one call over their step's s + w slots, unmasked once every slot holds a
+          key the new token sees."""
+        query, key, value = call.query, call.key, call.value
+        batch, _, _, dim = query.shape
+        heads = self.decode_heads.get(call.layer)
+        if heads is None:
+            heads = self.decode_heads[call.layer] = DecodeHeads.of(layer, streaming, self.shape, query.device)
+        g = self.shape.group_size
+        outs = []
+        if heads.kept is not None:
+            q = query.index_select(1, heads.kept).view(batch, -1, g, dim)  # (B, k', g, D)
+            mask = self.decode_mask(call, first, heads.planned)
+            outs.append(F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=call.scaling))
+        if streaming is not None:
+            step = streaming.release_step()
+            q = query.index_select(1, heads.streamed).view(batch, -1, g, dim)  # (B, streamed groups, g, D)
+            n, plan = key.shape[2], self.plan
+            mask = None
+            if n < streaming.last_first + plan.sink + plan.window:  # a slot may hold no key the new token sees
+                ok = allowed(n - 1, step.positions[:, None, None, :], first.view(-1, 1, 1, 1), plan.sink, plan.window)
+                mask = additive(ok, q.dtype)
+            outs.append(F.scaled_dot_product_attention(q, step.keys, step.values, attn_mask=mask, scale=call.scaling))
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, groups, g, D) in `heads.order`
+        out = out.view(batch, -1, dim)
+        if heads.inverse is not None:
+            out = out.index_select(1, heads.inverse)
+        return out.unsqueeze(1)
+
+    def decode_mask(
+        self, call: AttentionCall, first: torch.Tensor, planned: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The additive mask (B, k', g, N) of a decode step over N keys: where `planned` (1, k', g, 1) the row of a
+        streamed head (sinks and window), elsewhere the model's own (None: every key). The two rows (B, 1, 1, N) are
+        made once per step and mask (every layer of a step shares them)."""
+        n = call.key.shape[2]
+        if self._rows is None or self._rows[0] is not call.mask or self._rows[1] != n:
+            key_pos = torch.arange(n, device=call.key.device)
+            ok = allowed(n - 1, key_pos, first[:, None], self.plan.sink, self.plan.window)  # (B, N)
+            own = None if call.mask is None else additive(call.mask, call.query.dtype)
+            self._rows = (call.mask, n, additive(ok, call.query.dtype)[:, None, None, :], own)
+        _, _, streamed_row, own_row = self._rows
+        if planned is None:
+            return own_row
+        return torch.where(planned, streamed_row, 0.0 if own_row is None else own_row)
+
+
+@dataclass(frozen=True)
+class DecodeHeads:
+    """One layer's query heads in a decode step: `kept` (the heads of the groups the call's keys hold, in their row
+    order; None: no such group) with `planned` (1, k', g, 1), which of them stream (None: none); `streamed` (the heads
+    of a plan cache's streamed groups, in its slot order); `inverse`: where each head's output is in the two calls'
+    outputs laid end to end (None: already in order)."""
+
+    kept: torch.Tensor | None
+    planned: torch.Tensor | None
+    streamed: torch.Tensor
+    inverse: torch.Tensor | None
+
+    @classmethod
+    def of(cls, layer: LayerHeads, streaming: StreamingLayer | None, shape: Shape, device: torch.device) -> DecodeHeads:
+        g = shape.group_size
+        kept_groups = streaming.full if streaming is not None else list(range(shape.kv_heads))
+        streamed_groups = streaming.streamed if streaming is not None else []
+        kept = [k * g + i for k in kept_groups for i in range(g)]
+        streamed = [k * g + i for k in streamed_groups for i in range(g)]
+        planned = [h in layer.planned for h in kept]
+        order = kept + streamed
+        inverse = [order.index(h) for h in range(shape.heads)]
+
+        def index(heads: list[int]) -> torch.Tensor:
+            return torch.tensor(heads, dtype=torch.long, device=device)
+
+        return cls(
+            kept=index(kept) if kept else None,
+            planned=torch.tensor(planned, device=device).view(1, -1, g, 1) if any(planned) else None,
+            streamed=index(streamed),
+            inverse=None if inverse == list(range(shape.heads)) else index(inverse),
+        )
 
 
 def _assemble(parts: list[tuple[list[int], torch.Tensor]], heads: int) -> torch.Tensor:
