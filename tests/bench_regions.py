@@ -62,14 +62,14 @@ def prefill(model, ids: torch.Tensor) -> Callable[[Context], Callable[[], None]]
     return region
 
 
-def filled(cache: Cache, model, tokens: int) -> Cache:
-    """`cache` holding `tokens` positions of seeded random keys and values in every layer (only its size matters for
-    speed)."""
+def filled(cache: Cache, model, tokens: int, batch: int = 1) -> Cache:
+    """`cache` holding `tokens` positions of `batch` rows of seeded random keys and values in every layer (only its
+    size matters for speed)."""
     config = model.config
     gen = torch.Generator().manual_seed(0)
     with cache.in_use() if isinstance(cache, StreamingCache) else nullcontext():
         for layer in range(config.num_hidden_layers):
-            shape = (1, config.num_key_value_heads, tokens, config.head_dim)
+            shape = (batch, config.num_key_value_heads, tokens, config.head_dim)
             cache.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), layer)
             if isinstance(cache.layers[layer], StreamingLayer):
                 cache.layers[layer].release_step()
@@ -77,16 +77,16 @@ def filled(cache: Cache, model, tokens: int) -> Cache:
 
 
 def decode(
-    model, tokens: int, caches: dict[str, Cache]
+    model, tokens: int, caches: dict[str, Cache], batch: int = 1
 ) -> Callable[[str, Callable[[], Cache], CacheContext], Callable[[], float]]:
-    """`region(name, make_cache, context)`: `DECODE_STEPS` greedy decode steps of the whole model over a fresh
-    `make_cache()` filled with `tokens` positions, under `context(cache)`; it returns the seconds per step, timed
-    around the steps alone, and leaves its cache in `caches[name]` (for the KV bytes)."""
+    """`region(name, make_cache, context)`: `DECODE_STEPS` greedy decode steps of the whole model, `batch` rows, over
+    a fresh `make_cache()` filled with `tokens` positions, under `context(cache)`; it returns the seconds per step,
+    timed around the steps alone, and leaves its cache in `caches[name]` (for the KV bytes)."""
 
     def region(name: str, make_cache: Callable[[], Cache], context: CacheContext) -> Callable[[], float]:
         def run() -> float:
-            cache = caches[name] = filled(make_cache(), model, tokens)
-            token = torch.tensor([[1]])
+            cache = caches[name] = filled(make_cache(), model, tokens, batch)
+            token = torch.ones(batch, 1, dtype=torch.long)
             with torch.no_grad(), context(cache):
                 start = clock(model.device)
                 for _ in range(DECODE_STEPS):

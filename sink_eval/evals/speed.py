@@ -15,7 +15,8 @@ are kept for reference only. Definitions:
   over all KV groups; f_g = 0 in prefill, which builds the cache once);
 - a gate passes when the patch saves at least 80 % of what the ceiling says can be saved:
   t_unpatched - t_patched >= 0.8 * (t_unpatched - t_unpatched / ceiling), i.e. with the speed-up s = t_unpatched /
-  t_patched: 1 - 1/s >= 0.8 * (1 - 1/ceiling);
+  t_patched: 1 - 1/s >= 0.8 * (1 - 1/ceiling); a real plan's gate (`deployable`): s >= 0.97 where the ceiling is
+  below 1.05, that rule above it;
 - paired speed-up (`paired`): each timing of a variant is set beside a timing of the unpatched region taken just
   before it, and the speed-up is the median of those ratios, so that a drift of a shared machine between variants
   does not show up as a speed-up or a slow-down;
@@ -41,6 +42,8 @@ from sink_eval.patches.base import Plan, kv_cache_bytes
 
 NO_ATTENTION = "sink_none"
 GATE_SHARE = 0.8
+SMALL_CEILING = 1.05  # below it a plan is only held to lose no time (`deployable`)
+NO_LOSS = 0.97
 CPU = torch.device("cpu")
 
 
@@ -53,6 +56,15 @@ def ceiling(fraction: float, share: float, growth_fraction: float = 0.0, growth_
 def gate_passes(speedup: float, ceiling_: float, share: float = GATE_SHARE) -> bool:
     """Whether a speed-up saves at least `share` of the time the ceiling says can be saved."""
     return 1 - 1 / speedup >= share * (1 - 1 / ceiling_)
+
+
+def deployable(speedup: float, ceiling_: float) -> bool:
+    """The gate of a plan a user would deploy: where its ceiling is below
+    `SMALL_CEILING` (little to save) it is at least `NO_LOSS` times as fast as the unpatched model, else it saves
+    `GATE_SHARE` of what the ceiling allows (`gate_passes`). Read on the lower quartile of the paired ratios."""
+    if ceiling_ < SMALL_CEILING:
+        return speedup >= NO_LOSS
+    return gate_passes(speedup, ceiling_)
 
 
 def synchronize(device: torch.device) -> None:

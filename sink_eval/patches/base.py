@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeAlias
 
 import torch
 from transformers import LogitsProcessorList
@@ -443,6 +443,22 @@ def select_heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
     if heads and heads == list(range(heads[0], heads[0] + len(heads))):
         return x[:, heads[0] : heads[0] + len(heads)]
     return x[:, heads]
+
+
+HeadIndex: TypeAlias = slice | torch.Tensor
+
+
+def head_index(heads: list[int], device: torch.device) -> HeadIndex:
+    """`heads` (sorted) as an index of a head dimension, made once: a slice where they are a consecutive range (a view,
+    no copy), else an index tensor on `device`."""
+    if heads and heads == list(range(heads[0], heads[0] + len(heads))):
+        return slice(heads[0], heads[0] + len(heads))
+    return torch.tensor(heads, dtype=torch.long, device=device)
+
+
+def take(x: torch.Tensor, index: HeadIndex) -> torch.Tensor:
+    """x[:, index] for x (B, heads, ...) and a `head_index`."""
+    return x[:, index] if isinstance(index, slice) else x.index_select(1, index)
 
 
 def attend_heads(

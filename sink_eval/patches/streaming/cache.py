@@ -32,7 +32,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from sink_eval.core.errors import SinkEvalError
-from sink_eval.patches.base import PlanCache
+from sink_eval.patches.base import HeadIndex, PlanCache, head_index, take
 
 if TYPE_CHECKING:
     from sink_eval.patches.streaming.plan import StreamingPlan
@@ -66,8 +66,7 @@ class StreamingLayer(DynamicLayer):
         self.full = [group for group in range(kv_heads) if group not in streamed]
         self.kv_index = {group: j for j, group in enumerate(self.full)}  # a kept group's row in `keys`
         self.stream_index = {group: j for j, group in enumerate(streamed)}  # a streamed group's row in the slots
-        self.groups = (streamed, self.full)
-        self.index: tuple[torch.Tensor, ...] | None = None  # `groups` as index tensors, on the keys' device
+        self.index: tuple[HeadIndex, HeadIndex, torch.device] | None = None  # streamed, full: on the keys' device
         self.first = first  # (B,) first non-padding position of each row
         self.last_first = int(first.max())  # the latest of them
         self.use = use
@@ -89,10 +88,10 @@ class StreamingLayer(DynamicLayer):
             self.stream_values = value_states.new_zeros(batch, len(self.streamed), slots, dim)
             self.stream_positions = torch.full((batch, slots), -1, dtype=torch.long, device=device)
         assert self.stream_values is not None and self.stream_positions is not None
-        if self.index is None or self.index[0].device != device:
-            self.index = tuple(torch.tensor(groups, dtype=torch.long, device=device) for groups in self.groups)
-        streamed, full = self.index
-        keys, values = key_states.index_select(1, streamed), value_states.index_select(1, streamed)
+        if self.index is None or self.index[2] != device:
+            self.index = (head_index(self.streamed, device), head_index(self.full, device), device)
+        streamed, full, _ = self.index
+        keys, values = take(key_states, streamed), take(value_states, streamed)
         positions = torch.arange(self.seen, self.seen + t_len, device=device)
         if t_len == 1 and self.seen > 0:  # a decode step: the slots once written are exactly its key set
             self._write(keys, values, positions)
@@ -105,7 +104,7 @@ class StreamingLayer(DynamicLayer):
             )
             self._write(keys, values, positions)
         self.seen += t_len
-        return super().update(key_states.index_select(1, full), value_states.index_select(1, full))
+        return super().update(take(key_states, full), take(value_states, full))
 
     def _write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Store new tokens (B, streamed, T, D) at `positions` (T,): a row's first s real tokens in its sink slots,

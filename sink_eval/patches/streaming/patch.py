@@ -31,7 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from sink_eval.core.shape import Shape
-from sink_eval.patches.base import AttentionCall, LayerHeads, PatchState, attend_heads, select_heads
+from sink_eval.patches.base import (
+    AttentionCall,
+    HeadIndex,
+    LayerHeads,
+    PatchState,
+    attend_heads,
+    head_index,
+    select_heads,
+    take,
+)
 from sink_eval.patches.streaming.banded import (
     BandLayout,
     additive,
@@ -126,12 +135,12 @@ class StreamingState(PatchState):
         g = self.shape.group_size
         outs = []
         if heads.kept is not None:
-            q = query.index_select(1, heads.kept).view(batch, -1, g, dim)  # (B, k', g, D)
+            q = take(query, heads.kept).reshape(batch, -1, g, dim)  # (B, k', g, D)
             mask = self.decode_mask(call, first, heads.planned)
             outs.append(F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=call.scaling))
         if streaming is not None:
             step = streaming.release_step()
-            q = query.index_select(1, heads.streamed).view(batch, -1, g, dim)  # (B, streamed groups, g, D)
+            q = take(query, heads.streamed).reshape(batch, -1, g, dim)  # (B, streamed groups, g, D)
             n, plan = key.shape[2], self.plan
             mask = None
             if n < streaming.last_first + plan.sink + plan.window:  # a slot may hold no key the new token sees
@@ -169,9 +178,9 @@ class DecodeHeads:
     of a plan cache's streamed groups, in its slot order); `inverse`: where each head's output is in the two calls'
     outputs laid end to end (None: already in order)."""
 
-    kept: torch.Tensor | None
+    kept: HeadIndex | None
     planned: torch.Tensor | None
-    streamed: torch.Tensor
+    streamed: HeadIndex
     inverse: torch.Tensor | None
 
     @classmethod
@@ -185,14 +194,11 @@ class DecodeHeads:
         order = kept + streamed
         inverse = [order.index(h) for h in range(shape.heads)]
 
-        def index(heads: list[int]) -> torch.Tensor:
-            return torch.tensor(heads, dtype=torch.long, device=device)
-
         return cls(
-            kept=index(kept) if kept else None,
+            kept=head_index(kept, device) if kept else None,
             planned=torch.tensor(planned, device=device).view(1, -1, g, 1) if any(planned) else None,
-            streamed=index(streamed),
-            inverse=None if inverse == list(range(shape.heads)) else index(inverse),
+            streamed=head_index(streamed, device),
+            inverse=None if inverse == list(range(shape.heads)) else torch.tensor(inverse, device=device),
         )
 
 
