@@ -144,7 +144,7 @@ def test_patch_eval_measures_streaming_policies_on_prompts_longer_than_the_windo
 
 
 def test_an_older_results_file_is_read_as_copy_policies_on_the_default_prompts():
-    path = Path(__file__).parents[1] / "baselines" / "patch" / "smollm2-135m-cpu-2threads.json"
+    path = Path(__file__).parent / "data" / "patch-eval-schema2-smollm2-135m.json"
     res = PatchEvalResult.from_json(json.loads(path.read_text()), path)
     assert {(row.kind, row.evaluation) for row in res.policies} == {("copy", "default")}
     assert all(row.fidelity.fraction_groups is None for row in res.policies)
