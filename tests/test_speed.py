@@ -82,3 +82,16 @@ def test_the_step_clock_reads_the_time_after_each_forward_of_a_generate_call_and
         assert ends[k] <= read and (k == 4 or read <= ends[k + 1])
     assert clock.prefill_seconds() == clock.times[0] - clock.start
     assert clock.decode_seconds() == clock.times[4] - clock.times[0] > 0
+
+
+@pytest.mark.parametrize(
+    "speedup, ceiling, passes",
+    [
+        (0.97, 1.04, True),  # little to save: only no loss is asked
+        (0.96, 1.04, False),
+        (1.03, 1.20, False),  # more to save: 80 % of it, 1 - 1/s >= 0.8 (1 - 1/1.2), s >= 1.154
+        (1.16, 1.20, True),
+    ],
+)
+def test_a_deployed_plan_loses_no_time_below_a_small_ceiling_and_saves_80_percent_above(speedup, ceiling, passes):
+    assert speed.deployable(speedup, ceiling) is passes

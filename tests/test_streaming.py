@@ -214,3 +214,21 @@ def test_a_decode_step_equals_the_masked_reference(constant, shape, length, step
     ids, mask = padded_batch(len(pads), length, pads, seed=length)
     fast = _decode_logits(model, plan, ids, mask, steps, constant)
     assert (fast - _reference_logits(model, plan, ids, mask, steps)).abs().max() <= 1e-5
+
+
+def test_one_patch_serves_decode_steps_of_different_batch_sizes():
+    """A patch keeps one step's decode mask rows for its other layers; a pass with another batch size at the same
+    length (no padding: no mask at all) must not reuse them. Two batches decoded inside one `patched` block, each
+    against its reference."""
+    model = random_model("llama", kv_heads=3, groups=2, head_dim=8, window=4)
+    plan = StreamingPlan.of({0: [0, 2, 3], 1: [4, 5]}, sink=1, window=3)
+    batches = [padded_batch(rows, 9, [0] * rows, seed=rows) for rows in (2, 3)]
+    token = torch.full((1, 1), STEP_TOKEN)
+    with torch.no_grad(), plan.patched(model):
+        fast = []
+        for ids, _ in batches:
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids, cache=cache)
+            fast.append(model(input_ids=token.expand(len(ids), 1), cache=cache).logits[:, -1].unsqueeze(0))
+    for (ids, mask), logits in zip(batches, fast, strict=True):
+        assert (logits - _reference_logits(model, plan, ids, mask, 1)).abs().max() <= 1e-5

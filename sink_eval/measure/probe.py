@@ -39,7 +39,8 @@ from sink_eval.prompts.prompt_set import TokenizedPrompt
 PROBE_ATTENTION = "sink_probe"
 # Attention rows held at once per layer. Smaller chunks skip more of the causal mask's upper triangle (the keys after a
 # chunk are not scored): on smollm2-135m at 2 048 tokens (2 CPU threads) a probed forward cost 1.82x a plain SDPA
-# forward with 64 MiB chunks (3 chunks), 1.24x with 8 MiB (19 chunks), 1.25x with 16 MiB, 1.33x with 2 MiB.
+# forward with 64 MiB chunks (3 chunks), 1.24x with 8 MiB (19 chunks), 1.25x with 16 MiB, 1.33x with 2 MiB (one
+# sweep, medians of 3 paired rounds; the bench gate's own run at 8 MiB: 1.20x).
 DEFAULT_CHUNK_BYTES = 8 * 2**20
 
 

@@ -276,7 +276,6 @@ class PlanCache(DynamicCache):
     def __init__(self, model: torch.nn.Module, attention_mask: torch.Tensor):
         super().__init__(config=model.config)
         self.first = first_positions(attention_mask)
-        self.last_first = int(self.first.max())  # the latest row's
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ SDPA here lists each position at most once; a slot holding no key, or a duplicat
   batched SDPA call for all blocks. Work O(N (s + BLOCK + w)), memory O(N (s + BLOCK + w) / BLOCK) per head: no
   N × N score matrix exists at any point. The layout (gather index and mask) depends only on N, the rows' first
   positions, s and w, so one layout serves every layer of a forward pass (`band_layout`).
-- `keyed_attention` (decode): queries against an explicit key set with its positions (the cache's sinks and window).
+- `keyed_attention` (a chunk of T > 1 tokens after cached context): queries against an explicit key set with its
+  positions (the cache's sinks and window). A one-token decode step is `patch.StreamingState.decode_step`.
 
 Measured here (CPU, 2 threads, 9 query heads over 3 KV heads, D = 64, s = 4, w = 256): this kernel against
 torch's flex_attention with a sink+window block mask (compiled by inductor; eager flex builds the full score

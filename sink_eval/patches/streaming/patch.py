@@ -67,7 +67,7 @@ class StreamingState(PatchState):
         super().__init__(plan, shape, cache)
         self.layouts: dict[tuple, BandLayout] = {}
         self.decode_heads: dict[int, DecodeHeads] = {}  # per layer, made at its first decode step
-        self._rows: tuple[torch.Tensor | None, int, torch.Tensor, torch.Tensor | None] | None = None
+        self._rows: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None  # decode_mask's, with their key
 
     def using(self) -> AbstractContextManager[object]:
         return self.cache.in_use() if self.cache is not None else nullcontext()
@@ -147,8 +147,8 @@ class StreamingState(PatchState):
                 ok = allowed(n - 1, step.positions[:, None, None, :], first.view(-1, 1, 1, 1), plan.sink, plan.window)
                 mask = additive(ok, q.dtype)
             outs.append(F.scaled_dot_product_attention(q, step.keys, step.values, attn_mask=mask, scale=call.scaling))
-        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, groups, g, D) in `heads.order`
-        out = out.view(batch, -1, dim)
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, groups, g, D): kept groups, then streamed
+        out = out.reshape(batch, -1, dim)  # a CUDA kernel's output may be laid out (B, g, groups, D): no view
         if heads.inverse is not None:
             out = out.index_select(1, heads.inverse)
         return out.unsqueeze(1)
@@ -158,14 +158,15 @@ class StreamingState(PatchState):
     ) -> torch.Tensor | None:
         """The additive mask (B, k', g, N) of a decode step over N keys: where `planned` (1, k', g, 1) the row of a
         streamed head (sinks and window), elsewhere the model's own (None: every key). The two rows (B, 1, 1, N) are
-        made once per step and mask (every layer of a step shares them)."""
-        n = call.key.shape[2]
-        if self._rows is None or self._rows[0] is not call.mask or self._rows[1] != n:
+        made once per step (keyed by the mask, N, batch, dtype and device: every layer of a step shares them)."""
+        n, query = call.key.shape[2], call.query
+        key = (call.mask, n, len(first), query.dtype, query.device)
+        if self._rows is None or self._rows[0][0] is not call.mask or self._rows[0][1:] != key[1:]:
             key_pos = torch.arange(n, device=call.key.device)
             ok = allowed(n - 1, key_pos, first[:, None], self.plan.sink, self.plan.window)  # (B, N)
             own = None if call.mask is None else additive(call.mask, call.query.dtype)
-            self._rows = (call.mask, n, additive(ok, call.query.dtype)[:, None, None, :], own)
-        _, _, streamed_row, own_row = self._rows
+            self._rows = (key, additive(ok, call.query.dtype)[:, None, None, :], own)
+        _, streamed_row, own_row = self._rows
         if planned is None:
             return own_row
         return torch.where(planned, streamed_row, 0.0 if own_row is None else own_row)
@@ -249,16 +250,15 @@ class GroupKV:
     def window(
         self, groups: list[int], plan: StreamingPlan, first: torch.Tensor, t_len: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The key set of a decode step (T new tokens, N positions in all) for `groups`: keys/values (B, k, M, D) and
-        their positions (B, k, M). A kept group's sinks and last w + T − 1 keys (w + T after T > 1: the size of a
-        streamed group's step) are gathered from its full cache; a streamed group's are its step (M = s + w for one
-        new token, s + w + T otherwise)."""
+        """The key set of a chunk of T > 1 new tokens after cached context (N positions in all) for `groups`:
+        keys/values (B, k, M, D) and their positions (B, k, M), M = s + w + T. A kept group's sinks and last w + T keys
+        (the size of a streamed group's step) are gathered from its full cache; a streamed group's are its step."""
         s, w = plan.sink, plan.window
         n = self.key.shape[2]
         device = self.key.device
         sink_pos = first[:, None] + torch.arange(s, device=device)  # (B, s)
         sink_pos = torch.where(sink_pos < n, sink_pos, -1)
-        recent = torch.arange(n - w - t_len + (t_len == 1), n, device=device).expand(len(first), -1)
+        recent = torch.arange(n - w - t_len, n, device=device).expand(len(first), -1)
         recent = torch.where((recent >= 0) & (recent - first[:, None] >= s), recent, -1)
         gathered_pos = torch.cat([sink_pos, recent], dim=1)  # (B, M); a sink is held by its sink slot only
         rows = gathered_pos.clamp(min=0)[:, :, None].expand(-1, -1, self.key.shape[-1])
