@@ -437,13 +437,6 @@ def first_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.long().argmax(dim=-1)
 
 
-def select_heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
-    """x[:, heads] for x (B, H, ...): a view where the heads are a contiguous range, else a gathered copy."""
-    if heads and heads == list(range(heads[0], heads[0] + len(heads))):
-        return x[:, heads[0] : heads[0] + len(heads)]
-    return x[:, heads]
-
-
 HeadIndex: TypeAlias = slice | torch.Tensor
 
 
@@ -458,6 +451,12 @@ def head_index(heads: list[int], device: torch.device) -> HeadIndex:
 def take(x: torch.Tensor, index: HeadIndex) -> torch.Tensor:
     """x[:, index] for x (B, heads, ...) and a `head_index`."""
     return x[:, index] if isinstance(index, slice) else x.index_select(1, index)
+
+
+def select_heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """x[:, heads] for x (B, H, ...): a view where the heads are a consecutive range, else a gathered
+    copy (`head_index` made on the spot; a hot path makes it once and calls `take`)."""
+    return take(x, head_index(heads, x.device))
 
 
 def attend_heads(

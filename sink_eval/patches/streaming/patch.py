@@ -90,10 +90,10 @@ class StreamingState(PatchState):
         heads, t_len = query.shape[1], query.shape[2]
         cache_layer = None if self.cache is None else self.cache.layers[call.layer]
         streaming = cache_layer if isinstance(cache_layer, StreamingLayer) else None
-        kv_index = streaming.kv_index if streaming is not None else {k: k for k in range(self.shape.kv_heads)}
         first = self.first(call)
         if t_len == 1 and not call.full_pass:
             return self.decode_step(call, layer, streaming, first)
+        kv_index = streaming.kv_index if streaming is not None else {k: k for k in range(self.shape.kv_heads)}
         parts: list[tuple[list[int], torch.Tensor]] = []  # (query heads, their output (B, T, h, D)), in order
         if layer.attending:
             attend, result = attend_heads(layer, self.shape.group_size, call, key, value, kv_index)
